@@ -1,0 +1,259 @@
+"""Frame folders: where extracted frames live, and the video -> frames extractor.
+
+A frame is named by its **25 fps frame index** whatever rate it was extracted at, so frame
+``125`` is the frame at 5 s in every folder, label file and feature file. Folders written by
+other tools are read through a :class:`FramePattern`:
+
+- ``{video}/{frame}.jpg`` (default; DistillingSelf, TMRNet): ``video01/125.jpg``
+- ``{video}/{video}_{frame:06d}.png`` (TeCNO): ``video01/video01_000125.png``
+
+``extract_frames`` decodes videos with OpenCV, keeps every ``25 / fps``-th frame, cuts the
+black endoscope margin, resizes (250x250 by default) and writes the frames, one video per
+process. It is resumable: a video's completion marker ``<out>/<video>/.complete.json`` is
+written only after all its frames, so finished videos are skipped and an interrupted one is
+redone from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from data_modules.phases import VIDEO_FPS
+from distill.errors import DataError
+
+DEFAULT_FRAME_PATTERN = "{video}/{frame}.jpg"
+TECNO_FRAME_PATTERN = "{video}/{video}_{frame:06d}.png"
+COMPLETION_MARKER = ".complete.json"
+EXTRACTION_RATES = (1, 5, 25)  # frames per second that divide the 25 fps of the videos
+
+
+def frame_step(fps: int) -> int:
+    """Keep every ``frame_step(fps)``-th frame of a 25 fps video; ``fps`` must divide 25."""
+    if fps not in EXTRACTION_RATES:
+        raise DataError(f"fps={fps!r}: frame rate must be one of {EXTRACTION_RATES} (a divisor of {VIDEO_FPS})")
+    return VIDEO_FPS // fps
+
+
+@dataclass(frozen=True)
+class FramePattern:
+    """Path of frame ``frame`` (25 fps index) of ``video`` under a frames root.
+
+    ``pattern`` is a ``str.format`` template with the fields ``{video}`` and ``{frame}`` (a
+    format spec such as ``{frame:06d}`` is allowed). It must start with ``{video}/``: every
+    video has its own folder (which also holds the extraction's completion marker).
+    """
+
+    pattern: str = DEFAULT_FRAME_PATTERN
+
+    def __post_init__(self) -> None:
+        prefix = "{video}/"
+        file_part = self.pattern[len(prefix):]
+        if not self.pattern.startswith(prefix) or "/" in file_part:
+            raise DataError(f"frame pattern {self.pattern!r}: must look like '{{video}}/<file name>' (one folder per video)")
+        fields = [field for _, field, _, _ in string.Formatter().parse(file_part) if field is not None]
+        if fields.count("frame") != 1 or set(fields) - {"video", "frame"}:
+            raise DataError(f"frame pattern {self.pattern!r}: the file name needs one {{frame}} field and no fields but {{video}}")
+
+    def video_dir(self, root: str | Path, video: str) -> Path:
+        return Path(root) / video
+
+    def path(self, root: str | Path, video: str, frame: int) -> Path:
+        return Path(root) / self.pattern.format(video=video, frame=int(frame))
+
+    def file_regex(self, video: str) -> re.Pattern:
+        """Regex matching the file names of ``video``'s frames; group 1 is the frame index."""
+        parts = []
+        for literal, field, _, _ in string.Formatter().parse(self.pattern[len("{video}/"):]):
+            parts.append(re.escape(literal))
+            if field == "video":
+                parts.append(re.escape(video))
+            elif field == "frame":
+                parts.append(r"(\d+)")
+        return re.compile("".join(parts))
+
+    def list_frames(self, root: str | Path, video: str) -> np.ndarray:
+        """Sorted 25 fps indices (K,) int64 of the frames of ``video`` present under ``root``."""
+        folder = self.video_dir(root, video)
+        if not folder.is_dir():
+            return np.zeros(0, dtype=np.int64)
+        regex = self.file_regex(video)
+        matches = (regex.fullmatch(name) for name in _file_names(folder))
+        return np.sort(np.fromiter((int(m.group(1)) for m in matches if m), dtype=np.int64))
+
+    def list_videos(self, root: str | Path) -> list[str]:
+        """Names of the video folders under ``root`` (hidden folders ignored), naturally sorted."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: frames folder not found")
+        return natural_sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _file_names(folder: Path) -> list[str]:
+    with os.scandir(folder) as entries:
+        return [entry.name for entry in entries if entry.is_file()]
+
+
+def natural_sorted(names) -> list[str]:
+    """Sort names with their digit runs compared as numbers (``video9`` before ``video10``)."""
+    return sorted(names, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+
+
+def crop_black_margin(frame: np.ndarray, threshold: int = 15, median_size: int = 19) -> np.ndarray:
+    """Cut the black margin around an endoscope image.
+
+    Args:
+        frame: (H, W, 3) uint8 BGR image.
+        threshold: grey level above which a pixel counts as image, not margin.
+        median_size: median-blur kernel (odd) that removes isolated bright noise from the mask.
+
+    Returns:
+        (h, w, 3) view of ``frame``: the bounding box of the non-black pixels, or the whole
+        frame when it is entirely black.
+    """
+    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+    _, mask = cv2.threshold(grey, threshold, 255, cv2.THRESH_BINARY)
+    mask = cv2.medianBlur(mask, median_size)
+    x, y, width, height = cv2.boundingRect(mask)
+    if width == 0 or height == 0:
+        return frame
+    return frame[y:y + height, x:x + width]
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """A video to extract.
+
+    ``annotated_frames`` is the number of 25 fps frames its phase annotation covers, checked
+    against the decoded frame count (``annotation_path`` is named in the error); ``None`` for
+    unlabelled videos.
+    """
+
+    name: str
+    path: Path
+    annotated_frames: int | None = None
+    annotation_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    fps: int
+    size: tuple[int, int]  # (height, width) of the written frames
+    frame_pattern: str
+    frame_tolerance: int  # |decoded - annotated| frames accepted
+
+    def marker(self) -> dict:
+        return {"fps": self.fps, "size": list(self.size), "frame_pattern": self.frame_pattern}
+
+
+def extract_frames(
+    videos: Sequence[VideoSource],
+    out_dir: str | Path,
+    *,
+    fps: int = 1,
+    size: tuple[int, int] = (250, 250),
+    frame_pattern: str = DEFAULT_FRAME_PATTERN,
+    workers: int = 2,
+    frame_tolerance: int = 0,
+    progress: bool = True,
+) -> list[str]:
+    """Decode ``videos`` to frame files ``out_dir/<frame_pattern>`` at ``fps``, in parallel.
+
+    Each kept frame (25 fps index divisible by ``25 / fps``) has its black margin cut
+    (:func:`crop_black_margin`) and is resized to ``size`` = (height, width). Videos whose
+    completion marker records the same fps, size and pattern are skipped.
+
+    Returns:
+        names of the videos extracted by this call (skipped ones excluded).
+
+    Raises:
+        DataError: a video cannot be opened or decodes no frame, or its decoded frame count
+            differs from ``annotated_frames`` by more than ``frame_tolerance``.
+    """
+    pattern = FramePattern(frame_pattern)
+    settings = ExtractionSettings(fps, (int(size[0]), int(size[1])), frame_pattern, frame_tolerance)
+    frame_step(fps)  # rejects an unusable rate before any work
+    if len({video.name for video in videos}) != len(videos):
+        raise DataError(f"{out_dir}: two videos share a name; frame folders are named by video file stem")
+    todo = [video for video in videos if not _is_complete(pattern.video_dir(out_dir, video.name), settings)]
+    bar = tqdm(total=len(todo), unit="video", desc=f"extracting frames at {fps} fps", disable=not progress)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for video in todo:
+                _extract_video(video, out_dir, settings)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+                pending = {pool.submit(_extract_video, video, out_dir, settings) for video in todo}
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for future in done:
+                        if future.exception() is not None:
+                            for other in pending:
+                                other.cancel()
+                            raise future.exception()
+                        bar.update()
+    finally:
+        bar.close()
+    return [video.name for video in todo]
+
+
+def _is_complete(video_dir: Path, settings: ExtractionSettings) -> bool:
+    marker = video_dir / COMPLETION_MARKER
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return {key: recorded.get(key) for key in settings.marker()} == settings.marker()
+
+
+def _extract_video(video: VideoSource, out_dir: str | Path, settings: ExtractionSettings) -> int:
+    """Write the kept frames of one video, then its completion marker; returns the decoded frame count."""
+    pattern = FramePattern(settings.frame_pattern)
+    video_dir = pattern.video_dir(out_dir, video.name)
+    (video_dir / COMPLETION_MARKER).unlink(missing_ok=True)
+    for stale in pattern.list_frames(out_dir, video.name):  # frames of an interrupted or older run
+        pattern.path(out_dir, video.name, stale).unlink()
+    video_dir.mkdir(parents=True, exist_ok=True)
+
+    capture = cv2.VideoCapture(str(video.path))
+    if not capture.isOpened():
+        raise DataError(f"{video.path}: cannot open video (unreadable file or unknown format)")
+    step = frame_step(settings.fps)
+    height, width = settings.size
+    decoded = written = 0
+    try:
+        while capture.grab():
+            if decoded % step == 0:
+                ok, frame = capture.retrieve()
+                if not ok:
+                    break
+                image = crop_black_margin(frame)
+                shrink = image.shape[0] > height or image.shape[1] > width
+                image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+                if not cv2.imwrite(str(pattern.path(out_dir, video.name, decoded)), image):
+                    raise DataError(f"{pattern.path(out_dir, video.name, decoded)}: cannot write frame")
+                written += 1
+            decoded += 1
+    finally:
+        capture.release()
+    if decoded == 0:
+        raise DataError(f"{video.path}: no frame could be decoded (unreadable or truncated video)")
+    if video.annotated_frames is not None and abs(decoded - video.annotated_frames) > settings.frame_tolerance:
+        raise DataError(
+            f"{video.annotation_path or video.path}: annotates {video.annotated_frames} frames but {video.path} "
+            f"decodes to {decoded} (tolerance {settings.frame_tolerance}; truncated video or mismatched annotation)"
+        )
+    marker = {**settings.marker(), "decoded_frames": decoded, "written_frames": written}
+    (video_dir / COMPLETION_MARKER).write_text(json.dumps(marker))
+    return decoded

@@ -1,0 +1,627 @@
+"""Multi-site prostate T2 MRI (MS-Net/SAML release, DESIGN.md 2.1): reader, splits and DataModule.
+
+Layout read::
+
+    <data_root>/RUNMC/Case00.nii.gz  Case00_segmentation.nii.gz  ...   (alias folder ISBI)
+    <data_root>/BMC/Case00.nii.gz    Case00_Segmentation.nii.gz  ...   (alias folder ISBI_1.5)
+    <data_root>/I2CVB/  UCL/  BIDMC/  HK/
+
+Volumes are nibabel (X, Y, Z) arrays with Z axial; they are transposed to (S, H0, W0) = (Z, X, Y)
+so slices come first. Masks {0, 1, 2} (zonal) are merged into the binary whole gland. Each volume
+is normalised and resized to ``image_size`` once, when it enters a per-process cache; training
+draws 2.5D stacks of ``num_slices`` adjacent slices predicting the centre slice, evaluation gets
+whole volumes with the mask at the original resolution (3D Dice / HD95 in mm).
+Splits are always by case, derived from ``seed`` only (identical on every DDP rank).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from monai.data.utils import worker_init_fn
+from monai.transforms import (
+    Compose,
+    NormalizeIntensity,
+    RandAffined,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRangePercentiles,
+)
+from monai.utils import convert_to_tensor
+from nibabel.filebasedimages import ImageFileError
+from torch.utils.data import DataLoader, Dataset
+
+from distill.errors import DataError
+
+SITES: tuple[str, ...] = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
+SITE_ALIASES: dict[str, str] = {"ISBI": "RUNMC", "ISBI_1.5": "BMC"}
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLIT_METHODS: tuple[str, ...] = ("per_site", "leave_one_site_out", "case_list")
+MASK_SUFFIXES: tuple[str, ...] = ("_segmentation", "_Segmentation")
+_IMAGE_NAME = re.compile(r"^(Case(\d+))(\.nii(?:\.gz)?)$")
+_SITE_LOOKUP = {name.upper(): name for name in SITES} | {alias.upper(): site for alias, site in SITE_ALIASES.items()}
+_KNOWN_SITES = f"known sites: {', '.join(SITES)} (aliases: {', '.join(f'{a} = {s}' for a, s in SITE_ALIASES.items())})"
+_NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)
+
+
+@dataclass(frozen=True)
+class ProstateCase:
+    """One case on disk: canonical site name, case id ("Case05"), image and mask paths."""
+
+    site: str
+    case: str
+    image_path: Path
+    mask_path: Path
+
+    @property
+    def key(self) -> str:
+        """"SITE/CaseXX", the name used in case lists."""
+        return f"{self.site}/{self.case}"
+
+
+@dataclass(frozen=True)
+class ProstateVolume:
+    """One case ready for training and evaluation.
+
+    Attributes:
+        image: float32 (S, H, W), normalised and resized to ``image_size``.
+        mask: uint8 (S, H, W), binary gland mask resized (nearest) like ``image``.
+        label: uint8 (S, H0, W0), binary gland mask at the original resolution.
+        spacing: float64 (3,), voxel size in mm along (S, H0, W0).
+        affine: float64 (4, 4), the NIfTI affine of the image file.
+    """
+
+    case: ProstateCase
+    image: torch.Tensor
+    mask: torch.Tensor
+    label: torch.Tensor
+    spacing: torch.Tensor
+    affine: torch.Tensor
+
+
+def canonical_site(name: str, key: str = "sites") -> str:
+    """Canonical site name for ``name`` (case-insensitive, aliases accepted); ``key`` names the option in errors."""
+    site = _SITE_LOOKUP.get(str(name).upper())
+    if site is None:
+        raise DataError(f"{key}: unknown site {name!r}; {_KNOWN_SITES}")
+    return site
+
+
+def discover_cases(data_root: str | Path, sites: Sequence[str] | None = None) -> list[ProstateCase]:
+    """Find every case of the requested sites (all site folders when ``sites`` is None).
+
+    Returns cases ordered by site (``SITES`` order) and case number.
+    """
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: prostate data root not found; expected site folders {'/, '.join(SITES)}/ holding "
+            f"CaseXX.nii.gz + CaseXX_segmentation.nii.gz (write a synthetic tree with "
+            f"`distill data synth-prostate --out {root}`)"
+        )
+    folders: dict[str, Path] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        site = _SITE_LOOKUP.get(folder.name.upper())
+        if site is None:
+            if sites is None:
+                raise DataError(f"{folder}: unknown site folder; {_KNOWN_SITES}; list the sites to read with `sites:`")
+            continue
+        if site in folders:
+            raise DataError(f"{folder}: site {site} is also at {folders[site]}; keep one folder per site")
+        folders[site] = folder
+    wanted = [canonical_site(name) for name in sites] if sites is not None else [s for s in SITES if s in folders]
+    for site in wanted:
+        if site not in folders:
+            raise DataError(f"{root / site}: site folder not found (found: {', '.join(folders) or 'none'})")
+    if not wanted:
+        raise DataError(f"{root}: no site folders; {_KNOWN_SITES}")
+    return [case for site in wanted for case in _site_cases(site, folders[site])]
+
+
+def _site_cases(site: str, folder: Path) -> list[ProstateCase]:
+    """Cases of one site folder, ordered by case number; every image needs its mask."""
+    matches = sorted(
+        (m for m in map(_IMAGE_NAME.match, (p.name for p in folder.iterdir())) if m), key=lambda m: int(m.group(2))
+    )
+    if not matches:
+        raise DataError(f"{folder}: empty site folder (no CaseXX.nii.gz images)")
+    cases = []
+    for match in matches:
+        case, extension = match.group(1), match.group(3)
+        masks = [folder / f"{case}{suffix}{extension}" for suffix in MASK_SUFFIXES]
+        mask = next((path for path in masks if path.is_file()), None)
+        if mask is None:
+            raise DataError(f"{folder / match.group(0)}: mask {masks[0].name} (or {masks[1].name}) not found")
+        cases.append(ProstateCase(site, case, folder / match.group(0), mask))
+    return cases
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Voxel array float32 (X, Y, Z) and the image; unreadable files become a one-line DataError."""
+    try:
+        nifti = nib.load(path)
+        data = nifti.get_fdata(dtype=np.float32)
+    except _NIFTI_READ_ERRORS as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise DataError(f"{path}: cannot read NIfTI ({reason})") from err
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    return data, nifti
+
+
+def read_case(case: ProstateCase) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read and check one case.
+
+    Returns:
+        image float32 (S, H0, W0); binary mask uint8 (S, H0, W0); spacing float64 (3,) in mm for
+        (S, H0, W0); affine float64 (4, 4).
+    """
+    image, nifti = _read_nifti(case.image_path)
+    mask, _ = _read_nifti(case.mask_path)
+    if mask.shape != image.shape:
+        raise DataError(f"{case.mask_path}: mask shape {mask.shape} differs from image shape {image.shape}")
+    non_finite = np.count_nonzero(~np.isfinite(image))
+    if non_finite:
+        raise DataError(f"{case.image_path}: {non_finite} NaN/inf voxels")
+    valid = (mask == 0) | (mask == 1) | (mask == 2)
+    if not valid.all():
+        bad_values = np.unique(mask[~valid])[:5].tolist()
+        raise DataError(f"{case.mask_path}: mask values must be in {{0, 1, 2}}, found {bad_values}")
+    spacing = np.asarray(nifti.header.get_zooms()[:3], dtype=np.float64)[[2, 0, 1]]
+    return (
+        np.ascontiguousarray(image.transpose(2, 0, 1)),
+        np.ascontiguousarray(mask.transpose(2, 0, 1) > 0, dtype=np.uint8),
+        spacing,
+        np.asarray(nifti.affine, dtype=np.float64),
+    )
+
+
+def normalize_volume(image: torch.Tensor, method: str) -> torch.Tensor:
+    """Per-volume intensity normalisation of (S, H, W): "zscore" (mean 0, std 1) or
+    "percentile" (clip at the 1st/99th percentile, rescale to [0, 1])."""
+    transform = (
+        NormalizeIntensity()
+        if method == "zscore"
+        else ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)
+    )
+    return convert_to_tensor(transform(image), dtype=torch.float32, track_meta=False)
+
+
+def resize_slices(volume: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Resize every slice of (S, H0, W0) to (S, size, size): "bilinear" (antialiased) or "nearest-exact"."""
+    if volume.shape[-2:] == (size, size):
+        return volume
+    options = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+    return F.interpolate(volume[:, None].float(), size=(size, size), mode=mode, **options)[:, 0].to(volume.dtype)
+
+
+_VOLUME_CACHE: dict[tuple, ProstateVolume] = {}
+_VOLUME_CACHE_LOCK = threading.Lock()
+
+
+def load_volume(case: ProstateCase, image_size: int, normalization: str) -> ProstateVolume:
+    """Read, normalise and resize one case, cached per process (keyed by the files' mtime and size)."""
+    stats = [path.stat() for path in (case.image_path, case.mask_path)]
+    key = (str(case.image_path.resolve()), *((s.st_mtime_ns, s.st_size) for s in stats), image_size, normalization)
+    with _VOLUME_CACHE_LOCK:
+        cached = _VOLUME_CACHE.get(key)
+    if cached is not None:
+        return cached
+    image, mask, spacing, affine = read_case(case)
+    label = torch.from_numpy(mask)
+    volume = ProstateVolume(
+        case=case,
+        image=resize_slices(normalize_volume(torch.from_numpy(image), normalization), image_size, "bilinear"),
+        mask=resize_slices(label, image_size, "nearest-exact"),
+        label=label,
+        spacing=torch.from_numpy(spacing),
+        affine=torch.from_numpy(affine),
+    )
+    with _VOLUME_CACHE_LOCK:
+        return _VOLUME_CACHE.setdefault(key, volume)
+
+
+def neighbour_slices(num_total: int, num_slices: int) -> torch.Tensor:
+    """int64 (num_total, num_slices): row s holds slices s - k .. s + k (k = num_slices // 2), edges replicated."""
+    half = num_slices // 2
+    return (torch.arange(num_total)[:, None] + torch.arange(-half, half + 1)).clamp_(0, num_total - 1)
+
+
+def _round_half_up(value: float) -> int:
+    return int(np.floor(value + 0.5))
+
+
+def _split_site(cases: list[ProstateCase], val_fraction: float, test_fraction: float, seed: int):
+    """Shuffle one site's cases (seeded by seed and site) into (train, val, test).
+
+    A site with >= 3 cases gets at least one val and one test case (when the fraction is > 0);
+    a site with 2 cases gets one test case; train always keeps at least one case.
+    """
+    n = len(cases)
+    n_test = max(_round_half_up(test_fraction * n), int(test_fraction > 0 and n >= 2))
+    n_val = max(_round_half_up(val_fraction * n), int(val_fraction > 0 and n >= 3))
+    n_val = max(0, min(n_val, n - 1 - n_test))
+    n_test = max(0, min(n_test, n - 1 - n_val))
+    site_index = SITES.index(cases[0].site)
+    order = np.random.default_rng([seed, site_index]).permutation(n)
+    shuffled = [cases[i] for i in order]
+    return shuffled[n_test + n_val :], shuffled[n_test : n_test + n_val], shuffled[:n_test]
+
+
+def _by_site(cases: list[ProstateCase]) -> dict[str, list[ProstateCase]]:
+    groups: dict[str, list[ProstateCase]] = {}
+    for case in cases:
+        groups.setdefault(case.site, []).append(case)
+    return groups
+
+
+def _sorted(cases: list[ProstateCase]) -> list[ProstateCase]:
+    return sorted(cases, key=lambda c: (SITES.index(c.site), int(c.case[4:])))
+
+
+def _read_case_list(path: str | Path, cases: list[ProstateCase]) -> dict[str, list[ProstateCase]]:
+    """Splits from a YAML file ``{train: [SITE/CaseXX, ...], val: [...], test: [...]}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: case list not found")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from err
+    if not isinstance(spec, dict) or not spec or set(spec) - set(SPLITS):
+        raise DataError(f"{path}: expected a mapping with keys {', '.join(SPLITS)}")
+    known = {case.key: case for case in cases}
+    splits: dict[str, list[ProstateCase]] = {}
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        entries = spec.get(split) or []
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: {split} must be a list of SITE/CaseXX entries")
+        splits[split] = []
+        for entry in entries:
+            site, _, case = str(entry).partition("/")
+            key = f"{_SITE_LOOKUP.get(site.upper(), site)}/{case}"
+            if key not in known:
+                raise DataError(f"{path}: unknown case {entry!r} in {split} (not among the cases read from data_root)")
+            if key in seen:
+                raise DataError(f"{path}: case {entry!r} is in both {seen[key]} and {split}")
+            seen[key] = split
+            splits[split].append(known[key])
+    return splits
+
+
+def split_cases(
+    cases: list[ProstateCase],
+    split: str = "per_site",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.25,
+    held_out_site: str | None = None,
+    case_list: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, list[ProstateCase]]:
+    """Case-level train/val/test splits ({"train", "val", "test"} -> cases); no case is in two splits.
+
+    Args:
+        split: "per_site" (fractions within every site), "leave_one_site_out" (test = all of
+            ``held_out_site``, val = ``val_fraction`` of every other site) or "case_list"
+            (YAML file ``case_list``).
+    """
+    if split == "case_list":
+        return {name: _sorted(chosen) for name, chosen in _read_case_list(case_list, cases).items()}
+    parts: dict[str, list[ProstateCase]] = {name: [] for name in SPLITS}
+    held_out = canonical_site(held_out_site, "held_out_site") if split == "leave_one_site_out" else None
+    groups = _by_site(cases)
+    if held_out is not None and held_out not in groups:
+        raise DataError(f"held_out_site: {held_out} is not among the sites read ({', '.join(groups)})")
+    for site, site_cases in groups.items():
+        if site == held_out:
+            parts["test"] += site_cases
+            continue
+        site_test_fraction = 0.0 if held_out else test_fraction
+        for name, chosen in zip(SPLITS, _split_site(site_cases, val_fraction, site_test_fraction, seed)):
+            parts[name] += chosen
+    return {name: _sorted(chosen) for name, chosen in parts.items()}
+
+
+def restrict_training_cases(
+    train: list[ProstateCase], train_sites: Sequence[str] | None, train_num_cases: int | None, seed: int
+) -> list[ProstateCase]:
+    """Training subset for limit-trained teachers: only ``train_sites``, then the first
+    ``train_num_cases`` after a shuffle seeded by ``seed``."""
+    if train_sites is not None:
+        keep = {canonical_site(name, "train_sites") for name in train_sites}
+        available = {case.site for case in train}
+        if keep - available:
+            raise DataError(f"train_sites: {', '.join(sorted(keep - available))} has no training cases")
+        train = [case for case in train if case.site in keep]
+    if train_num_cases is not None:
+        if not 1 <= train_num_cases <= len(train):
+            raise DataError(f"train_num_cases: {train_num_cases} requested, {len(train)} training cases available")
+        chosen = np.random.default_rng(seed).permutation(len(train))[:train_num_cases]
+        train = [train[i] for i in sorted(chosen)]
+    return train
+
+
+def training_augmentation(seed: int) -> Compose:
+    """MONAI dictionary transforms for {"image": (C, H, W), "label": (1, H, W)}: flips, small
+    rotation/scaling, intensity scale and shift."""
+    keys = ("image", "label")
+    return Compose(
+        [
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandAffined(keys, prob=0.5, rotate_range=np.pi / 12, scale_range=(0.1, 0.1),
+                        mode=("bilinear", "nearest"), padding_mode="border"),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
+    ).set_random_state(seed)
+
+
+class ProstateSliceDataset(Dataset):
+    """Training samples: 2.5D stacks of adjacent slices with the centre slice's mask.
+
+    Item: ``{"image": float32 (num_slices, H, W), "label": int64 (H, W) in {0, 1}}``.
+    Slices with gland are always used; with ``foreground_only`` False all slices are, otherwise
+    a seeded ``background_fraction`` of the gland-free slices is added.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[ProstateVolume],
+        num_slices: int = 3,
+        foreground_only: bool = True,
+        background_fraction: float = 0.0,
+        transform: Compose | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.volumes = list(volumes)
+        self.num_slices = num_slices
+        self.transform = transform
+        slices = [(v, s) for v, volume in enumerate(self.volumes) for s in range(volume.mask.shape[0])]
+        has_gland = torch.cat([volume.mask.flatten(1).any(1) for volume in self.volumes]).tolist() if slices else []
+        background = [pair for pair, gland in zip(slices, has_gland) if not gland]
+        if foreground_only:
+            kept = _round_half_up(background_fraction * len(background))
+            background = [background[i] for i in np.random.default_rng(seed).permutation(len(background))[:kept]]
+        self.samples = sorted([pair for pair, gland in zip(slices, has_gland) if gland] + background)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        volume_index, slice_index = self.samples[index]
+        volume = self.volumes[volume_index]
+        neighbours = neighbour_slices(volume.image.shape[0], self.num_slices)[slice_index]
+        sample = {"image": volume.image[neighbours], "label": volume.mask[slice_index][None]}
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return {
+            "image": convert_to_tensor(sample["image"], dtype=torch.float32, track_meta=False),
+            "label": convert_to_tensor(sample["label"][0], dtype=torch.int64, track_meta=False),
+        }
+
+
+class ProstateVolumeDataset(Dataset):
+    """Evaluation items, one whole volume each (use with ``batch_size=None``).
+
+    Item: ``{"image": float32 (S, num_slices, H, W), "label": int64 (S, H0, W0) binary,
+    "spacing": float64 (3,) mm, "site": str, "case": str, "image_path": str, "affine": float64 (4, 4)}``.
+    """
+
+    def __init__(self, volumes: Sequence[ProstateVolume], num_slices: int = 3) -> None:
+        self.volumes = list(volumes)
+        self.num_slices = num_slices
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> dict:
+        volume = self.volumes[index]
+        return {
+            "image": volume.image[neighbour_slices(volume.image.shape[0], self.num_slices)],
+            "label": volume.label.long(),
+            "spacing": volume.spacing,
+            "site": volume.case.site,
+            "case": volume.case.case,
+            "image_path": str(volume.case.image_path),
+            "affine": volume.affine,
+        }
+
+
+class ProstateDataModule(L.LightningDataModule):
+    """Multi-site prostate T2 MRI for 2.5D segmentation with case-level splits.
+
+    Train batches: ``{"image": float32 (B, num_slices, H, W), "label": int64 (B, H, W)}``.
+    Val/test/predict: one volume per item (see :class:`ProstateVolumeDataset`); predict serves
+    the test cases (``predict_split="test"``) or every case read (``"all"``).
+
+    Args:
+        data_root: folder holding the site folders.
+        sites: sites to read (aliases accepted); None reads every site folder.
+        split: "per_site", "leave_one_site_out" (needs ``held_out_site``) or "case_list"
+            (needs ``case_list``, a YAML file with train/val/test lists of "SITE/CaseXX").
+        val_fraction, test_fraction: per-site fractions ("per_site"; val only for leave-one-site-out).
+        train_sites, train_num_cases: restrict the training cases (limit-trained teachers);
+            val/test are unaffected.
+        num_slices: adjacent slices stacked as channels (odd).
+        image_size: in-plane size the network sees.
+        normalization: "zscore" or "percentile" (1st/99th clip, rescale to [0, 1]), per volume.
+        foreground_only, background_fraction: train on gland slices plus this fraction of the others.
+        augment: MONAI flips, small rotations/scaling and intensity jitter on training samples.
+        seed: fixes splits, subsets, background slices and augmentation (same on every rank).
+        load_threads: volumes read in parallel in ``setup``.
+    """
+
+    def __init__(
+        self,
+        data_root: str = "data/prostate",
+        sites: list[str] | None = None,
+        split: Literal["per_site", "leave_one_site_out", "case_list"] = "per_site",
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.25,
+        held_out_site: str | None = None,
+        case_list: str | None = None,
+        train_sites: list[str] | None = None,
+        train_num_cases: int | None = None,
+        num_slices: int = 3,
+        image_size: int = 384,
+        normalization: Literal["zscore", "percentile"] = "zscore",
+        foreground_only: bool = True,
+        background_fraction: float = 0.0,
+        augment: bool = True,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        seed: int = 0,
+        predict_split: Literal["test", "all"] = "test",
+        load_threads: int = 4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        checks = {
+            "split": (split in SPLIT_METHODS, " or ".join(SPLIT_METHODS)),
+            "held_out_site": (split != "leave_one_site_out" or held_out_site, "required for split=leave_one_site_out"),
+            "case_list": (split != "case_list" or case_list is not None, "required for split=case_list"),
+            "val_fraction": (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1,
+                             "val_fraction and test_fraction must be in [0, 1) with a sum below 1"),
+            "num_slices": (num_slices >= 1 and num_slices % 2 == 1, "must be odd and positive"),
+            "image_size": (image_size >= 8, "must be at least 8"),
+            "normalization": (normalization in ("zscore", "percentile"), "zscore or percentile"),
+            "background_fraction": (0 <= background_fraction <= 1, "must be in [0, 1]"),
+            "predict_split": (predict_split in ("test", "all"), "test or all"),
+        }
+        for key, (ok, requirement) in checks.items():
+            if not ok:
+                raise DataError(f"{key}: {requirement} (got {self.hparams[key]!r})")
+        self._case_splits: dict[str, list[ProstateCase]] | None = None
+        self._volumes: dict[str, list[ProstateVolume]] = {}
+        self._train_set: ProstateSliceDataset | None = None
+
+    @property
+    def in_channels(self) -> int:
+        """Network input channels (= ``num_slices``)."""
+        return self.hparams.num_slices
+
+    @property
+    def num_classes(self) -> int:
+        """Background and gland."""
+        return 2
+
+    @property
+    def case_splits(self) -> dict[str, list[ProstateCase]]:
+        """{"train", "val", "test", "all"} -> cases; found and split once per DataModule."""
+        if self._case_splits is None:
+            hp = self.hparams
+            cases = discover_cases(hp.data_root, hp.sites)
+            splits = split_cases(
+                cases, hp.split, hp.val_fraction, hp.test_fraction, hp.held_out_site, hp.case_list, hp.seed
+            )
+            splits["train"] = restrict_training_cases(splits["train"], hp.train_sites, hp.train_num_cases, hp.seed)
+            splits["all"] = cases
+            self._case_splits = splits
+        return self._case_splits
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (once) the volumes the stage needs: fit -> train + val, validate -> val, test, predict."""
+        needed = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": (self.hparams.predict_split,),
+        }.get(stage, ("train", "val", "test"))
+        for name in needed:
+            self._split_volumes(name)
+
+    def _split_volumes(self, name: str) -> list[ProstateVolume]:
+        """Volumes of one split ("train", "val", "test" or "all"), read in parallel threads once."""
+        if name not in self._volumes:
+            hp = self.hparams
+            load = functools.partial(load_volume, image_size=hp.image_size, normalization=hp.normalization)
+            with ThreadPoolExecutor(max_workers=max(1, hp.load_threads)) as pool:
+                self._volumes[name] = list(pool.map(load, self.case_splits[name]))
+        return self._volumes[name]
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        if self._train_set is None:  # built once: its augmentation random stream runs on across epochs
+            self._train_set = ProstateSliceDataset(
+                self._split_volumes("train"),
+                num_slices=hp.num_slices,
+                foreground_only=hp.foreground_only,
+                background_fraction=hp.background_fraction,
+                transform=training_augmentation(hp.seed) if hp.augment else None,
+                seed=hp.seed,
+            )
+        return DataLoader(
+            self._train_set,
+            batch_size=hp.batch_size,
+            shuffle=True,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            worker_init_fn=worker_init_fn if hp.num_workers > 0 else None,  # distinct augmentation per worker
+        )
+
+    def _volume_loader(self, name: str) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            ProstateVolumeDataset(self._split_volumes(name), self.hparams.num_slices),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._volume_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._volume_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._volume_loader(self.hparams.predict_split)
+
+
+def save_mask_like(
+    mask: np.ndarray, reference_image_path: str | Path, out_path: str | Path, overwrite: bool = False
+) -> Path:
+    """Write a (S, H0, W0) mask as uint8 NIfTI aligned with ``reference_image_path``.
+
+    The array is transposed back to nibabel (X, Y, Z) and written with the reference's affine and
+    header, so viewers overlay it on the input volume. Refuses to replace an existing file
+    unless ``overwrite``.
+    """
+    reference_path, out_path = Path(reference_image_path), Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise DataError(f"{out_path}: already exists; pass overwrite=True to replace it")
+    try:
+        reference = nib.load(reference_path)
+    except _NIFTI_READ_ERRORS as err:
+        raise DataError(f"{reference_path}: cannot read NIfTI ({' '.join(str(err).split())})") from err
+    volume = np.ascontiguousarray(np.asarray(mask).transpose(1, 2, 0), dtype=np.uint8)
+    if volume.shape != tuple(reference.shape[:3]):
+        raise DataError(
+            f"{out_path}: mask of shape {np.shape(mask)} (S, H0, W0) does not fit "
+            f"{reference_path} of shape {reference.shape[:3]} (X, Y, Z)"
+        )
+    header = reference.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1, 0)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(volume, reference.affine, header), out_path)
+    return out_path

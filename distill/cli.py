@@ -1,0 +1,199 @@
+"""The ``distill`` command.
+
+``distill fit|validate|test|predict --config X.yaml``  Lightning CLI over the experiment YAMLs.
+``distill data ...``, ``distill evaluate-phases ...``, ``distill table ...``, ``distill demo ...``
+are plain tools (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEMO_PROSTATE_DATA = {"scale": 1.0}  # keyword arguments of write_synthetic_prostate for the demo
+
+
+def add_prostate_commands(data_commands: argparse._SubParsersAction) -> None:
+    """``distill data synth-prostate``."""
+    parser = data_commands.add_parser(
+        "synth-prostate", help="write a synthetic 6-site prostate T2 MRI tree in the real layout"
+    )
+    parser.add_argument("--out", required=True, help="output root (site folders are created under it)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the real case counts per site")
+
+    def run(args: argparse.Namespace) -> None:
+        from data_modules.synth_prostate import write_synthetic_prostate
+
+        write_synthetic_prostate(args.out, seed=args.seed, scale=args.scale)
+
+    parser.set_defaults(func=run)
+
+
+def add_surgical_data_commands(data_commands: argparse._SubParsersAction) -> None:
+    """``distill data synth-surgical``, ``distill data extract-frames``."""
+    synth = data_commands.add_parser(
+        "synth-surgical", help="write synthetic Cholec80 / M2CAI16 videos and annotations in the real layout"
+    )
+    synth.add_argument("--out", required=True, help="dataset root to write")
+    synth.add_argument("--dataset", choices=["cholec80", "m2cai16"], default="cholec80")
+    synth.add_argument("--num-videos", type=int, default=8)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, nargs=2, default=[128, 160], metavar=("H", "W"), help="frame size")
+    synth.add_argument("--duration-s", type=float, nargs=2, default=[30.0, 90.0], metavar=("MIN", "MAX"),
+                       help="video length range in seconds")
+
+    def run_synth(args: argparse.Namespace) -> None:
+        from data_modules.synth_surgical import write_synthetic_surgical
+
+        write_synthetic_surgical(args.out, dataset=args.dataset, num_videos=args.num_videos, seed=args.seed,
+                                 size=tuple(args.size), duration_s=tuple(args.duration_s))
+
+    synth.set_defaults(func=run_synth)
+
+    extract = data_commands.add_parser(
+        "extract-frames", help="decode videos to frames (black margin cut, resized), resumable, parallel"
+    )
+    extract.add_argument("--root", required=True, help="dataset root, or any folder of .mp4 files with --dataset unlabeled")
+    extract.add_argument("--out", required=True, help="frames folder: <out>/<video>/<25 fps frame index>.jpg")
+    extract.add_argument("--dataset", choices=["cholec80", "m2cai16", "unlabeled"], default="cholec80")
+    extract.add_argument("--fps", type=int, choices=[1, 5, 25], default=1, help="frames kept per second")
+    extract.add_argument("--size", type=int, nargs=2, default=[250, 250], metavar=("H", "W"), help="written frame size")
+    extract.add_argument("--pattern", default="{video}/{frame}.jpg",
+                         help="frame file pattern, e.g. '{video}/{video}_{frame:06d}.png' (TeCNO)")
+    extract.add_argument("--workers", type=int, default=2, help="videos decoded in parallel")
+    extract.add_argument("--frame-tolerance", type=int, default=0,
+                         help="accepted difference between decoded and annotated frame counts")
+
+    def run_extract(args: argparse.Namespace) -> None:
+        from data_modules.surgical import extract_dataset_frames
+
+        done = extract_dataset_frames(args.root, args.out, args.dataset, fps=args.fps, size=tuple(args.size),
+                                      frame_pattern=args.pattern, workers=args.workers,
+                                      frame_tolerance=args.frame_tolerance)
+        print(f"extracted {len(done)} videos to {args.out} (finished videos are skipped)")
+
+    extract.set_defaults(func=run_extract)
+
+
+def add_phase_evaluation_command(commands: argparse._SubParsersAction) -> None:
+    """``distill evaluate-phases GT_DIR PRED_DIR``."""
+    parser = commands.add_parser(
+        "evaluate-phases",
+        help="relaxed-boundary phase metrics (M2CAI/Cholec80 MATLAB protocol) of prediction files",
+        description="Prediction files: same name as the ground truth (or videoXX-pred.txt / videoXX_pred.txt), "
+        "'Frame<TAB>Phase' at any regular rate; their frame numbers say which 25 fps frames they predict.",
+    )
+    parser.add_argument("gt_dir", help="ground-truth folder (videoXX-phase.txt or [test_]workflow_video_XX.txt)")
+    parser.add_argument("pred_dir", help="prediction folder")
+    parser.add_argument("--dataset", choices=("cholec80", "m2cai16"), default="cholec80")
+    parser.add_argument(
+        "--mode",
+        choices=("corrected", "published"),
+        default="corrected",
+        help="'published' reproduces the MATLAB script's end-of-segment indexing slip",
+    )
+    parser.add_argument("--pred-fps", type=float, default=None, help="prediction rate (default: 25 / frame step)")
+    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file (must not exist)")
+
+    def run(args: argparse.Namespace) -> None:
+        from pathlib import Path
+
+        from distill.errors import DataError
+        from distill.metrics.phase import evaluate_phase_dirs
+
+        if args.json is not None and Path(args.json).exists():
+            raise DataError(f"{args.json}: already exists; refusing to overwrite")
+        report = evaluate_phase_dirs(args.gt_dir, args.pred_dir, args.dataset, args.mode, args.pred_fps)
+        print(report.format())
+        if args.json is not None:
+            report.to_json(args.json)
+
+    parser.set_defaults(func=run)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def add_table_commands(commands: argparse._SubParsersAction) -> None:
+    """``distill table SPEC`` (reproduce a results table) and ``distill demo prostate``."""
+    table = commands.add_parser("table", help="train, test and tabulate every run of a table spec")
+    table.add_argument("spec", help="table spec YAML, e.g. experiments/prostate/tables/single_teacher.yaml")
+    table.add_argument("--out", required=True, help="directory for the runs and results.md")
+    table.epilog = "Any further --key=value arguments are LightningCLI overrides for every run, e.g. --trainer.max_epochs=5"
+
+    def run_table_command(args: argparse.Namespace) -> None:
+        from distill.tables import run_table
+
+        run_table(args.spec, args.out, args.lightning_overrides)
+
+    table.set_defaults(func=run_table_command)
+
+    demo = commands.add_parser("demo", help="synthetic data in the real format -> teacher -> students -> table")
+    demo.add_argument("task", choices=["prostate"])
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+
+    def run_demo(args: argparse.Namespace) -> None:
+        from data_modules.synth_prostate import write_synthetic_prostate
+        from distill.tables import run_table
+
+        data_root = Path(args.out) / "data" / "prostate"
+        if not data_root.exists():
+            print(f"writing synthetic prostate data to {data_root}", flush=True)
+            write_synthetic_prostate(data_root, **DEMO_PROSTATE_DATA, seed=args.seed)
+        run_table(REPO_ROOT / "experiments/prostate/tables/demo.yaml", args.out, [f"--data.init_args.data_root={data_root}"])
+
+    demo.set_defaults(func=run_demo)
+
+
+def build_tool_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data = commands.add_parser("data", help="write synthetic datasets and preprocess real ones")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    add_prostate_commands(data_commands)
+    add_surgical_data_commands(data_commands)
+    add_phase_evaluation_command(commands)
+    add_table_commands(commands)
+    return parser
+
+
+def _data_error_in_chain(err: BaseException):
+    """The :class:`DataError` behind ``err`` (jsonargparse wraps errors raised while instantiating)."""
+    from distill.errors import DataError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, DataError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            from distill.lightning_cli import run_lightning_cli
+
+            run_lightning_cli(argv)
+            return
+        parser = build_tool_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and args.command != "table":
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.lightning_overrides = unknown
+        args.func(args)
+    except Exception as err:
+        data_error = _data_error_in_chain(err)
+        if data_error is None:
+            raise
+        sys.exit(f"error: {data_error}")
+
+
+if __name__ == "__main__":
+    main()

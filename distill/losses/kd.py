@@ -1,0 +1,109 @@
+"""Logit distillation for segmentation: pixel-wise Hinton KD and channel-wise distillation.
+
+Teacher logits are the target distribution; pass them detached (or computed under
+``torch.no_grad()``) unless the teacher is meant to learn too.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.errors import DataError
+
+__all__ = ["ChannelWiseKDLoss", "KDLoss", "channel_wise_divergence", "pixel_kl_divergence"]
+
+
+def _check_pair(student: Tensor, teacher: Tensor, temperature: float, owner: str) -> None:
+    """Raise DataError if the two logit maps differ in shape or the temperature is not > 0."""
+    if student.shape != teacher.shape:
+        raise DataError(
+            f"{owner}: student logits {tuple(student.shape)} and teacher logits "
+            f"{tuple(teacher.shape)} must have the same shape (B, C, H, W)"
+        )
+    if not temperature > 0:
+        raise DataError(f"{owner}: temperature must be > 0, got {temperature}")
+
+
+def pixel_kl_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """Hinton KD per pixel: ``T^2 * KL(softmax(t / T) || softmax(s / T))`` over the classes.
+
+    The ``T^2`` factor keeps the gradient scale independent of the temperature.
+
+    Args:
+        student_logits: (B, C, H, W).
+        teacher_logits: (B, C, H, W).
+        temperature: softening temperature T > 0.
+        reduction: "mean" averages over batch and pixels (scalar); "none" returns the (B, H, W)
+            per-pixel map, e.g. for per-pixel teacher weighting.
+    """
+    _check_pair(student_logits, teacher_logits, temperature, "pixel_kl_divergence")
+    if reduction not in ("mean", "none"):
+        raise DataError(
+            f"pixel_kl_divergence: reduction must be 'mean' or 'none', got {reduction!r}"
+        )
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=1)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=1)
+    per_pixel = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    per_pixel = per_pixel.sum(1) * temperature**2
+    return per_pixel.mean() if reduction == "mean" else per_pixel
+
+
+class KDLoss(nn.Module):
+    """Pixel-wise Hinton KD (batch and pixel mean of :func:`pixel_kl_divergence`).
+
+    Args:
+        temperature: softening temperature T (4 is the usual choice in medical segmentation).
+    """
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """student_logits, teacher_logits (B, C, H, W) -> scalar."""
+        return pixel_kl_divergence(student_logits, teacher_logits, self.temperature)
+
+
+def channel_wise_divergence(student: Tensor, teacher: Tensor, temperature: float = 4.0) -> Tensor:
+    """Channel-wise distillation (Shu et al., ICCV 2021).
+
+    Each channel becomes a distribution over the H*W positions (softmax of ``x / T``);
+    the loss is ``T^2 * KL(teacher || student)`` summed over positions, averaged over B*C.
+
+    Args:
+        student: (B, C, H, W) logits or features.
+        teacher: (B, C, H, W) logits or features.
+        temperature: softening temperature T > 0.
+
+    Returns:
+        scalar.
+    """
+    _check_pair(student, teacher, temperature, "channel_wise_divergence")
+    student_log_probs = F.log_softmax(student.flatten(2) / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher.flatten(2) / temperature, dim=-1)
+    per_channel = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    return per_channel.sum(-1).mean() * temperature**2
+
+
+class ChannelWiseKDLoss(nn.Module):
+    """Channel-wise distillation loss (:func:`channel_wise_divergence`).
+
+    Args:
+        temperature: softening temperature T (Shu et al. use 4 with loss weight 3).
+    """
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """student, teacher (B, C, H, W) -> scalar."""
+        return channel_wise_divergence(student, teacher, self.temperature)

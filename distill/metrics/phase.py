@@ -1,0 +1,406 @@
+"""Relaxed-boundary surgical phase metrics: a port of the M2CAI/Cholec80 MATLAB evaluation.
+
+The protocol (DESIGN.md section 2.3): per video, ``diff = pred - gt``; inside the first ``t``
+frames of a ground-truth segment a prediction still showing an earlier phase is forgiven (late
+transition), inside its last ``t`` frames one already showing a later phase is forgiven (early
+transition), with ``t = round(10 s x fps of the predictions)`` clipped to the segment length.
+How far back/forward is forgiven depends on the segment's phase:
+
+=====================================  =======================  =====================
+Cholec80 id (1-based)                  first t frames forgive   last t frames forgive
+=====================================  =======================  =====================
+1-3 Preparation, Calot, Clipping       -1                       +1
+4-5 GB dissection, GB packaging        -1                       +1, +2
+6-7 Cleaning, GB retraction            -1, -2                   +1, +2
+=====================================  =======================  =====================
+
+M2CAI16 shifts every id by one: TrocarPlacement (id 1) takes the general rule of ids 1-4, as the
+``else`` branch of the M2CAI ``Evaluate.m`` does (its -1 can never fire: nothing precedes it; its
++1 forgives Preparation predicted early), ids 5-6 the 4-5 rule and ids 7-8 the 6-7 rule.
+
+Two modes: ``"corrected"`` (default) applies the end rule to the last ``t`` frames of the
+segment. ``"published"`` reproduces the MATLAB indexing slip
+``curDiff(curDiff(end-t+1:end) == 1) = 0``: frame ``i < t`` of a segment counts as correct
+whenever frame ``L-t+i`` matches the end rule, and the last ``t`` frames get no end rule; use it
+to compare with published numbers.
+
+Labels are 0-based phase indices everywhere (as :func:`data_modules.phases.read_phase_file`
+returns them); ``diff`` does not depend on the offset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from data_modules.phases import VIDEO_FPS, phase_names, read_phase_file
+from distill.errors import DataError
+
+Mode = Literal["corrected", "published"]
+MODES: tuple[str, ...] = ("corrected", "published")
+METRICS: tuple[str, ...] = ("jaccard", "precision", "recall")
+
+# How many phases back (first t frames) / forward (last t frames) a prediction may be and still
+# count as correct, indexed by the 0-based phase of the ground-truth segment.
+_CHOLEC80_BACK = (1, 1, 1, 1, 1, 2, 2)
+_CHOLEC80_FORWARD = (1, 1, 1, 2, 2, 2, 2)
+FORGIVEN_BACK: dict[str, np.ndarray] = {
+    "cholec80": np.array(_CHOLEC80_BACK),
+    "m2cai16": np.array((1,) + _CHOLEC80_BACK),
+}
+FORGIVEN_FORWARD: dict[str, np.ndarray] = {
+    "cholec80": np.array(_CHOLEC80_FORWARD),
+    "m2cai16": np.array((1,) + _CHOLEC80_FORWARD),
+}
+
+
+def _check_labels(gt: np.ndarray, pred: np.ndarray, n_phases: int) -> tuple[np.ndarray, np.ndarray]:
+    """``gt``, ``pred`` as int64 (N,) arrays; DataError unless same-length 1-D labels in [0, n_phases)."""
+    gt, pred = np.asarray(gt, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    if gt.ndim != 1 or gt.shape != pred.shape or gt.size == 0:
+        raise DataError(f"gt {gt.shape} and pred {pred.shape} must be non-empty 1-D arrays of the same length")
+    for name, labels in (("gt", gt), ("pred", pred)):
+        if labels.min() < 0 or labels.max() >= n_phases:
+            raise DataError(f"{name}: phase indices must lie in [0, {n_phases}), got {labels.min()}..{labels.max()}")
+    return gt, pred
+
+
+def relaxed_correct(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    fps: float,
+    dataset: str = "cholec80",
+    mode: Mode = "corrected",
+    tolerance_s: float = 10.0,
+) -> np.ndarray:
+    """Which frames of one video count as correct under the relaxed boundary.
+
+    Args:
+        gt, pred: (N,) 0-based phase indices of one video, at ``fps`` frames per second.
+        fps: frame rate of ``gt``/``pred``; the tolerance is ``tolerance_s * fps`` frames, rounded half up.
+        dataset: 'cholec80' or 'm2cai16' (chooses the per-phase rules, see the module docstring).
+        mode: 'corrected' (end rule on the last t frames) or 'published' (the MATLAB slip).
+        tolerance_s: the relaxed boundary in seconds.
+
+    Returns:
+        (N,) bool, True where the relaxed ``diff`` is 0.
+    """
+    gt, pred = _check_labels(gt, pred, len(phase_names(dataset)))
+    if mode not in MODES:
+        raise DataError(f"mode: expected one of {MODES}, got {mode!r}")
+    back, forward = FORGIVEN_BACK[dataset.lower()], FORGIVEN_FORWARD[dataset.lower()]
+    n = gt.size
+    # Ground-truth segments: runs of one phase (MATLAB: bwconncomp per phase).
+    starts = np.flatnonzero(np.r_[True, gt[1:] != gt[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    segment = np.repeat(np.arange(starts.size), lengths)  # (N,) segment of each frame
+    position = np.arange(n) - starts[segment]  # (N,) frame index inside its segment
+    length = lengths[segment]
+    t = np.minimum(math.floor(tolerance_s * fps + 0.5), length)  # (N,) tolerance clipped to the segment
+
+    diff = pred - gt
+    in_first = position < t
+    in_last = position >= length - t
+    late_forgiven = in_first & (diff < 0) & (diff >= -back[gt])
+    if mode == "corrected":
+        early_forgiven = in_last & (diff > 0) & (diff <= forward[gt])
+    else:
+        # Frame i < t is judged by the end rule at frame L-t+i of the same segment. The start
+        # rule only zeroes negative diffs, so the partner's original diff decides the match.
+        partner = np.where(in_first, np.arange(n) + length - t, np.arange(n))
+        early_forgiven = in_first & (diff[partner] > 0) & (diff[partner] <= forward[gt])
+    return (diff == 0) | late_forgiven | early_forgiven
+
+
+def evaluate_video(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    fps: float,
+    dataset: str = "cholec80",
+    mode: Mode = "corrected",
+    tolerance_s: float = 10.0,
+) -> dict[str, float | np.ndarray]:
+    """Relaxed accuracy and per-phase Jaccard/precision/recall of one video, as MATLAB's ``Evaluate.m``.
+
+    Args:
+        gt, pred: (N,) 0-based phase indices; the other arguments as :func:`relaxed_correct`.
+
+    Returns:
+        ``{"accuracy": float, "jaccard": (P,), "precision": (P,), "recall": (P,)}`` in percent,
+        P = number of phases. For phase p, TP = frames with ``pred == p or gt == p`` that are
+        relaxed-correct; Jaccard = TP / that union, precision = TP / #(pred == p), recall =
+        TP / #(gt == p). Values are clipped at 100 (the relaxation can push TP above either
+        count); NaN where p is absent from ``gt``; a never-predicted phase has precision NaN
+        when TP = 0 and 100 (inf, clipped) when TP > 0.
+    """
+    n_phases = len(phase_names(dataset))
+    correct = relaxed_correct(gt, pred, fps, dataset, mode, tolerance_s)
+    gt, pred = np.asarray(gt, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    agree = gt == pred
+    gt_count = np.bincount(gt, minlength=n_phases)
+    pred_count = np.bincount(pred, minlength=n_phases)
+    union = gt_count + pred_count - np.bincount(gt[agree], minlength=n_phases)
+    tp = np.bincount(gt[correct], minlength=n_phases) + np.bincount(pred[correct & ~agree], minlength=n_phases)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = {"jaccard": tp / union, "precision": tp / pred_count, "recall": tp / gt_count}
+    absent = gt_count == 0
+    result: dict[str, float | np.ndarray] = {"accuracy": 100.0 * correct.mean()}
+    for name, score in scores.items():
+        result[name] = np.where(absent, np.nan, np.minimum(100.0 * score, 100.0))
+    return result
+
+
+def _mean(values: np.ndarray, axis: int, ignore_nan: bool) -> np.ndarray:
+    """MATLAB ``mean``/``nanmean`` along ``axis``: NaN for an empty (all-NaN) slice, no warning."""
+    if not ignore_nan:
+        return np.mean(values, axis=axis)
+    valid = ~np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        return np.nansum(values, axis=axis) / valid.sum(axis=axis)
+
+
+def _std(values: np.ndarray, axis: int, ignore_nan: bool) -> np.ndarray:
+    """MATLAB ``std``/``nanstd`` along ``axis``: N-1 normalisation, 0 for a single value."""
+    count = (~np.isnan(values)).sum(axis=axis) if ignore_nan else values.shape[axis]
+    squares = (values - np.expand_dims(_mean(values, axis, ignore_nan), axis)) ** 2
+    total = np.nansum(squares, axis=axis) if ignore_nan else np.sum(squares, axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sqrt(np.where(count > 0, total / np.maximum(count - 1, 1), np.nan))
+
+
+@dataclass(frozen=True)
+class PhaseReport:
+    """Phase-recognition results over a set of videos.
+
+    Attributes:
+        dataset, mode, tolerance_s: how the numbers were computed.
+        phase_names: (P,) names in index order.
+        video_names: (V,) names in evaluation order.
+        fps: (V,) frame rate of each video's predictions.
+        accuracy_per_video: (V,) relaxed accuracy, %.
+        per_video: ``"jaccard"``/``"precision"``/``"recall"`` -> (V, P), %, NaN as in
+            :func:`evaluate_video`.
+        frame_accuracy: unrelaxed accuracy over all frames of all videos, % (torchmetrics, micro).
+        macro_f1: unrelaxed F1 over all frames of all videos, macro over the phases that occur
+            in ground truth or predictions (torchmetrics), %.
+    """
+
+    dataset: str
+    mode: str
+    tolerance_s: float
+    phase_names: tuple[str, ...]
+    video_names: tuple[str, ...]
+    fps: np.ndarray
+    accuracy_per_video: np.ndarray
+    per_video: dict[str, np.ndarray]
+    frame_accuracy: float
+    macro_f1: float
+
+    @property
+    def accuracy(self) -> float:
+        """Relaxed accuracy, mean over videos, %."""
+        return float(np.mean(self.accuracy_per_video))
+
+    @property
+    def accuracy_std(self) -> float:
+        """Std of the relaxed accuracy over videos (N-1), %."""
+        return float(_std(self.accuracy_per_video, 0, ignore_nan=False))
+
+    def per_phase(self, metric: str) -> np.ndarray:
+        """(P,) NaN-aware mean over videos of ``metric`` ('jaccard', 'precision' or 'recall')."""
+        return _mean(self.per_video[metric], 0, ignore_nan=True)
+
+    def per_phase_std(self, metric: str) -> np.ndarray:
+        """(P,) NaN-aware std over videos (N-1) of ``metric``."""
+        return _std(self.per_video[metric], 0, ignore_nan=True)
+
+    def mean(self, metric: str) -> float:
+        """Mean over phases of :meth:`per_phase`; NaN-aware for precision only, as MATLAB's Main.m."""
+        return float(_mean(self.per_phase(metric), 0, ignore_nan=metric == "precision"))
+
+    def std(self, metric: str) -> float:
+        """Std over phases (N-1) of :meth:`per_phase`; NaN-aware for precision only."""
+        return float(_std(self.per_phase(metric), 0, ignore_nan=metric == "precision"))
+
+    def to_dict(self) -> dict:
+        """JSON-ready numbers (NaN written as null)."""
+
+        def clean(value: float) -> float | None:
+            return None if math.isnan(value) else round(float(value), 6)
+
+        return {
+            "dataset": self.dataset,
+            "mode": self.mode,
+            "tolerance_s": self.tolerance_s,
+            "accuracy": {"mean": clean(self.accuracy), "std": clean(self.accuracy_std)},
+            **{m: {"mean": clean(self.mean(m)), "std": clean(self.std(m))} for m in METRICS},
+            "frame_accuracy": clean(self.frame_accuracy),
+            "macro_f1": clean(self.macro_f1),
+            "per_phase": {
+                name: {m: clean(self.per_phase(m)[p]) for m in METRICS} for p, name in enumerate(self.phase_names)
+            },
+            "per_video": {
+                name: {
+                    "fps": float(self.fps[v]),
+                    "accuracy": clean(self.accuracy_per_video[v]),
+                    **{m: [clean(x) for x in self.per_video[m][v]] for m in METRICS},
+                }
+                for v, name in enumerate(self.video_names)
+            },
+        }
+
+    def to_json(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def format(self) -> str:
+        """Readable table: per-phase means over videos, then the summary lines."""
+        rates = ", ".join(f"{f:g}" for f in np.unique(self.fps))
+        width = max(len(name) for name in self.phase_names)
+        lines = [
+            f"{self.dataset}, {len(self.video_names)} videos, relaxed boundary {self.tolerance_s:g} s "
+            f"at {rates} fps, {self.mode} mode",
+            f"{'Phase':<{width}}  {'Jaccard':>8}  {'Precision':>9}  {'Recall':>8}",
+        ]
+        table = np.stack([self.per_phase(m) for m in METRICS], axis=1)  # (P, 3)
+        for name, (jaccard, precision, recall) in zip(self.phase_names, table):
+            lines.append(f"{name:<{width}}  {jaccard:8.2f}  {precision:9.2f}  {recall:8.2f}")
+        lines += [
+            "",
+            f"Accuracy   {self.accuracy:6.2f} +- {self.accuracy_std:5.2f}  (relaxed; +- over videos)",
+            *(f"{m.capitalize():<10} {self.mean(m):6.2f} +- {self.std(m):5.2f}  (relaxed; +- over phases)" for m in METRICS),
+            f"Frame accuracy {self.frame_accuracy:6.2f}  (unrelaxed, all frames)",
+            f"Macro F1       {self.macro_f1:6.2f}  (unrelaxed, all frames)",
+        ]
+        return "\n".join(lines)
+
+
+def evaluate_phases(
+    videos: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    fps: float | Mapping[str, float],
+    dataset: str = "cholec80",
+    mode: Mode = "corrected",
+    tolerance_s: float = 10.0,
+) -> PhaseReport:
+    """Evaluate many videos with the MATLAB protocol and aggregate as its ``Main.m``.
+
+    Args:
+        videos: name -> ``(gt, pred)``, each (N_v,) 0-based phase indices.
+        fps: frame rate of the predictions, one for all videos or name -> rate.
+        dataset, mode, tolerance_s: as :func:`relaxed_correct`.
+    """
+    if not videos:
+        raise DataError("no videos to evaluate")
+    names = phase_names(dataset)
+    rates = np.array([fps[name] if isinstance(fps, Mapping) else fps for name in videos], dtype=np.float64)
+    results = [evaluate_video(gt, pred, rate, dataset, mode, tolerance_s) for (gt, pred), rate in zip(videos.values(), rates)]
+    all_gt = torch.from_numpy(np.concatenate([np.asarray(gt, dtype=np.int64) for gt, _ in videos.values()]))
+    all_pred = torch.from_numpy(np.concatenate([np.asarray(pred, dtype=np.int64) for _, pred in videos.values()]))
+    return PhaseReport(
+        dataset=dataset.lower(),
+        mode=mode,
+        tolerance_s=tolerance_s,
+        phase_names=names,
+        video_names=tuple(videos),
+        fps=rates,
+        accuracy_per_video=np.array([r["accuracy"] for r in results]),
+        per_video={m: np.stack([r[m] for r in results]) for m in METRICS},
+        frame_accuracy=100.0 * multiclass_accuracy(all_pred, all_gt, len(names), average="micro").item(),
+        macro_f1=100.0 * multiclass_f1_score(all_pred, all_gt, len(names), average="macro").item(),
+    )
+
+
+GROUND_TRUTH_PATTERNS: dict[str, tuple[str, ...]] = {
+    "cholec80": ("video*-phase.txt",),
+    "m2cai16": ("workflow_video_*.txt", "test_workflow_video_*.txt"),
+}
+
+
+def prediction_candidates(ground_truth: Path) -> tuple[str, ...]:
+    """File names accepted as the prediction for ``ground_truth``.
+
+    ``videoXX-phase.txt`` -> ``videoXX-phase.txt``, ``videoXX-pred.txt``, ``videoXX_pred.txt``;
+    ``[test_]workflow_video_XX.txt`` -> the same name, ``..._XX-pred.txt``, ``..._XX_pred.txt``.
+    """
+    video = ground_truth.name.removesuffix(".txt").removesuffix("-phase")
+    return ground_truth.name, f"{video}-pred.txt", f"{video}_pred.txt"
+
+
+def _align_prediction(
+    gt_path: Path, gt_frames: np.ndarray, pred_path: Path, pred_frames: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Positions (M,) in the ground truth of the predicted frames, and their frame step.
+
+    Checks that the predicted frames exist in the ground truth and cover it evenly. A
+    one-line prediction has step 1 (a 25 fps prediction of a one-frame video).
+    """
+    if np.any(np.diff(gt_frames) <= 0):
+        raise DataError(f"{gt_path}: frame numbers are not strictly increasing")
+    positions = np.clip(np.searchsorted(gt_frames, pred_frames), 0, gt_frames.size - 1)
+    missing = pred_frames[gt_frames[positions] != pred_frames]
+    if missing.size:
+        raise DataError(f"{pred_path}: frame {missing[0]} is not in the ground truth {gt_path.name}")
+    steps = np.unique(np.diff(pred_frames))
+    if steps.size > 1 or (steps.size == 1 and steps[0] <= 0):
+        raise DataError(f"{pred_path}: frame numbers are not evenly spaced and increasing (steps {steps[:5].tolist()})")
+    step = int(steps[0]) if steps.size else 1
+    if pred_frames[0] - gt_frames[0] >= step or gt_frames[-1] - pred_frames[-1] >= step:
+        raise DataError(
+            f"{pred_path}: predictions cover frames {pred_frames[0]}..{pred_frames[-1]} every {step}, "
+            f"the ground truth {gt_frames[0]}..{gt_frames[-1]}"
+        )
+    return positions, step
+
+
+def evaluate_phase_dirs(
+    gt_dir: str | Path,
+    pred_dir: str | Path,
+    dataset: str = "cholec80",
+    mode: Mode = "corrected",
+    pred_fps: float | None = None,
+    tolerance_s: float = 10.0,
+) -> PhaseReport:
+    """Evaluate the prediction files in ``pred_dir`` against the ground truth in ``gt_dir``.
+
+    Ground truth: ``videoXX-phase.txt`` (Cholec80) or ``[test_]workflow_video_XX.txt`` (M2CAI16),
+    ``Frame<TAB>Phase`` at 25 fps. Predictions: the same format and name, or
+    :func:`prediction_candidates`, at any regular rate: their frame numbers say which 25 fps
+    frames are predicted, the ground truth is subsampled to those frames, and the prediction
+    rate is ``25 / frame step`` unless ``pred_fps`` is given. The predictions must cover the
+    whole video (no gap longer than one step at either end). Extra prediction files are ignored.
+
+    Raises:
+        DataError: no ground-truth files, a video without (or with two) prediction files,
+            frames not in the ground truth or unevenly spaced, unknown phase names.
+    """
+    gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
+    phase_names(dataset)  # raises DataError for an unknown dataset
+    patterns = GROUND_TRUTH_PATTERNS[dataset.lower()]
+    if not gt_dir.is_dir():
+        raise DataError(f"{gt_dir}: ground-truth directory not found")
+    if not pred_dir.is_dir():
+        raise DataError(f"{pred_dir}: prediction directory not found")
+    gt_paths = sorted({path for pattern in patterns for path in gt_dir.glob(pattern)})
+    if not gt_paths:
+        raise DataError(f"{gt_dir}: no ground-truth files matching {' or '.join(patterns)}")
+    videos, rates = {}, {}
+    for gt_path in gt_paths:
+        found = [pred_dir / name for name in prediction_candidates(gt_path) if (pred_dir / name).is_file()]
+        if len(found) != 1:
+            problem = "no prediction" if not found else f"several predictions ({', '.join(p.name for p in found)})"
+            raise DataError(f"{gt_path}: {problem} in {pred_dir}; expected one of {', '.join(prediction_candidates(gt_path))}")
+        gt_frames, gt_labels = read_phase_file(gt_path, dataset)
+        pred_frames, pred_labels = read_phase_file(found[0], dataset)
+        positions, step = _align_prediction(gt_path, gt_frames, found[0], pred_frames)
+        video = gt_path.name.removesuffix(".txt").removesuffix("-phase")
+        videos[video] = (gt_labels[positions], pred_labels)
+        rates[video] = pred_fps if pred_fps is not None else VIDEO_FPS / step
+    return evaluate_phases(videos, rates, dataset, mode, tolerance_s)

@@ -1,0 +1,19 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_modules.synth_prostate import write_synthetic_prostate
+
+
+@pytest.fixture(scope="session")
+def synthetic_prostate_root(tmp_path_factory) -> Path:
+    """A small synthetic 6-site prostate tree in the real layout, written once per session.
+
+    2-3 cases per site (RUNMC 3, BMC 3, I2CVB 2, UCL 2, BIDMC 2, HK 2), in-plane 64 px
+    (53 px at I2CVB and BIDMC), 14-30 slices. Read-only: copy it before modifying.
+    """
+    return write_synthetic_prostate(tmp_path_factory.mktemp("prostate"), seed=0, scale=0.1, size=64)
