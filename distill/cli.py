@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-DEMO_PROSTATE_DATA = {"scale": 1.0}  # keyword arguments of write_synthetic_prostate for the demo
+DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate options of the demo
 
 
 def add_prostate_commands(data_commands: argparse._SubParsersAction) -> None:
@@ -23,11 +23,12 @@ def add_prostate_commands(data_commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output root (site folders are created under it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the real case counts per site")
+    parser.add_argument("--size", type=int, default=128, help="in-plane matrix of the 384-px sites (real: 384)")
 
     def run(args: argparse.Namespace) -> None:
         from data_modules.synth_prostate import write_synthetic_prostate
 
-        write_synthetic_prostate(args.out, seed=args.seed, scale=args.scale)
+        write_synthetic_prostate(args.out, seed=args.seed, scale=args.scale, size=args.size)
 
     parser.set_defaults(func=run)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from distill.utils import unique_path
 
@@ -38,6 +38,19 @@ class SaveResolvedConfig(SaveConfigCallback):
             trainer.logger.log_hyperparams({"config": self.config.as_dict()})
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """Reports a bad config as one line naming the key, instead of pages of usage text."""
+
+    REASONS = ("is not accepted", "is not expected", "nrecognized argument", "does not exist", "not found", "Expected a")
+
+    def error(self, message: str, ex: Exception | None = None):
+        lines = [line.strip(" -") for line in str(message).splitlines() if line.strip(" -")]
+        reason = next((line for line in lines[1:] for r in self.REASONS if r in line), None)
+        summary = f"{lines[0]} {reason}" if reason and reason != lines[0] else (lines[0] if lines else message)
+        prog = self.prog.replace(" [options]", "")
+        sys.exit(f"error: {summary} (see `{prog} --help`)")
+
+
 class DistillCLI(LightningCLI):
     """LightningCLI with this project's defaults: any LightningModule/DataModule by class path."""
 
@@ -50,6 +63,7 @@ class DistillCLI(LightningCLI):
             datamodule_class=L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            parser_class=OneLineErrorParser,
             save_config_callback=SaveResolvedConfig,
             parser_kwargs={"parser_mode": "omegaconf+"},
             seed_everything_default=0,

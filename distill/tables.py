@@ -80,14 +80,17 @@ def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str)
     from distill.benchmarking import latency_ms
     from distill.lightning_cli import DistillCLI
     from distill.models import count_parameters
+    from distill.modules.checkpoints import load_segmentation_network
 
     if not Path(config).is_file():
         raise DataError(f"{config}: experiment config not found")
     cli = DistillCLI(args=["--config", config, *overrides, f"--trainer.default_root_dir={root_dir}"], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    best = cli.trainer.checkpoint_callback.best_model_path
-    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, verbose=False)[0]
-    net = cli.model.net
+    best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+    if not best:
+        raise DataError(f"{config}: no best checkpoint was saved; a table needs a ModelCheckpoint monitoring val/dice")
+    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)[0]
+    net = load_segmentation_network(best)  # the deployable network alone, rebuilt from its checkpoint
     in_channels, size = cli.model.hparams.in_channels, cli.datamodule.hparams.image_size
     return RunResult(
         name=name,

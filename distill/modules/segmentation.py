@@ -19,6 +19,7 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 from torch.nn import functional as F
 
+from data_modules.prostate import SITES
 from distill.errors import DataError
 from distill.losses import (
     AttentionTransferLoss,
@@ -34,7 +35,6 @@ from distill.models import FeatureTaps, build_segmentation_network
 from distill.modules.base import DistillModuleBase
 from distill.modules.checkpoints import load_segmentation_network
 
-PROSTATE_SITES = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
 # Network options as typed values, so command-line overrides such as ``width=16`` arrive as numbers.
 NetworkKwargs = dict[str, Union[int, float, bool, str, list[int]]]
 
@@ -64,7 +64,7 @@ class SegmentationModule(DistillModuleBase):
         loss_weights: Mapping[str, float] | None = None,
         lovasz_mode: Literal["softmax", "hinge"] = "softmax",
         lovasz_per_image: bool = False,
-        report_sites: Sequence[str] = PROSTATE_SITES,
+        report_sites: Sequence[str] = SITES,
         eval_batch_size: int = 32,
         largest_component: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
