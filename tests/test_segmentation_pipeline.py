@@ -135,11 +135,17 @@ def test_unknown_loss_term_fails_at_construction():
         SegmentationModule(network="slim_unet", loss_weights={"dice": 1.0, "kd": 1.0})
 
 
-def test_unknown_yaml_key_is_a_one_line_error_naming_the_key(synthetic_prostate_root, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "experiments/prostate/teacher.yaml"), "--model.init_args.widht=4",
+@pytest.mark.parametrize(
+    "override, named",
+    [("--model.init_args.widht=4", "widht"), ("--trainer.max_epochz=3", "trainer.max_epochz"),
+     ("--data.init_args.split=per_sit", "split")],
+)
+def test_bad_yaml_key_or_value_is_a_one_line_error_naming_it(synthetic_prostate_root, override, named):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "experiments/prostate/teacher.yaml"), override,
               f"--data.init_args.data_root={synthetic_prostate_root}"])
-    assert "widht" in capsys.readouterr().err
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and named in message and "\n" not in message
 
 
 def test_missing_data_root_is_a_one_line_error(tmp_path, capsys):
