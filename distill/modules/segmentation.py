@@ -210,7 +210,6 @@ class SegDistillModule(SegmentationModule):
             loss_weights=weights,
             **kwargs,
         )
-        self.save_hyperparameters(ignore=["optimizer"])
         self.teacher = load_segmentation_network(teacher_checkpoint, teacher_network, teacher_network_kwargs)
         # The frozen teacher is in eval mode on purpose; Lightning would warn about it at every fit.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
