@@ -74,4 +74,5 @@ class DistillCLI(LightningCLI):
 
 
 def run_lightning_cli(argv: list[str]) -> None:
+    """Run LightningCLI on ``argv``; from the shell it reads ``sys.argv`` itself (passing both makes it warn)."""
     DistillCLI(args=None if argv == sys.argv[1:] else argv)
