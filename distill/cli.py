@@ -15,6 +15,14 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate options of the demo
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_prostate_commands(data_commands: argparse._SubParsersAction) -> None:
     """``distill data synth-prostate``."""
     parser = data_commands.add_parser(
@@ -123,14 +131,29 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     table = commands.add_parser("table", help="train, test and tabulate every run of a table spec")
     table.add_argument("spec", help="table spec YAML, e.g. experiments/prostate/tables/single_teacher.yaml")
     table.add_argument("--out", required=True, help="directory for the runs and results.md")
+    table.add_argument("--seeds", type=positive_int, default=None,
+                       help="runs per row, seeds 0..N-1 (default: the spec's 'seeds', else 1)")
     table.epilog = "Any further --key=value arguments are LightningCLI overrides for every run, e.g. --trainer.max_epochs=5"
 
     def run_table_command(args: argparse.Namespace) -> None:
         from distill.tables import run_table
 
-        run_table(args.spec, args.out, args.lightning_overrides)
+        run_table(args.spec, args.out, args.lightning_overrides, seeds=args.seeds)
 
     table.set_defaults(func=run_table_command)
+
+    teachers = commands.add_parser("teachers", help="train limit-trained teachers from one YAML; write their manifest")
+    teachers.add_argument("spec", help="teachers spec YAML, e.g. experiments/prostate/teachers/by_site.yaml")
+    teachers.add_argument("--out", required=True, help="directory for the teachers and manifest.yaml")
+    teachers.add_argument("--seed", type=int, default=0, help="training seed (subsets use the data seed)")
+    teachers.epilog = "Any further --key=value arguments are LightningCLI overrides for every teacher"
+
+    def run_teachers(args: argparse.Namespace) -> None:
+        from distill.limit_trained import train_limit_trained_teachers
+
+        train_limit_trained_teachers(args.spec, args.out, args.lightning_overrides, args.seed)
+
+    teachers.set_defaults(func=run_teachers)
 
     demo = commands.add_parser("demo", help="synthetic data in the real format -> teacher -> students -> table")
     demo.add_argument("task", choices=["prostate"])
@@ -185,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         parser = build_tool_parser()
         args, unknown = parser.parse_known_args(argv)
-        if unknown and args.command != "table":
+        if unknown and args.command not in ("table", "teachers"):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.lightning_overrides = unknown
         args.func(args)

@@ -1,5 +1,6 @@
 """Networks: segmentation teachers/students and feature taps for distillation."""
 
+from distill.models.gating import TeacherGate
 from distill.models.hooks import FeatureTaps, resolve_module
 from distill.models.segmentation import (
     SEGMENTATION_NETWORKS,
@@ -12,6 +13,7 @@ from distill.models.segmentation import (
 
 __all__ = [
     "SEGMENTATION_NETWORKS",
+    "TeacherGate",
     "FeatureTaps",
     "MobileUNet",
     "build_segmentation_network",
