@@ -52,8 +52,11 @@ def test_torchvision_file_loads_into_timm_and_torchvision_alike(tmp_path):
     reference = torchvision.models.resnet18()  # random init stands in for resnet50-0676ba61.pth
     plain = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), plain)
-    wrapped = tmp_path / "wrapped.pt"  # a training checkpoint of a DDP MoCo query encoder
-    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in reference.state_dict().items()}}, wrapped)
+    wrapped = tmp_path / "wrapped.pt"  # an official MoCo checkpoint: DDP query/key encoders with MLP head
+    moco = {f"module.encoder_q.{k}": v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    moco |= {"module.encoder_q.fc.0.weight": torch.zeros(8, 512), "module.encoder_q.fc.2.weight": torch.zeros(4, 8)}
+    moco |= {"module.encoder_k.conv1.weight": torch.zeros(1), "module.queue": torch.zeros(4, 2)}
+    torch.save({"state_dict": moco}, wrapped)
     safetensors_file = tmp_path / "resnet18.safetensors"
     save_file(reference.state_dict(), safetensors_file)
 

@@ -145,8 +145,8 @@ def load_pretrained_weights(model: nn.Module, path: str | Path, prefix: str | No
         state = _remap_in_order(state, target, path)
     else:
         state = _strip_wrapper_prefixes(state, target.keys())
-    removed_heads = _removed_heads(model)
-    state = {key: value for key, value in state.items() if key in target or key.rpartition(".")[0] not in removed_heads}
+    head_prefixes = tuple(f"{head}." for head in _removed_heads(model))
+    state = {key: value for key, value in state.items() if key in target or not key.startswith(head_prefixes)}
     _check_match(state, target, path)
     model.load_state_dict(state, strict=False)
     return model

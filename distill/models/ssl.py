@@ -90,9 +90,10 @@ class MemoryQueue(nn.Module):
         """Write (B, D) keys (unit L2 norm, from every process under DDP) over the oldest ones."""
         keys = concat_all_gather(keys.detach())
         self.check_batch_size(keys.shape[0])
-        start = int(self.pointer)
-        self.queue[start : start + keys.shape[0]] = keys.to(self.queue.dtype)
-        self.pointer.fill_((start + keys.shape[0]) % self.size)
+        # rows pointer .. pointer + n - 1, computed on the device: no host synchronisation
+        rows = self.pointer + torch.arange(keys.shape[0], device=self.queue.device)
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.pointer.copy_((self.pointer + keys.shape[0]) % self.size)
 
 
 class ProjectionHead(nn.Module):
