@@ -1,6 +1,7 @@
 """Time the relaxed-boundary phase evaluation on 40 videos x 10,000 frames (Cholec80 test-set scale).
 
-Run: ``python benchmarks/bench_phase_metrics.py``. Ground truth: the 7 phases in order with
+Run: ``python benchmarks/bench_phase_metrics.py`` (the whole command with file parsing:
+``benchmarks/bench_evaluate_phases_cli.py``). Ground truth: the 7 phases in order with
 random lengths; predictions: the ground truth with shifted transitions and 5% random frames.
 """
 
@@ -28,7 +29,7 @@ def synthetic_video(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     rng = np.random.default_rng(0)
     videos = {f"video{i:02d}": synthetic_video(rng) for i in range(N_VIDEOS)}
-    evaluate_phases(videos, FPS)  # warm-up (torchmetrics import and first-call costs)
+    evaluate_phases(videos, FPS)  # warm-up (first-call costs)
     for mode in ("corrected", "published"):
         timings = []
         for _ in range(5):

@@ -41,22 +41,99 @@ def read_phase_file(path: str | Path, dataset: str = "cholec80") -> tuple[np.nda
 
     Returns ``(frames, labels)``: int64 arrays of shape (N,), frame numbers as written and
     0-based phase indices in the order of :func:`phase_names`. Phase names may also be given
-    as integer indices (some prediction tools write those).
+    as integer indices (some prediction tools write those). Blank lines are skipped; fields may
+    be separated by any whitespace.
+
+    Files in the canonical layout (``<digits>\\t<phase>`` on every line, ``\\n`` or ``\\r\\n``
+    endings) are parsed with whole-file array operations; any other file, and any file with a
+    bad line, goes through the line-by-line parser, which names the first bad line.
     """
     path = Path(path)
     names = phase_names(dataset)
-    index = {name: i for i, name in enumerate(names)}
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
-    lines = path.read_text().splitlines()
-    if not lines or lines[0].split("\t")[:2] != ["Frame", "Phase"]:
-        raise DataError(f"{path}: expected header 'Frame\\tPhase', got {lines[0]!r}" if lines else f"{path}: empty file")
+    text = path.read_bytes()
+    newline = text.find(b"\n")
+    header = text if newline < 0 else text[:newline]
+    if header.rstrip(b"\r").split(b"\t")[:2] != [b"Frame", b"Phase"]:
+        shown = header.decode(errors="replace")
+        raise DataError(f"{path}: expected header 'Frame\\tPhase', got {shown!r}" if text else f"{path}: empty file")
+    parsed = _parse_canonical_lines(text, len(header) + 1, names)
+    if parsed is None:
+        lines = text[len(header) + 1 :].decode(errors="replace").splitlines()
+        parsed = _parse_lines(path, lines, names, dataset)
+    if parsed[0].size == 0:
+        raise DataError(f"{path}: no annotation lines")
+    return parsed
+
+
+# (1 << 8n) - 1 for n = 0..8: keeps the low n bytes of a little-endian uint64.
+_LOW_BYTES = np.array([(1 << 8 * n) - 1 for n in range(9)], dtype=np.uint64)
+
+
+def _parse_canonical_lines(text: bytes, body_start: int, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(frames, labels)`` of the ``<digits>\\t<phase>`` lines in ``text[body_start:]``, or None
+    unless every line has exactly that form with a known phase (the line-by-line parser then
+    takes over and names the bad line).
+
+    Vectorised over the bytes: one tab per line locates both fields; the frame digits are read
+    one place value at a time for all lines; lines are grouped into runs of one phase name and
+    each run's name is looked up once.
+    """
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    buf = np.frombuffer(text, dtype=np.uint8)
+    marks = np.flatnonzero(buf[body_start:] <= ord("\n")) + body_start  # tabs, newlines, other control bytes
+    tabs, line_ends = marks[0::2], marks[1::2]
+    if tabs.size == 0 or marks.size % 2 or np.any(buf[tabs] != ord("\t")) or np.any(buf[line_ends] != ord("\n")):
+        return None  # not one tab then one newline per line
+    line_starts = np.r_[body_start, line_ends[:-1] + 1]
+    if text.find(b"\r", body_start) >= 0:  # accepted only as CRLF line endings
+        if text.count(b"\r", body_start) != line_ends.size or np.any(buf[line_ends - 1] != ord("\r")):
+            return None
+        line_ends = line_ends - 1
+    frame_width, name_width = tabs - line_starts, line_ends - tabs - 1
+    if frame_width.min() < 1 or name_width.min() < 1 or frame_width.max() > 18:
+        return None
+
+    # Frame numbers, one digit position at a time from the tab leftwards.
+    frames, bad_digit = np.zeros(tabs.size, dtype=np.int64), np.zeros(tabs.size, dtype=bool)
+    for place in range(int(frame_width.max())):
+        in_field = frame_width > place
+        digit = buf[tabs - 1 - place] - np.uint8(ord("0"))
+        bad_digit |= in_field & (digit > 9)
+        frames += np.where(in_field, digit, 0).astype(np.int64) * 10**place
+    if bad_digit.any():
+        return None
+
+    # Runs of one phase name, keyed by the name's length and bytes 0-7, 8-15 and its last 8 (read
+    # as little-endian uint64 at any offset, masked to the name): exact for names up to 24 bytes.
+    if name_width.max() > 24:
+        return None
+    words = np.ndarray((buf.size - 7,), dtype="<u8", buffer=buf, strides=(1,))
+    near_end = tabs + 9 >= words.size  # the last lines, whose words would run past the buffer
+    head = words[np.where(near_end, 0, tabs + 1)] & _LOW_BYTES[np.minimum(name_width, 8)]
+    middle = words[np.where(near_end, 0, tabs + 9)] & _LOW_BYTES[np.clip(name_width - 8, 0, 8)]
+    tail = np.where(name_width > 16, words[line_ends - 8], 0)
+    key_changes = (np.diff(name_width) != 0) | (np.diff(head) != 0) | (np.diff(middle) != 0) | (np.diff(tail) != 0)
+    run_starts = np.flatnonzero(np.r_[True, key_changes] | near_end)  # lines near the end: own runs
+    run_ends = np.r_[run_starts[1:], tabs.size]
+    index = {name.encode(): i for i, name in enumerate(names)} | {str(i).encode(): i for i in range(len(names))}
+    run_labels = [index.get(text[tabs[first] + 1 : line_ends[first]]) for first in run_starts]
+    if None in run_labels:
+        return None
+    return frames, np.repeat(np.array(run_labels, dtype=np.int64), run_ends - run_starts)
+
+
+def _parse_lines(path: Path, lines: list[str], names: tuple[str, ...], dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames, labels)`` of the body ``lines`` (line 2 on); DataError naming the first bad line."""
+    index = {name: i for i, name in enumerate(names)}
     frames, labels = [], []
-    for line_no, line in enumerate(lines[1:], start=2):
+    for line_no, line in enumerate(lines, start=2):
         if not line.strip():
             continue
         fields = line.split()
-        if len(fields) != 2:
+        if len(fields) != 2 or not fields[0].lstrip("+-").isdigit():
             raise DataError(f"{path}:{line_no}: expected '<frame>\\t<phase>', got {line!r}")
         frame, phase = fields
         if phase in index:
@@ -67,8 +144,6 @@ def read_phase_file(path: str | Path, dataset: str = "cholec80") -> tuple[np.nda
             raise DataError(f"{path}:{line_no}: unknown phase name {phase!r} for {dataset} (known: {', '.join(names)})")
         frames.append(int(frame))
         labels.append(label)
-    if not frames:
-        raise DataError(f"{path}: no annotation lines")
     return np.asarray(frames, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 
 

@@ -7,11 +7,13 @@ Most cases use fps=1, tolerance_s=3, so t = 3 frames.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from data_modules.phases import write_phase_file
+from data_modules.phases import read_phase_file, write_phase_file
 from distill.cli import main
 from distill.errors import DataError
 from distill.metrics import evaluate_phase_dirs, evaluate_phases, evaluate_video, relaxed_correct
@@ -277,3 +279,90 @@ def test_unknown_phase_name_raises_in_cli(dirs, capsys):
     (pred_dir / "video41-phase.txt").write_text("Frame\tPhase\n0\tPreparation\n5\tDissection\n")
     with pytest.raises(SystemExit, match="error: .*video41-phase.txt:3: unknown phase name 'Dissection'"):
         main(["evaluate-phases", str(gt_dir), str(pred_dir)])
+
+
+def test_macro_f1_and_frame_accuracy_match_torchmetrics():
+    torch = pytest.importorskip("torch")
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+    rng = np.random.default_rng(0)
+    gt = np.repeat([0, 1, 3, 4, 6], 40)  # phases 2 and 5 never occur in ground truth
+    pred = np.where(rng.random(gt.size) < 0.3, rng.integers(0, 6, gt.size), gt)  # 6 never predicted wrongly
+    report = evaluate_phases({"v": (gt, pred)}, fps=1)
+    target, preds = torch.from_numpy(gt), torch.from_numpy(pred)
+    assert report.frame_accuracy == pytest.approx(100 * multiclass_accuracy(preds, target, 7, average="micro").item(), abs=1e-4)
+    assert report.macro_f1 == pytest.approx(100 * multiclass_f1_score(preds, target, 7, average="macro").item(), abs=1e-4)
+
+
+CANONICAL = "Frame\tPhase\n0\tPreparation\n1\tPreparation\n2\t1\n3\tCalotTriangleDissection\n10\tGallbladderRetraction\n"
+EXPECTED = ([0, 1, 2, 3, 10], [0, 0, 1, 1, 6])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        CANONICAL,
+        CANONICAL.rstrip("\n"),  # no final newline
+        CANONICAL.replace("\n", "\r\n"),  # CRLF
+        CANONICAL.replace("\n1\t", "\n\n1\t"),  # blank line (line-by-line parser)
+        CANONICAL.replace("\t", "  ").replace("Frame  Phase", "Frame\tPhase"),  # spaces (line-by-line parser)
+        CANONICAL.replace("\n3\t", "\n+3\t"),  # signed frame (line-by-line parser)
+    ],
+    ids=["canonical", "no final newline", "crlf", "blank line", "spaces", "signed frame"],
+)
+def test_phase_file_layouts_parse_alike(tmp_path, text):
+    path = tmp_path / "video01-phase.txt"
+    path.write_bytes(text.encode())
+    frames, labels = read_phase_file(path)
+    np.testing.assert_array_equal(frames, EXPECTED[0])
+    np.testing.assert_array_equal(labels, EXPECTED[1])
+    assert frames.dtype == labels.dtype == np.int64
+
+
+def test_long_phase_file_reads_as_written(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = np.sort(rng.choice(10**7, size=5000, replace=False))
+    labels = np.repeat(rng.integers(0, 8, 50), 100)  # runs, some of equal neighbours
+    labels[rng.random(5000) < 0.01] = rng.integers(0, 8)  # isolated frames
+    write_phase_file(tmp_path / "a.txt", frames, labels, "m2cai16")
+    read_frames, read_labels = read_phase_file(tmp_path / "a.txt", "m2cai16")
+    np.testing.assert_array_equal(read_frames, frames)
+    np.testing.assert_array_equal(read_labels, labels)
+
+
+# Bad line -> one-line DataError naming file and line (first bad line wins).
+BAD_LINES = {
+    "unknown name": ("5\tGallbladderDissectionX", "unknown phase name 'GallbladderDissectionX'"),
+    "same length and ends as a known name": ("5\tGallbladderXissection", "unknown phase name 'GallbladderXissection'"),
+    "index out of range": ("5\t7", "unknown phase name '7'"),
+    "three fields": ("5\tPreparation\textra", "expected '<frame>\\\\t<phase>', got '5\\\\tPreparation\\\\textra'"),
+    "one field": ("Preparation", "expected '<frame>\\\\t<phase>'"),
+    "frame not a number": ("5a\tPreparation", "expected '<frame>\\\\t<phase>'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_bad_phase_line_is_named(tmp_path, case):
+    line, message = BAD_LINES[case]
+    body = [f"{i}\tGallbladderDissection" for i in range(6)]
+    body[4] = line  # file line 6
+    path = tmp_path / "video01-phase.txt"
+    path.write_text("Frame\tPhase\n" + "\n".join(body) + "\n")
+    with pytest.raises(DataError, match=f"video01-phase.txt:6: {message}") as error:
+        read_phase_file(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("text, message", [("", "empty file"), ("Frame\tLabel\n0\t0\n", "expected header"), ("Frame\tPhase\n\n", "no annotation lines")])
+def test_bad_phase_file_header_or_body(tmp_path, text, message):
+    path = tmp_path / "x.txt"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_phase_file(path)
+
+
+def test_evaluate_phases_imports_no_torch():
+    # The command must start fast: its import path stays clear of torch and Lightning.
+    code = "import sys, distill.cli, distill.metrics.phase; sys.exit(sorted({'torch', 'lightning'} & set(sys.modules)) or 0)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from data_modules.phases import VIDEO_FPS, phase_names, read_phase_file
 from distill.errors import DataError
@@ -176,6 +174,17 @@ def _std(values: np.ndarray, axis: int, ignore_nan: bool) -> np.ndarray:
         return np.sqrt(np.where(count > 0, total / np.maximum(count - 1, 1), np.nan))
 
 
+def _frame_accuracy_and_macro_f1(gt: np.ndarray, pred: np.ndarray, n_phases: int) -> tuple[float, float]:
+    """Unrelaxed accuracy and macro F1 (%) of (N,) labels, as torchmetrics' ``multiclass_accuracy``
+    (micro) and ``multiclass_f1_score`` (macro over the phases with TP + FP + FN > 0)."""
+    tp = np.bincount(gt[gt == pred], minlength=n_phases)
+    fp = np.bincount(pred, minlength=n_phases) - tp
+    fn = np.bincount(gt, minlength=n_phases) - tp
+    present = tp + fp + fn > 0
+    f1 = 2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])
+    return 100.0 * tp.sum() / gt.size, 100.0 * f1.mean()
+
+
 @dataclass(frozen=True)
 class PhaseReport:
     """Phase-recognition results over a set of videos.
@@ -188,9 +197,9 @@ class PhaseReport:
         accuracy_per_video: (V,) relaxed accuracy, %.
         per_video: ``"jaccard"``/``"precision"``/``"recall"`` -> (V, P), %, NaN as in
             :func:`evaluate_video`.
-        frame_accuracy: unrelaxed accuracy over all frames of all videos, % (torchmetrics, micro).
+        frame_accuracy: unrelaxed accuracy over all frames of all videos, % (micro).
         macro_f1: unrelaxed F1 over all frames of all videos, macro over the phases that occur
-            in ground truth or predictions (torchmetrics), %.
+            in ground truth or predictions, %.
     """
 
     dataset: str
@@ -302,8 +311,9 @@ def evaluate_phases(
     names = phase_names(dataset)
     rates = np.array([fps[name] if isinstance(fps, Mapping) else fps for name in videos], dtype=np.float64)
     results = [evaluate_video(gt, pred, rate, dataset, mode, tolerance_s) for (gt, pred), rate in zip(videos.values(), rates)]
-    all_gt = torch.from_numpy(np.concatenate([np.asarray(gt, dtype=np.int64) for gt, _ in videos.values()]))
-    all_pred = torch.from_numpy(np.concatenate([np.asarray(pred, dtype=np.int64) for _, pred in videos.values()]))
+    all_gt = np.concatenate([np.asarray(gt, dtype=np.int64) for gt, _ in videos.values()])
+    all_pred = np.concatenate([np.asarray(pred, dtype=np.int64) for _, pred in videos.values()])
+    frame_accuracy, macro_f1 = _frame_accuracy_and_macro_f1(all_gt, all_pred, len(names))
     return PhaseReport(
         dataset=dataset.lower(),
         mode=mode,
@@ -313,8 +323,8 @@ def evaluate_phases(
         fps=rates,
         accuracy_per_video=np.array([r["accuracy"] for r in results]),
         per_video={m: np.stack([r[m] for r in results]) for m in METRICS},
-        frame_accuracy=100.0 * multiclass_accuracy(all_pred, all_gt, len(names), average="micro").item(),
-        macro_f1=100.0 * multiclass_f1_score(all_pred, all_gt, len(names), average="macro").item(),
+        frame_accuracy=frame_accuracy,
+        macro_f1=macro_f1,
     )
 
 
