@@ -212,7 +212,7 @@ def best_on_validation(rows: dict[str, list[RunResult]], names: list[str]) -> st
     return max(scored)[1]
 
 
-def comparison_lines(spec: TableSpec, rows: dict[str, list[RunResult]], metric: str) -> list[str]:
+def comparison_lines(spec: TableSpec, rows: dict[str, list[RunResult]], metric: str, label: str) -> list[str]:
     lines = []
     for entry in spec.compare:
         baseline = entry["baseline"]
@@ -224,7 +224,7 @@ def comparison_lines(spec: TableSpec, rows: dict[str, list[RunResult]], metric: 
         base_mean = mean_std([r.metrics.get(metric) for r in rows[baseline]])[0]
         mean, std = mean_std(deltas)
         spread = "" if math.isnan(std) else f" ± {std:.3f}"
-        lines.append(f"- {candidate}{chosen} vs {baseline}: {metric} {mean:+.3f}{spread} "
+        lines.append(f"- {candidate}{chosen} vs {baseline}: {label} {mean:+.3f}{spread} "
                      f"({100 * mean / max(abs(base_mean), 1e-8):+.1f}% relative; {len(deltas)} paired seeds)")
     return lines
 
@@ -245,7 +245,8 @@ def format_table(spec: TableSpec, results: list[RunResult], header_notes: list[s
         cells += [format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt) for key, _, fmt in columns]
         cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
-    deltas = comparison_lines(spec, rows, spec.columns[0]["metric"])
+    first = spec.columns[0]
+    deltas = comparison_lines(spec, rows, first["metric"], first.get("label", first["metric"]))
     if deltas:
         lines += ["", *deltas]
     return "\n".join(lines)
@@ -335,6 +336,7 @@ def save_site_chart(results: list[RunResult], column: dict, path: Path) -> None:
     for name, runs in group_rows(results).items():
         groups = sorted({k[len(key) + 1 :] for r in runs for k in r.metrics if k.startswith(key + "/")})
         if groups:
-            table[name] = {g: mean_std([r.metrics.get(f"{key}/{g}", float("nan")) for r in runs]) for g in groups}
+            stats = {g: mean_std([r.metrics.get(f"{key}/{g}", float("nan")) for r in runs]) for g in groups}
+            table[name] = {g: (mean, 0.0 if math.isnan(std) else std) for g, (mean, std) in stats.items()}
     if table:
         save_figure(site_dice_bars(table, ylabel=column.get("label", key)), path)

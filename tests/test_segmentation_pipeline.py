@@ -199,7 +199,15 @@ def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
         assert Path(result.best_checkpoint).is_file()
         assert (Path(result.log_dir) / "config.yaml").is_file()
     table = (out / "results.md").read_text()
-    assert "student + KD vs student (no KD): mean Dice" in table and "| teacher (U-Net) |" in table
+    assert "- student + KD vs student (no KD): Dice " in table and "| teacher (U-Net) |" in table
+    assert "split: per_site by case" in table and "seeds: 0" in table
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["name"] for r in rows] == [r.name for r in results] and float(rows[0]["test/dice"]) == results[0].metrics["test/dice"]
+    assert (out / "site_dice.png").stat().st_size > 0
+
+    # A restarted table finds the finished runs and trains nothing again.
+    again = run_table(REPO / "experiments/prostate/tables/single_teacher.yaml", out, [])
+    assert [r.metrics for r in again] == [r.metrics for r in results] and (out / "results-1.md").is_file()
 
     # Resume the KD run from its last checkpoint: training continues at the saved step.
     kd = results[-1]

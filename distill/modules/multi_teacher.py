@@ -46,6 +46,7 @@ class MultiTeacherDistillModule(SegDistillBase):
     """
 
     loss_term_names = SegDistillBase.loss_term_names + ("gate",)
+    default_loss_weights = {"dice": 1.0, "lovasz": 1.0, "kd": 1.0}
 
     def __init__(
         self,
@@ -61,8 +62,8 @@ class MultiTeacherDistillModule(SegDistillBase):
             checkpoints, manifest_hashes = teacher_checkpoints(teachers)
         except DataError:  # teachers gone: fine for test/predict; fitting reports it (prepare_distillation)
             checkpoints, manifest_hashes = [], None
-        super().__init__(teacher_checkpoints=checkpoints, teacher_sha256=teacher_sha256 or manifest_hashes,
-                         network=network, **kwargs)
+        expected = (teacher_sha256 or manifest_hashes) if checkpoints else None
+        super().__init__(teacher_checkpoints=checkpoints, teacher_sha256=expected, network=network, **kwargs)
         if weighting not in ("mean", "confidence", "performance", "learned"):
             raise DataError(f"weighting: unknown teacher weighting rule {weighting!r}; "
                             "available: mean, confidence, performance, learned")

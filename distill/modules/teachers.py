@@ -79,7 +79,7 @@ class FrozenTeachers(nn.Module):
 
     @property
     def loaded(self) -> bool:
-        return len(self.networks) == len(self.checkpoints)
+        return bool(self.checkpoints) and len(self.networks) == len(self.checkpoints)
 
     def records(self) -> list[TeacherRecord]:
         """Resolved checkpoint files and their hashes, checked against the expected hashes."""
