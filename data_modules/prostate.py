@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from monai.data.utils import worker_init_fn
 from monai.transforms import (
     Compose,
     NormalizeIntensity,
@@ -46,7 +45,9 @@ from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
+from distill.types import ClosedUnitInterval, NonNegativeInt, PositiveInt
 
 SITES: tuple[str, ...] = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
 SITE_ALIASES: dict[str, str] = {"ISBI": "RUNMC", "ISBI_1.5": "BMC"}
@@ -380,7 +381,9 @@ class ProstateSliceDataset(Dataset):
 
     Item: ``{"image": float32 (num_slices, H, W), "label": int64 (H, W) in {0, 1}}``.
     Slices with gland are always used; with ``foreground_only`` False all slices are, otherwise
-    a seeded ``background_fraction`` of the gland-free slices is added.
+    a seeded ``background_fraction`` of the gland-free slices is added. Keys are indices or
+    ``(epoch, index)`` (:class:`~data_modules.resumable.ResumableSampler`); the latter augment
+    with a random state drawn from ``(seed, epoch, index)``.
     """
 
     def __init__(
@@ -395,6 +398,7 @@ class ProstateSliceDataset(Dataset):
         self.volumes = list(volumes)
         self.num_slices = num_slices
         self.transform = transform
+        self.seed = seed
         slices = [(v, s) for v, volume in enumerate(self.volumes) for s in range(volume.mask.shape[0])]
         has_gland = torch.cat([volume.mask.flatten(1).any(1) for volume in self.volumes]).tolist() if slices else []
         background = [pair for pair, gland in zip(slices, has_gland) if not gland]
@@ -406,12 +410,15 @@ class ProstateSliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = split_key(key)
         volume_index, slice_index = self.samples[index]
         volume = self.volumes[volume_index]
         neighbours = neighbour_slices(volume.image.shape[0], self.num_slices)[slice_index]
         sample = {"image": volume.image[neighbours], "label": volume.mask[slice_index][None]}
         if self.transform is not None:
+            if epoch is not None:  # a ResumableSampler key: the augmentation depends on (seed, epoch, index) only
+                self.transform.set_random_state(sample_seed(self.seed, epoch, index))
             sample = self.transform(sample)
         return {
             "image": convert_to_tensor(sample["image"], dtype=torch.float32, track_meta=False),
@@ -446,7 +453,7 @@ class ProstateVolumeDataset(Dataset):
         }
 
 
-class ProstateDataModule(L.LightningDataModule):
+class ProstateDataModule(ResumableTraining, L.LightningDataModule):
     """Multi-site prostate T2 MRI for 2.5D segmentation with case-level splits.
 
     Train batches: ``{"image": float32 (B, num_slices, H, W), "label": int64 (B, H, W)}``.
@@ -466,7 +473,9 @@ class ProstateDataModule(L.LightningDataModule):
         normalization: "zscore" or "percentile" (1st/99th clip, rescale to [0, 1]), per volume.
         foreground_only, background_fraction: train on gland slices plus this fraction of the others.
         augment: MONAI flips, small rotations/scaling and intensity jitter on training samples.
-        seed: fixes splits, subsets, background slices and augmentation (same on every rank).
+        seed: fixes splits, subsets, background slices, the shuffle order of every epoch and the
+            augmentation of every sample (same on every rank; checkpoints hold the position in the
+            epoch, so a resumed run continues exactly, see :mod:`data_modules.resumable`).
         load_threads: volumes read in parallel in ``setup``.
     """
 
@@ -475,23 +484,23 @@ class ProstateDataModule(L.LightningDataModule):
         data_root: str = "data/prostate",
         sites: list[str] | None = None,
         split: Literal["per_site", "leave_one_site_out", "case_list"] = "per_site",
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.25,
+        val_fraction: ClosedUnitInterval = 0.15,
+        test_fraction: ClosedUnitInterval = 0.25,
         held_out_site: str | None = None,
         case_list: str | None = None,
         train_sites: list[str] | None = None,
-        train_num_cases: int | None = None,
-        num_slices: int = 3,
-        image_size: int = 384,
+        train_num_cases: PositiveInt | None = None,
+        num_slices: PositiveInt = 3,
+        image_size: PositiveInt = 384,
         normalization: Literal["zscore", "percentile"] = "zscore",
         foreground_only: bool = True,
-        background_fraction: float = 0.0,
+        background_fraction: ClosedUnitInterval = 0.0,
         augment: bool = True,
-        batch_size: int = 8,
-        num_workers: int = 2,
-        seed: int = 0,
+        batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 2,
+        seed: NonNegativeInt = 0,
         predict_split: Literal["test", "all"] = "test",
-        load_threads: int = 4,
+        load_threads: PositiveInt = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -560,7 +569,7 @@ class ProstateDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        if self._train_set is None:  # built once: its augmentation random stream runs on across epochs
+        if self._train_set is None:
             self._train_set = ProstateSliceDataset(
                 self._split_volumes("train"),
                 num_slices=hp.num_slices,
@@ -569,13 +578,12 @@ class ProstateDataModule(L.LightningDataModule):
                 transform=training_augmentation(hp.seed) if hp.augment else None,
                 seed=hp.seed,
             )
-        return DataLoader(
+        return self.resumable_loader(
             self._train_set,
+            hp.seed,
             batch_size=hp.batch_size,
-            shuffle=True,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
-            worker_init_fn=worker_init_fn if hp.num_workers > 0 else None,  # distinct augmentation per worker
         )
 
     def _volume_loader(self, name: str) -> DataLoader:
