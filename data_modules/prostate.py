@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
 from distill.types import ClosedUnitInterval, NonNegativeInt, PositiveInt
+from distill.utils import atomic_write
 
 SITES: tuple[str, ...] = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
 SITE_ALIASES: dict[str, str] = {"ISBI": "RUNMC", "ISBI_1.5": "BMC"}
@@ -631,5 +632,6 @@ def save_mask_like(
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(volume, reference.affine, header), out_path)
+    with atomic_write(out_path) as temporary:  # a kill never leaves a truncated prediction
+        nib.save(nib.Nifti1Image(volume, reference.affine, header), temporary)
     return out_path

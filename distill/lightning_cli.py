@@ -69,10 +69,11 @@ def load_checkpoint_for_cli(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).split("\n")[0].strip()
-        raise DataError(f"{path}: refused by weights_only loading (untrusted pickle content: {reason})") from None
+        lines = [line.strip() for line in str(err).splitlines()]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0]).removeprefix("WeightsUnpickler error: ").split(". Please")[0]
+        raise DataError(f"{path}: refused by weights_only loading, untrusted pickle content ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        reason = " ".join(str(err).split("\n")[0].split())
+        reason = " ".join(str(err).split()).split(". ")[0]
         raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(err).__name__}: {reason})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict'; write one with `distill fit`)")
@@ -128,7 +129,11 @@ class SaveResolvedConfig(SaveConfigCallback):
 class OneLineErrorParser(LightningArgumentParser):
     """Reports a bad config as one line naming the key, instead of pages of usage text."""
 
-    REASONS = ("is not accepted", "is not expected", "nrecognized argument", "does not exist", "not found", "Expected a")
+    REASONS = ("is not accepted", "is not expected", "nrecognized argument", "does not exist", "not found", "Expected a",
+               "does not conform to restriction")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})  # --trainer.max_epoch must not mean max_epochs
 
     def error(self, message: str, ex: Exception | None = None):
         lines = [line.strip(" -") for line in str(message).splitlines() if line.strip(" -")]
