@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from monai.data.utils import worker_init_fn
 from monai.transforms import (
     Compose,
     NormalizeIntensity,
@@ -47,8 +46,11 @@ from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
 from distill.metrics.segmentation import PROSTATE_SITES
+from distill.types import ClosedUnitInterval, NonNegativeInt, PositiveInt
+from distill.utils import atomic_write
 
 SITES: tuple[str, ...] = PROSTATE_SITES
 SITE_ALIASES: dict[str, str] = {"ISBI": "RUNMC", "ISBI_1.5": "BMC"}
@@ -398,7 +400,9 @@ class ProstateSliceDataset(Dataset):
     Item: ``{"image": float32 (num_slices, H, W), "label": int64 (H, W) in {0, 1}}``, plus
     ``"teacher_logits"`` float16 (K, C, H, W) once cached teacher outputs are attached.
     Slices with gland are always used; with ``foreground_only`` False all slices are, otherwise
-    a seeded ``background_fraction`` of the gland-free slices is added.
+    a seeded ``background_fraction`` of the gland-free slices is added. Keys are indices or
+    ``(epoch, index)`` (:class:`~data_modules.resumable.ResumableSampler`); the latter augment
+    with a random state drawn from ``(seed, epoch, index)``.
     """
 
     def __init__(
@@ -413,6 +417,7 @@ class ProstateSliceDataset(Dataset):
         self.volumes = list(volumes)
         self.num_slices = num_slices
         self.transform = transform
+        self.seed = seed
         slices = [(v, s) for v, volume in enumerate(self.volumes) for s in range(volume.mask.shape[0])]
         has_gland = torch.cat([volume.mask.flatten(1).any(1) for volume in self.volumes]).tolist() if slices else []
         background = [pair for pair, gland in zip(slices, has_gland) if not gland]
@@ -425,7 +430,8 @@ class ProstateSliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = split_key(key)
         volume_index, slice_index = self.samples[index]
         volume = self.volumes[volume_index]
         neighbours = neighbour_slices(volume.image.shape[0], self.num_slices)[slice_index]
@@ -433,6 +439,8 @@ class ProstateSliceDataset(Dataset):
         if self.teacher_logits is not None:
             sample["teacher_logits"] = self.teacher_logits[index].float().flatten(0, 1)
         if self.transform is not None:
+            if epoch is not None:  # a ResumableSampler key: the augmentation depends on (seed, epoch, index) only
+                self.transform.set_random_state(sample_seed(self.seed, epoch, index))
             sample = self.transform(sample)
         item = {
             "image": convert_to_tensor(sample["image"], dtype=torch.float32, track_meta=False),
@@ -471,7 +479,7 @@ class ProstateVolumeDataset(Dataset):
         }
 
 
-class ProstateDataModule(L.LightningDataModule):
+class ProstateDataModule(ResumableTraining, L.LightningDataModule):
     """Multi-site prostate T2 MRI for 2.5D segmentation with case-level splits.
 
     Train batches: ``{"image": float32 (B, num_slices, H, W), "label": int64 (B, H, W)}``.
@@ -493,7 +501,9 @@ class ProstateDataModule(L.LightningDataModule):
         foreground_only, background_fraction: train on gland slices plus this fraction of the others.
         augment: MONAI flips, small rotations/scaling and intensity jitter on training samples.
         intensity_augmentation: include the intensity jitter (cached teacher outputs cannot follow it).
-        seed: fixes splits, subsets, background slices and augmentation (same on every rank).
+        seed: fixes splits, subsets, background slices, the shuffle order of every epoch and the
+            augmentation of every sample (same on every rank; checkpoints hold the position in the
+            epoch, so a resumed run continues exactly, see :mod:`data_modules.resumable`).
         load_threads: volumes read in parallel in ``setup``.
     """
 
@@ -502,25 +512,25 @@ class ProstateDataModule(L.LightningDataModule):
         data_root: str = "data/prostate",
         sites: list[str] | None = None,
         split: Literal["per_site", "leave_one_site_out", "case_list"] = "per_site",
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.25,
+        val_fraction: ClosedUnitInterval = 0.15,
+        test_fraction: ClosedUnitInterval = 0.25,
         held_out_site: str | None = None,
         case_list: str | None = None,
         train_sites: list[str] | None = None,
-        train_num_cases: int | None = None,
+        train_num_cases: PositiveInt | None = None,
         train_cases: list[str] | None = None,
-        num_slices: int = 3,
-        image_size: int = 384,
+        num_slices: PositiveInt = 3,
+        image_size: PositiveInt = 384,
         normalization: Literal["zscore", "percentile"] = "zscore",
         foreground_only: bool = True,
-        background_fraction: float = 0.0,
+        background_fraction: ClosedUnitInterval = 0.0,
         augment: bool = True,
         intensity_augmentation: bool = True,
-        batch_size: int = 8,
-        num_workers: int = 2,
-        seed: int = 0,
+        batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 2,
+        seed: NonNegativeInt = 0,
         predict_split: Literal["test", "all"] = "test",
-        load_threads: int = 4,
+        load_threads: PositiveInt = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -591,13 +601,12 @@ class ProstateDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return DataLoader(
+        return self.resumable_loader(
             self.train_set,
+            hp.seed,
             batch_size=hp.batch_size,
-            shuffle=True,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
-            worker_init_fn=worker_init_fn if hp.num_workers > 0 else None,  # distinct augmentation per worker
         )
 
     @property
@@ -692,5 +701,6 @@ def save_mask_like(
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(volume, reference.affine, header), out_path)
+    with atomic_write(out_path) as temporary:  # a kill never leaves a truncated prediction
+        nib.save(nib.Nifti1Image(volume, reference.affine, header), temporary)
     return out_path

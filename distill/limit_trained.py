@@ -26,7 +26,7 @@ import yaml
 
 from distill.errors import DataError
 from distill.modules.checkpoints import file_sha256
-from distill.utils import atomic_write_text
+from distill.utils import write_text_atomic
 
 SPEC_KEYS = {"config", "partition", "sites", "num_teachers", "case_lists", "max_cases", "overrides"}
 PARTITIONS = ("by_site", "random", "case_lists")
@@ -114,6 +114,6 @@ def train_limit_trained_teachers(spec_path: str | Path, out_dir: str | Path, ove
             "val_metric": result.val_score,
             "monitor": result.monitor,
         })
-    atomic_write_text(manifest_path, yaml.safe_dump({"teachers": entries}, sort_keys=False))
+    write_text_atomic(manifest_path, yaml.safe_dump({"teachers": entries}, sort_keys=False))
     print(f"wrote {manifest_path} ({len(entries)} teachers)", flush=True)
     return results

@@ -44,7 +44,7 @@ from pathlib import Path
 import yaml
 
 from distill.errors import DataError
-from distill.utils import atomic_write_text, unique_path
+from distill.utils import write_text_atomic, unique_path
 
 RUN_KEYS = {"name", "config", "teacher", "teacher_index", "teachers", "overrides"}
 SPEC_KEYS = {"title", "runs", "overrides", "compare", "columns", "seeds"}
@@ -161,7 +161,7 @@ def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str,
         best_checkpoint=selector.best_model_path,
         log_dir=str(cli.trainer.log_dir),
     )
-    atomic_write_text(done, json.dumps(asdict(result), indent=2))
+    write_text_atomic(done, json.dumps(asdict(result), indent=2))
     return result
 
 
@@ -306,9 +306,9 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
     table = format_table(spec, results, notes)
     print("\n" + table)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(unique_path(out_dir / "results.md"), table + "\n")
-    atomic_write_text(unique_path(out_dir / "results.csv"), results_csv(results))
-    atomic_write_text(unique_path(out_dir / "results.json"), json.dumps([asdict(r) for r in results], indent=2))
+    write_text_atomic(unique_path(out_dir / "results.md"), table + "\n")
+    write_text_atomic(unique_path(out_dir / "results.csv"), results_csv(results))
+    write_text_atomic(unique_path(out_dir / "results.json"), json.dumps([asdict(r) for r in results], indent=2))
     save_site_chart(results, spec.columns[0], unique_path(out_dir / "site_dice.png"))
     return results
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -15,19 +18,26 @@ def unique_path(path: str | Path) -> Path:
     return candidate
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
-    import os
-    import tempfile
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Write ``path`` all at once: yields a temporary path in the same folder (same suffixes, hidden
+    name) to write to; on success it is flushed to disk and renamed over ``path``, on error removed.
 
+    A kill or a full disk therefore leaves either the old file or the new one, never a truncated one.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        yield temporary
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        temporary.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``Path(path).write_text(text)``, atomically (:func:`atomic_write`)."""
+    with atomic_write(path) as temporary:
+        temporary.write_text(text)
+    return Path(path)

@@ -19,13 +19,12 @@ DataModule protocol (duck-typed, so ``distill`` does not import ``data_modules``
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from distill.errors import DataError
+from distill.utils import atomic_write
 
 CACHE_PROTOCOL = ("teacher_cache_fingerprint", "teacher_cache_inputs", "attach_teacher_outputs")
 
@@ -43,14 +42,8 @@ def write_teacher_cache(path: Path, logits: torch.Tensor, fingerprint: dict) -> 
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"logits": logits.contiguous()}, tmp, metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as temporary:
+        save_file({"logits": logits.contiguous()}, str(temporary), metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
 
 
 def read_teacher_cache(path: Path, fingerprint: dict) -> torch.Tensor:
