@@ -358,10 +358,10 @@ def test_ssl_run_on_a_frames_folder_without_frames(tmp_path):
 
 
 # ----------------------------------------------------------------- the YAMLs
-SURGICAL_YAMLS = sorted((REPO / "experiments" / "surgical").glob("*.yaml"))
+SURGICAL_YAMLS = sorted((REPO / "experiments" / "surgical").glob("*.yaml")) + sorted((REPO / "experiments" / "surgical" / "demo").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("config", SURGICAL_YAMLS, ids=[p.stem for p in SURGICAL_YAMLS])
+@pytest.mark.parametrize("config", SURGICAL_YAMLS, ids=[f"{p.parent.name}/{p.stem}" for p in SURGICAL_YAMLS])
 def test_surgical_experiment_yaml_instantiates(config, tmp_path):
     overrides = [f"--trainer.default_root_dir={tmp_path}"]
     text = config.read_text()
