@@ -200,6 +200,38 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=run_demo)
 
 
+def add_profile_command(commands: argparse._SubParsersAction) -> None:
+    """``distill profile``: params, FLOPs, CPU latency of students; the best one under a latency budget."""
+    parser = commands.add_parser(
+        "profile", help="params, FLOPs and CPU latency of student networks; pick the best under a latency budget"
+    )
+    parser.add_argument("networks", nargs="*", help="network specs, e.g. slim_unet:width=8 mobile_unet unet:width=16")
+    parser.add_argument("--results", default=None, help="a table's results.json: profile its trained runs with their "
+                        "validation scores")
+    parser.add_argument("--budget-ms", type=positive_float, default=None,
+                        help="with --results: choose the run with the best validation score under this latency")
+    parser.add_argument("--size", type=positive_int, default=384, help="in-plane input size")
+    parser.add_argument("--slices", type=positive_int, default=3, help="input channels (2.5D slices)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+
+    def run(args: argparse.Namespace) -> None:
+        from distill.errors import DataError
+        from distill.profile import choose_under_budget, format_profiles, profile_results, profile_specs
+
+        if not args.networks and not args.results:
+            raise DataError("profile: name networks (e.g. slim_unet:width=8) or give --results")
+        if args.budget_ms is not None and not args.results:
+            raise DataError("profile: --budget-ms chooses among trained runs; give --results too")
+        shape = (args.batch, args.slices, args.size, args.size)
+        profiles = profile_specs(args.networks, shape) + (profile_results(args.results, shape) if args.results else [])
+        print(format_profiles(profiles, shape))
+        if args.budget_ms is not None:
+            best = choose_under_budget(profiles, args.budget_ms)
+            print(f"\nbest under {args.budget_ms:g} ms: {best.name} (validation {best.val_score:.3f}, {best.ms:.1f} ms)")
+
+    parser.set_defaults(func=run)
+
+
 def build_tool_parser() -> argparse.ArgumentParser:
     parser = ToolParser(prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -209,6 +241,7 @@ def build_tool_parser() -> argparse.ArgumentParser:
     add_surgical_data_commands(data_commands)
     add_phase_evaluation_command(commands)
     add_table_commands(commands)
+    add_profile_command(commands)
     return parser
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -143,6 +143,24 @@ class OneLineErrorParser(LightningArgumentParser):
         sys.exit(f"error: {summary} (see `{prog} --help`)")
 
 
+def builtin_numbers(value: Any) -> Any:
+    """``value`` with every int/float subclass instance (jsonargparse restricted types) made a
+    plain int/float; namespaces are changed in place."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, (int, float)):
+        return int(value) if isinstance(value, int) else float(value)
+    if isinstance(value, Namespace):
+        for key, item in vars(value).items():
+            setattr(value, key, builtin_numbers(item))
+        return value
+    if isinstance(value, dict):
+        return {key: builtin_numbers(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(builtin_numbers(item) for item in value)
+    return value
+
+
 class DistillCLI(LightningCLI):
     """LightningCLI with this project's defaults: any LightningModule/DataModule by class path."""
 
@@ -198,6 +216,11 @@ class DistillCLI(LightningCLI):
         root = (config.get("trainer") or {}).get("default_root_dir")
         if root is not None:
             check_writable_dir(root)
+
+    def before_instantiate_classes(self) -> None:
+        """Constrained values (``PositiveInt``...) become plain numbers before they reach the
+        modules, so hyper-parameters stay readable by ``torch.load(weights_only=True)`` and YAML."""
+        builtin_numbers(self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, with checkpoints written atomically (:class:`AtomicCheckpointIO`) unless the

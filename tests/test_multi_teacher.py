@@ -233,3 +233,57 @@ def test_limit_trained_teachers_subsets_are_disjoint_capped_and_seeded():
     flat = [k for v in parts.values() for k in v]
     assert sorted(flat) == sorted(keys) and len(set(flat)) == len(keys)  # disjoint, covering
     assert parts == teacher_subsets({"partition": "random", "num_teachers": 3}, keys, 0, "spec")
+
+
+def test_limit_trained_teachers_and_multi_teacher_table_over_seeds(synthetic_prostate_root, tmp_path, capsys):
+    """The procedure-2 table at toy scale: teachers by site -> manifest -> students, 2 seeds, resumable."""
+    teachers_spec = tmp_path / "teachers.yaml"
+    teachers_spec.write_text(yaml.safe_dump({"config": str(REPO / "experiments/prostate/teacher.yaml"),
+                                             "partition": "by_site", "sites": ["RUNMC", "BMC"], "max_cases": 1}))
+    spec = tmp_path / "table.yaml"
+    student = lambda name: str(REPO / f"experiments/prostate/{name}.yaml")  # noqa: E731
+    spec.write_text(yaml.safe_dump({
+        "title": "toy procedure 2",
+        "seeds": 2,
+        "runs": [
+            {"name": "teachers", "teachers": str(teachers_spec)},
+            {"name": "student (no KD)", "config": student("student_baseline")},
+            {"name": "student + 1 teacher", "config": student("student_kd"), "teacher": "teachers", "teacher_index": 1},
+            {"name": "student + K (mean)", "config": student("student_multi_teacher"), "teachers": "teachers",
+             "overrides": ["--model.init_args.weighting=mean", "--model.init_args.loss_weights={dice: 1.0, kd: 1.0}"]},
+        ],
+        "compare": [{"baseline": "student (no KD)", "candidates": ["student + 1 teacher", "student + K (mean)"]}],
+    }))
+    from distill.tables import run_table
+
+    overrides = [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", "--trainer.limit_val_batches=2"]
+    results = run_table(spec, tmp_path / "out", overrides)
+    assert sorted({(r.name, r.seed) for r in results}) == sorted(
+        (name, seed) for seed in (0, 1) for name in
+        ["teachers: RUNMC", "teachers: BMC", "student (no KD)", "student + 1 teacher", "student + K (mean)"])
+    manifest = yaml.safe_load((tmp_path / "out" / "teachers" / "seed_1" / "manifest.yaml").read_text())
+    assert [t["name"] for t in manifest["teachers"]] == ["RUNMC", "BMC"]
+    assert all(len(t["subset"]["train_cases"]) == 1 and t["subset"]["train_cases"][0].startswith(t["name"])
+               for t in manifest["teachers"])
+    one_teacher = next(r for r in results if r.name == "student + 1 teacher" and r.seed == 1)
+    hparams = torch.load(one_teacher.best_checkpoint, weights_only=True)["hyper_parameters"]
+    assert hparams["teacher_sha256"] == manifest["teachers"][1]["sha256"]  # same seed, teacher index 1
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| student + K (mean) |" in table and " ± " in table and "seeds: 0, 1" in table
+    assert "(best of the candidates on validation) vs student (no KD)" in table and "2 paired seeds" in table
+    capsys.readouterr()
+    run_table(spec, tmp_path / "out", overrides)  # everything finished: nothing trains again
+    assert "Epoch" not in capsys.readouterr().err
+
+
+def test_profile_picks_the_most_accurate_student_under_the_budget(capsys):
+    from distill.profile import Profile, choose_under_budget, parse_network_spec
+
+    assert parse_network_spec("slim_unet:width=8,dropout=0.1") == ("slim_unet", {"width": 8, "dropout": 0.1})
+    profiles = [Profile("small", 1, 0.1, 3.0, 0.70), Profile("medium", 2, 0.4, 9.0, 0.80), Profile("large", 3, 2.0, 30.0, 0.85)]
+    assert choose_under_budget(profiles, 10.0).name == "medium"
+    with pytest.raises(DataError, match="no scored student is that fast .*small, 3.0 ms"):
+        choose_under_budget(profiles, 1.0)
+    main(["profile", "slim_unet:width=4", "mobile_unet", "--size", "32"])
+    out = capsys.readouterr().out
+    assert "| slim_unet:width=4 | 0.12M |" in out and "| mobile_unet |" in out
