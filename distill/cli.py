@@ -115,6 +115,45 @@ def add_phase_evaluation_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def add_export_commands(commands: argparse._SubParsersAction) -> None:
+    """``distill export CKPT`` and ``distill segment-nifti MODEL.onnx IN OUT``."""
+    export = commands.add_parser(
+        "export", help="export a segmentation student to ONNX or TorchScript, checked against PyTorch",
+        description="Rebuilds the network from the checkpoint's hyper-parameters (no teacher needed), exports it "
+        "with a dynamic batch axis, compares the saved file with PyTorch on a sample input, prints size and latency.",
+    )
+    export.add_argument("checkpoint", help="Lightning .ckpt of a segmentation model (or a run directory)")
+    export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    export.add_argument("--out", required=True, help="file to write (must not exist)")
+    export.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |exported - pytorch| logit")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset")
+
+    def run_export(args: argparse.Namespace) -> None:
+        from distill.export import export_segmentation_student
+
+        report = export_segmentation_student(args.checkpoint, args.out, args.format, args.tolerance, args.opset)
+        print(report.format_lines())
+
+    export.set_defaults(func=run_export)
+
+    segment = commands.add_parser(
+        "segment-nifti", help="segment a NIfTI volume with an exported ONNX student (onnxruntime, no PyTorch)",
+        description="Preprocessing as the prostate DataModule's evaluation path, settings read from the model; "
+        "the mask is written on the input's grid and affine (see distill/infer_onnx.py).",
+    )
+
+    def run_segment(args: argparse.Namespace) -> None:
+        from distill.infer_onnx import segment_nifti
+
+        print(segment_nifti(args.model, args.image, args.out, args.batch_size))
+
+    segment.add_argument("model", help="ONNX student written by `distill export --format onnx`")
+    segment.add_argument("image", help="input volume (.nii or .nii.gz)")
+    segment.add_argument("out", help="mask to write (.nii.gz; must not exist)")
+    segment.add_argument("--batch-size", type=int, default=32, help="slice stacks per onnxruntime call")
+    segment.set_defaults(func=run_segment)
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -159,6 +198,7 @@ def build_tool_parser() -> argparse.ArgumentParser:
     add_surgical_data_commands(data_commands)
     add_phase_evaluation_command(commands)
     add_table_commands(commands)
+    add_export_commands(commands)
     return parser
 
 
