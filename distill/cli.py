@@ -154,6 +154,27 @@ def add_export_commands(commands: argparse._SubParsersAction) -> None:
     segment.set_defaults(func=run_segment)
 
 
+def add_sweep_command(commands: argparse._SubParsersAction) -> None:
+    """``distill sweep FILE [--count N]``: a W&B sweep file run locally, no server."""
+    sweep = commands.add_parser(
+        "sweep", help="run a W&B sweep file locally (grid, random, bayes via Optuna), resumable",
+        description="Each point runs `distill fit` as a subprocess in <out>/point-NNN (CSV logger, W&B disabled); "
+        "points and metrics go to <out>/sweep.csv, which a rerun resumes from; the best point is printed.",
+    )
+    sweep.add_argument("file", help="sweep YAML, e.g. experiments/prostate/sweeps/student_kd.yaml")
+    sweep.add_argument("--out", required=True, help="sweep directory (runs and sweep.csv)")
+    sweep.add_argument("--count", type=int, default=None, help="points to run now (grid: default all remaining)")
+    sweep.add_argument("--seed", type=int, default=0, help="random/bayes sampler seed (keep it when resuming)")
+    sweep.epilog = "Any further --key=value arguments are LightningCLI overrides for every point, e.g. --data.init_args.data_root=..."
+
+    def run(args: argparse.Namespace) -> None:
+        from distill.sweep import run_sweep
+
+        run_sweep(args.file, args.out, args.count, args.seed, args.lightning_overrides)
+
+    sweep.set_defaults(func=run)
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -199,6 +220,7 @@ def build_tool_parser() -> argparse.ArgumentParser:
     add_phase_evaluation_command(commands)
     add_table_commands(commands)
     add_export_commands(commands)
+    add_sweep_command(commands)
     return parser
 
 
@@ -225,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         parser = build_tool_parser()
         args, unknown = parser.parse_known_args(argv)
-        if unknown and args.command != "table":
+        if unknown and args.command not in ("table", "sweep"):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.lightning_overrides = unknown
         args.func(args)
