@@ -10,8 +10,10 @@ other tools are read through a :class:`FramePattern`:
 ``extract_frames`` decodes videos with OpenCV, keeps every ``25 / fps``-th frame, cuts the
 black endoscope margin, resizes (250x250 by default) and writes the frames, one video per
 process. It is resumable: a video's completion marker ``<out>/<video>/.complete.json`` is
-written only after all its frames, so finished videos are skipped and an interrupted one is
-redone from scratch.
+written (atomically) only after all its frames, so finished videos are skipped and an
+interrupted one is redone from scratch. A folder finished with other settings (another fps, size
+or pattern) is never replaced without ``overwrite``; a video that cannot be decoded leaves no
+folder behind, and all such videos are reported together after the others are extracted.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import re
 import string
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from data_modules.phases import VIDEO_FPS
 from distill.errors import DataError
+from distill.utils import write_text_atomic
 
 DEFAULT_FRAME_PATTERN = "{video}/{frame}.jpg"
 TECNO_FRAME_PATTERN = "{video}/{video}_{frame:06d}.png"
@@ -166,19 +169,23 @@ def extract_frames(
     workers: int = 2,
     frame_tolerance: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[str]:
     """Decode ``videos`` to frame files ``out_dir/<frame_pattern>`` at ``fps``, in parallel.
 
     Each kept frame (25 fps index divisible by ``25 / fps``) has its black margin cut
     (:func:`crop_black_margin`) and is resized to ``size`` = (height, width). Videos whose
-    completion marker records the same fps, size and pattern are skipped.
+    completion marker records the same fps, size and pattern are skipped; one finished with other
+    settings is replaced only with ``overwrite``.
 
     Returns:
         names of the videos extracted by this call (skipped ones excluded).
 
     Raises:
-        DataError: a video cannot be opened or decodes no frame, or its decoded frame count
-            differs from ``annotated_frames`` by more than ``frame_tolerance``.
+        DataError: before any work, a finished folder with other settings (without ``overwrite``);
+            after extracting every other video, the videos that cannot be opened, decode no frame,
+            or whose decoded frame count differs from ``annotated_frames`` by more than
+            ``frame_tolerance``, all in one message.
     """
     pattern = FramePattern(frame_pattern)
     settings = ExtractionSettings(fps, (int(size[0]), int(size[1])), frame_pattern, frame_tolerance)
@@ -186,49 +193,88 @@ def extract_frames(
     if len({video.name for video in videos}) != len(videos):
         raise DataError(f"{out_dir}: two videos share a name; frame folders are named by video file stem")
     todo = [video for video in videos if not _is_complete(pattern.video_dir(out_dir, video.name), settings)]
+    finished_otherwise = [pattern.video_dir(out_dir, video.name) for video in todo
+                          if (pattern.video_dir(out_dir, video.name) / COMPLETION_MARKER).is_file()]
+    if finished_otherwise and not overwrite:
+        recorded = _read_marker(finished_otherwise[0])
+        raise DataError(
+            f"{finished_otherwise[0]}: holds a finished extraction with other settings "
+            f"({', '.join(f'{k}={recorded.get(k)}' for k in settings.marker())}; {len(finished_otherwise)} such folders); "
+            "extract into another --out, or pass --overwrite to replace them"
+        )
+    failures: dict[str, str] = {}
     bar = tqdm(total=len(todo), unit="video", desc=f"extracting frames at {fps} fps", disable=not progress)
     try:
         if workers <= 1 or len(todo) <= 1:
             for video in todo:
-                _extract_video(video, out_dir, settings)
+                try:
+                    _extract_video(video, out_dir, settings)
+                except DataError as err:
+                    failures[video.name] = str(err)
                 bar.update()
         else:
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
-                pending = {pool.submit(_extract_video, video, out_dir, settings) for video in todo}
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for future in done:
-                        if future.exception() is not None:
-                            for other in pending:
-                                other.cancel()
-                            raise future.exception()
-                        bar.update()
+                futures = {pool.submit(_extract_video, video, out_dir, settings): video.name for video in todo}
+                for future in as_completed(futures):
+                    if isinstance(future.exception(), DataError):
+                        failures[futures[future]] = str(future.exception())
+                    elif future.exception() is not None:
+                        raise future.exception()
+                    bar.update()
     finally:
         bar.close()
+    if failures:
+        raise DataError(
+            f"{out_dir}: {len(failures)} of {len(todo)} videos could not be extracted (the others were): "
+            + "; ".join(failures[name] for name in natural_sorted(failures))
+        )
     return [video.name for video in todo]
 
 
-def _is_complete(video_dir: Path, settings: ExtractionSettings) -> bool:
-    marker = video_dir / COMPLETION_MARKER
+def _read_marker(video_dir: Path) -> dict:
+    """The settings recorded by a finished extraction of ``video_dir`` ({} when none or unreadable)."""
     try:
-        recorded = json.loads(marker.read_text())
+        recorded = json.loads((video_dir / COMPLETION_MARKER).read_text())
     except (OSError, ValueError):
-        return False
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _is_complete(video_dir: Path, settings: ExtractionSettings) -> bool:
+    recorded = _read_marker(video_dir)
     return {key: recorded.get(key) for key in settings.marker()} == settings.marker()
 
 
 def _extract_video(video: VideoSource, out_dir: str | Path, settings: ExtractionSettings) -> int:
-    """Write the kept frames of one video, then its completion marker; returns the decoded frame count."""
+    """Write the kept frames of one video, then its completion marker; returns the decoded frame count.
+
+    On failure the frames written are removed again (and the folder when that empties it).
+    """
     pattern = FramePattern(settings.frame_pattern)
     video_dir = pattern.video_dir(out_dir, video.name)
     (video_dir / COMPLETION_MARKER).unlink(missing_ok=True)
-    for stale in pattern.list_frames(out_dir, video.name):  # frames of an interrupted or older run
-        pattern.path(out_dir, video.name, stale).unlink()
-    video_dir.mkdir(parents=True, exist_ok=True)
+    _remove_frames(pattern, out_dir, video.name)  # frames of an interrupted or older run
+    try:
+        return _decode_video(video, out_dir, settings)
+    except BaseException:
+        _remove_frames(pattern, out_dir, video.name)
+        if video_dir.is_dir() and not any(video_dir.iterdir()):
+            video_dir.rmdir()
+        raise
 
+
+def _remove_frames(pattern: FramePattern, out_dir: str | Path, video: str) -> None:
+    for frame in pattern.list_frames(out_dir, video):
+        pattern.path(out_dir, video, frame).unlink()
+
+
+def _decode_video(video: VideoSource, out_dir: str | Path, settings: ExtractionSettings) -> int:
+    pattern = FramePattern(settings.frame_pattern)
+    video_dir = pattern.video_dir(out_dir, video.name)
     capture = cv2.VideoCapture(str(video.path))
     if not capture.isOpened():
         raise DataError(f"{video.path}: cannot open video (unreadable file or unknown format)")
+    video_dir.mkdir(parents=True, exist_ok=True)
     step = frame_step(settings.fps)
     height, width = settings.size
     decoded = written = 0
@@ -255,5 +301,5 @@ def _extract_video(video: VideoSource, out_dir: str | Path, settings: Extraction
             f"decodes to {decoded} (tolerance {settings.frame_tolerance}; truncated video or mismatched annotation)"
         )
     marker = {**settings.marker(), "decoded_frames": decoded, "written_frames": written}
-    (video_dir / COMPLETION_MARKER).write_text(json.dumps(marker))
+    write_text_atomic(video_dir / COMPLETION_MARKER, json.dumps(marker))
     return decoded

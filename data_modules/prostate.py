@@ -17,10 +17,11 @@ Splits are always by case, derived from ``seed`` only (identical on every DDP ra
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from monai.data.utils import worker_init_fn
 from monai.transforms import (
     Compose,
     NormalizeIntensity,
@@ -46,9 +46,13 @@ from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
+from distill.metrics.segmentation import PROSTATE_SITES
+from distill.types import ClosedUnitInterval, NonNegativeInt, PositiveInt
+from distill.utils import atomic_write
 
-SITES: tuple[str, ...] = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
+SITES: tuple[str, ...] = PROSTATE_SITES
 SITE_ALIASES: dict[str, str] = {"ISBI": "RUNMC", "ISBI_1.5": "BMC"}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_METHODS: tuple[str, ...] = ("per_site", "leave_one_site_out", "case_list")
@@ -341,10 +345,22 @@ def split_cases(
 
 
 def restrict_training_cases(
-    train: list[ProstateCase], train_sites: Sequence[str] | None, train_num_cases: int | None, seed: int
+    train: list[ProstateCase],
+    train_sites: Sequence[str] | None,
+    train_num_cases: int | None,
+    seed: int,
+    train_cases: Sequence[str] | None = None,
 ) -> list[ProstateCase]:
-    """Training subset for limit-trained teachers: only ``train_sites``, then the first
-    ``train_num_cases`` after a shuffle seeded by ``seed``."""
+    """Training subset for limit-trained teachers: only ``train_cases`` ("SITE/CaseXX") or
+    ``train_sites``, then the first ``train_num_cases`` after a shuffle seeded by ``seed``."""
+    if train_cases is not None:
+        by_key = {case.key: case for case in train}
+        unknown = [key for key in train_cases if key not in by_key]
+        if unknown:
+            raise DataError(f"train_cases: {', '.join(unknown)} not among the training cases of this split")
+        if not train_cases:
+            raise DataError("train_cases: empty list (a teacher needs at least one training case)")
+        train = [by_key[key] for key in sorted(set(train_cases))]
     if train_sites is not None:
         keep = {canonical_site(name, "train_sites") for name in train_sites}
         available = {case.site for case in train}
@@ -359,28 +375,34 @@ def restrict_training_cases(
     return train
 
 
-def training_augmentation(seed: int) -> Compose:
+def training_augmentation(seed: int, intensity: bool = True, cached_logits: bool = False) -> Compose:
     """MONAI dictionary transforms for {"image": (C, H, W), "label": (1, H, W)}: flips, small
-    rotation/scaling, intensity scale and shift."""
-    keys = ("image", "label")
-    return Compose(
-        [
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandAffined(keys, prob=0.5, rotate_range=np.pi / 12, scale_range=(0.1, 0.1),
-                        mode=("bilinear", "nearest"), padding_mode="border"),
-            RandScaleIntensityd("image", factors=0.1, prob=0.5),
-            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-        ]
-    ).set_random_state(seed)
+    rotation/scaling (geometric), intensity scale and shift (``intensity``).
+
+    With ``cached_logits`` the geometric transforms also move ``"teacher_logits"`` (K*C, H, W),
+    bilinearly, so cached teacher outputs stay aligned with the augmented image.
+    """
+    keys = ("image", "label", "teacher_logits") if cached_logits else ("image", "label")
+    modes = ("bilinear", "nearest", "bilinear")[: len(keys)]
+    transforms = [
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandAffined(keys, prob=0.5, rotate_range=np.pi / 12, scale_range=(0.1, 0.1), mode=modes, padding_mode="border"),
+    ]
+    if intensity:
+        transforms += [RandScaleIntensityd("image", factors=0.1, prob=0.5), RandShiftIntensityd("image", offsets=0.1, prob=0.5)]
+    return Compose(transforms).set_random_state(seed)
 
 
 class ProstateSliceDataset(Dataset):
     """Training samples: 2.5D stacks of adjacent slices with the centre slice's mask.
 
-    Item: ``{"image": float32 (num_slices, H, W), "label": int64 (H, W) in {0, 1}}``.
+    Item: ``{"image": float32 (num_slices, H, W), "label": int64 (H, W) in {0, 1}}``, plus
+    ``"teacher_logits"`` float16 (K, C, H, W) once cached teacher outputs are attached.
     Slices with gland are always used; with ``foreground_only`` False all slices are, otherwise
-    a seeded ``background_fraction`` of the gland-free slices is added.
+    a seeded ``background_fraction`` of the gland-free slices is added. Keys are indices or
+    ``(epoch, index)`` (:class:`~data_modules.resumable.ResumableSampler`); the latter augment
+    with a random state drawn from ``(seed, epoch, index)``.
     """
 
     def __init__(
@@ -395,6 +417,7 @@ class ProstateSliceDataset(Dataset):
         self.volumes = list(volumes)
         self.num_slices = num_slices
         self.transform = transform
+        self.seed = seed
         slices = [(v, s) for v, volume in enumerate(self.volumes) for s in range(volume.mask.shape[0])]
         has_gland = torch.cat([volume.mask.flatten(1).any(1) for volume in self.volumes]).tolist() if slices else []
         background = [pair for pair, gland in zip(slices, has_gland) if not gland]
@@ -402,21 +425,31 @@ class ProstateSliceDataset(Dataset):
             kept = _round_half_up(background_fraction * len(background))
             background = [background[i] for i in np.random.default_rng(seed).permutation(len(background))[:kept]]
         self.samples = sorted([pair for pair, gland in zip(slices, has_gland) if gland] + background)
+        self.teacher_logits: torch.Tensor | None = None  # (N, K, C, H, W), see attach_teacher_outputs
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = split_key(key)
         volume_index, slice_index = self.samples[index]
         volume = self.volumes[volume_index]
         neighbours = neighbour_slices(volume.image.shape[0], self.num_slices)[slice_index]
         sample = {"image": volume.image[neighbours], "label": volume.mask[slice_index][None]}
+        if self.teacher_logits is not None:
+            sample["teacher_logits"] = self.teacher_logits[index].float().flatten(0, 1)
         if self.transform is not None:
+            if epoch is not None:  # a ResumableSampler key: the augmentation depends on (seed, epoch, index) only
+                self.transform.set_random_state(sample_seed(self.seed, epoch, index))
             sample = self.transform(sample)
-        return {
+        item = {
             "image": convert_to_tensor(sample["image"], dtype=torch.float32, track_meta=False),
             "label": convert_to_tensor(sample["label"][0], dtype=torch.int64, track_meta=False),
         }
+        if self.teacher_logits is not None:
+            logits = convert_to_tensor(sample["teacher_logits"], dtype=torch.float16, track_meta=False)
+            item["teacher_logits"] = logits.unflatten(0, self.teacher_logits.shape[1:3])
+        return item
 
 
 class ProstateVolumeDataset(Dataset):
@@ -446,7 +479,7 @@ class ProstateVolumeDataset(Dataset):
         }
 
 
-class ProstateDataModule(L.LightningDataModule):
+class ProstateDataModule(ResumableTraining, L.LightningDataModule):
     """Multi-site prostate T2 MRI for 2.5D segmentation with case-level splits.
 
     Train batches: ``{"image": float32 (B, num_slices, H, W), "label": int64 (B, H, W)}``.
@@ -459,14 +492,18 @@ class ProstateDataModule(L.LightningDataModule):
         split: "per_site", "leave_one_site_out" (needs ``held_out_site``) or "case_list"
             (needs ``case_list``, a YAML file with train/val/test lists of "SITE/CaseXX").
         val_fraction, test_fraction: per-site fractions ("per_site"; val only for leave-one-site-out).
-        train_sites, train_num_cases: restrict the training cases (limit-trained teachers);
-            val/test are unaffected.
+        train_sites, train_num_cases, train_cases: restrict the training cases (limit-trained
+            teachers) to sites, a seeded number of cases, or a list of "SITE/CaseXX"; val/test are
+            unaffected.
         num_slices: adjacent slices stacked as channels (odd).
         image_size: in-plane size the network sees.
         normalization: "zscore" or "percentile" (1st/99th clip, rescale to [0, 1]), per volume.
         foreground_only, background_fraction: train on gland slices plus this fraction of the others.
         augment: MONAI flips, small rotations/scaling and intensity jitter on training samples.
-        seed: fixes splits, subsets, background slices and augmentation (same on every rank).
+        intensity_augmentation: include the intensity jitter (cached teacher outputs cannot follow it).
+        seed: fixes splits, subsets, background slices, the shuffle order of every epoch and the
+            augmentation of every sample (same on every rank; checkpoints hold the position in the
+            epoch, so a resumed run continues exactly, see :mod:`data_modules.resumable`).
         load_threads: volumes read in parallel in ``setup``.
     """
 
@@ -475,23 +512,25 @@ class ProstateDataModule(L.LightningDataModule):
         data_root: str = "data/prostate",
         sites: list[str] | None = None,
         split: Literal["per_site", "leave_one_site_out", "case_list"] = "per_site",
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.25,
+        val_fraction: ClosedUnitInterval = 0.15,
+        test_fraction: ClosedUnitInterval = 0.25,
         held_out_site: str | None = None,
         case_list: str | None = None,
         train_sites: list[str] | None = None,
-        train_num_cases: int | None = None,
-        num_slices: int = 3,
-        image_size: int = 384,
+        train_num_cases: PositiveInt | None = None,
+        train_cases: list[str] | None = None,
+        num_slices: PositiveInt = 3,
+        image_size: PositiveInt = 384,
         normalization: Literal["zscore", "percentile"] = "zscore",
         foreground_only: bool = True,
-        background_fraction: float = 0.0,
+        background_fraction: ClosedUnitInterval = 0.0,
         augment: bool = True,
-        batch_size: int = 8,
-        num_workers: int = 2,
-        seed: int = 0,
+        intensity_augmentation: bool = True,
+        batch_size: PositiveInt = 8,
+        num_workers: NonNegativeInt = 2,
+        seed: NonNegativeInt = 0,
         predict_split: Literal["test", "all"] = "test",
-        load_threads: int = 4,
+        load_threads: PositiveInt = 4,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -533,7 +572,9 @@ class ProstateDataModule(L.LightningDataModule):
             splits = split_cases(
                 cases, hp.split, hp.val_fraction, hp.test_fraction, hp.held_out_site, hp.case_list, hp.seed
             )
-            splits["train"] = restrict_training_cases(splits["train"], hp.train_sites, hp.train_num_cases, hp.seed)
+            splits["train"] = restrict_training_cases(
+                splits["train"], hp.train_sites, hp.train_num_cases, hp.seed, hp.train_cases
+            )
             splits["all"] = cases
             self._case_splits = splits
         return self._case_splits
@@ -560,23 +601,60 @@ class ProstateDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        if self._train_set is None:  # built once: its augmentation random stream runs on across epochs
+        return self.resumable_loader(
+            self.train_set,
+            hp.seed,
+            batch_size=hp.batch_size,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    @property
+    def train_set(self) -> ProstateSliceDataset:
+        """Training slices, built once: their augmentation random stream runs on across epochs."""
+        if self._train_set is None:
+            hp = self.hparams
             self._train_set = ProstateSliceDataset(
                 self._split_volumes("train"),
                 num_slices=hp.num_slices,
                 foreground_only=hp.foreground_only,
                 background_fraction=hp.background_fraction,
-                transform=training_augmentation(hp.seed) if hp.augment else None,
+                transform=training_augmentation(hp.seed, hp.intensity_augmentation) if hp.augment else None,
                 seed=hp.seed,
             )
-        return DataLoader(
-            self._train_set,
-            batch_size=hp.batch_size,
-            shuffle=True,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            worker_init_fn=worker_init_fn if hp.num_workers > 0 else None,  # distinct augmentation per worker
-        )
+        return self._train_set
+
+    # ------------------------------------------- teacher-output cache protocol
+    def teacher_cache_fingerprint(self) -> dict:
+        """What cached teacher outputs depend on: the training samples, size, slices, normalisation."""
+        hp, train = self.hparams, self.train_set
+        samples = [f"{train.volumes[v].case.key}:{s}" for v, s in train.samples]
+        digest = hashlib.sha256("\n".join(samples).encode()).hexdigest()
+        return {"samples": digest, "num_samples": len(samples), "image_size": hp.image_size,
+                "num_slices": hp.num_slices, "normalization": hp.normalization}
+
+    def teacher_cache_inputs(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Un-augmented training inputs (B, num_slices, H, W) in sample order, for the teachers."""
+        train = self.train_set
+        for start in range(0, len(train.samples), batch_size):
+            stacks = []
+            for volume_index, slice_index in train.samples[start : start + batch_size]:
+                volume = train.volumes[volume_index]
+                stacks.append(volume.image[neighbour_slices(volume.image.shape[0], train.num_slices)[slice_index]])
+            yield torch.stack(stacks)
+
+    def attach_teacher_outputs(self, logits: torch.Tensor) -> None:
+        """Serve ``logits`` (N, K, C, H, W) as ``batch["teacher_logits"]``, augmented with the image."""
+        hp = self.hparams
+        if hp.augment and hp.intensity_augmentation:
+            raise DataError("teacher_cache: intensity augmentation changes what the teachers would predict and "
+                            "cannot be applied to cached outputs; set data.init_args.intensity_augmentation=false")
+        train = self.train_set
+        if logits.shape[0] != len(train.samples):
+            raise DataError(f"teacher_cache: {logits.shape[0]} cached samples for {len(train.samples)} training slices")
+        train.teacher_logits = logits
+        if hp.augment:
+            train.transform = training_augmentation(hp.seed, intensity=False, cached_logits=True)
 
     def _volume_loader(self, name: str) -> DataLoader:
         workers = self.hparams.num_workers
@@ -623,5 +701,6 @@ def save_mask_like(
     header.set_data_dtype(np.uint8)
     header.set_slope_inter(1, 0)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(volume, reference.affine, header), out_path)
+    with atomic_write(out_path) as temporary:  # a kill never leaves a truncated prediction
+        nib.save(nib.Nifti1Image(volume, reference.affine, header), temporary)
     return out_path

@@ -48,7 +48,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import lightning as L
@@ -68,7 +68,9 @@ from data_modules.frames import (
     natural_sorted,
 )
 from data_modules.phases import CHOLEC80_TOOLS, phase_names, read_phase_file
+from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
+from distill.types import ClosedUnitInterval, NonNegativeInt, PositiveInt
 
 UNLABELED = "unlabeled"  # any .mp4 files / frame folders, no annotations (self-supervision only)
 CHOLEC80_SPLITS = {"paper": (40, 0, 40), "tecno": (40, 8, 32)}  # (train, val, test) video counts
@@ -457,20 +459,29 @@ class FrameDataset(Dataset):
     """Item i: ``{image_key: transform(frame), "label": int64, "video": str, "frame": int64, "index": i}``.
 
     Frames are decoded to uint8 RGB (3, H, W) tensors (:func:`read_frame`) before ``transform``; ``image_key`` is ``"image"`` or ``"views"`` (with a :class:`TwoViews` transform).
+    Keys are indices or ``(epoch, i)`` (:class:`~data_modules.resumable.ResumableSampler`); the latter
+    run ``transform`` with torch's random state seeded from ``(seed, epoch, i)`` (the global state is left as it was).
     """
 
-    def __init__(self, frames_dir: str | Path, pattern: FramePattern, index: FrameIndex, transform: Callable, image_key: str = "image") -> None:
+    def __init__(self, frames_dir: str | Path, pattern: FramePattern, index: FrameIndex, transform: Callable, image_key: str = "image", seed: int = 0) -> None:
         self.frames_dir, self.pattern, self.index = Path(frames_dir), pattern, index
-        self.transform, self.image_key = transform, image_key
+        self.transform, self.image_key, self.seed = transform, image_key, seed
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, i = split_key(key)
         video = self.index.videos[self.index.video_ids[i]]
         frame = int(self.index.frames[i])
         image = read_frame(self.pattern.path(self.frames_dir, video, frame))
-        return {self.image_key: self.transform(image), "label": int(self.index.labels[i]), "video": video, "frame": frame, "index": i}
+        if epoch is None:
+            transformed = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, epoch, i))
+                transformed = self.transform(image)
+        return {self.image_key: transformed, "label": int(self.index.labels[i]), "video": video, "frame": frame, "index": i}
 
 
 def save_video_features(features_dir: str | Path, video: str, features: np.ndarray | torch.Tensor, frames: np.ndarray | torch.Tensor) -> None:
@@ -520,7 +531,8 @@ class VideoFeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.videos)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        _, i = split_key(key)
         features, _ = load_video_features(self.features_dir, self.videos[i])
         return {
             "features": torch.from_numpy(features.astype(np.float32).T.copy()),
@@ -534,7 +546,7 @@ class VideoFeatureDataset(Dataset):
 # DataModules
 
 
-class SurgicalDataModule(L.LightningDataModule):
+class SurgicalDataModule(ResumableTraining, L.LightningDataModule):
     """Shared by the surgical DataModules: which annotated videos are train / val / test, and the loaders.
 
     Subclasses fill ``self.sets`` (``"train"``, ``"val"``, ``"test"``, ``"predict"``) in ``setup``
@@ -547,6 +559,9 @@ class SurgicalDataModule(L.LightningDataModule):
         split: a named split or a ``{"train", "val", "test"}`` mapping (module docstring).
         val_fraction: share of the training videos given to validation by splits without one.
         batch_size, num_workers: DataLoader settings.
+        seed: the shuffle order of every epoch and the augmentation of every training sample
+            (checkpoints hold the position in the epoch: a resumed run continues exactly,
+            see :mod:`data_modules.resumable`).
     """
 
     def __init__(
@@ -554,13 +569,14 @@ class SurgicalDataModule(L.LightningDataModule):
         data_root: str | Path | None,
         dataset: str = "cholec80",
         split: str | dict[str, list[str]] | None = None,
-        val_fraction: float = 0.2,
-        batch_size: int = 64,
-        num_workers: int = 2,
+        val_fraction: ClosedUnitInterval = 0.2,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 2,
+        seed: NonNegativeInt = 0,
     ) -> None:
         super().__init__()
         self.data_root, self.dataset, self.split, self.val_fraction = data_root, dataset, split, val_fraction
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.splits: dict[str, list[str]] = {}
         self.annotations: dict[str, Path] = {}
         self.sets: dict[str, Dataset] = {}
@@ -572,16 +588,18 @@ class SurgicalDataModule(L.LightningDataModule):
         self.splits["train"] = first_videos(self.splits["train"], train_videos)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_single_threaded_opencv,
-        )
+        """Evaluation loader in order, or (``shuffle``) a resumable training loader seeded by ``seed``."""
+        options = {
+            "batch_size": self.batch_size,
+            "drop_last": drop_last,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+            "worker_init_fn": _single_threaded_opencv,
+        }
+        if not shuffle:
+            return DataLoader(dataset, **options)
+        return self.resumable_loader(dataset, self.seed, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.sets["train"], shuffle=True)
@@ -621,15 +639,16 @@ class SurgicalSSLDataModule(SurgicalDataModule):
         data_root: str | Path | None = None,
         dataset: str = "cholec80",
         split: str | dict[str, list[str]] | None = None,
-        val_fraction: float = 0.2,
+        val_fraction: ClosedUnitInterval = 0.2,
         frame_pattern: str = DEFAULT_FRAME_PATTERN,
-        fps: int = 1,
-        image_size: int = 224,
-        resize_size: int = 250,
-        batch_size: int = 128,
-        num_workers: int = 2,
+        fps: Literal[1, 5, 25] = 1,
+        image_size: PositiveInt = 224,
+        resize_size: PositiveInt = 250,
+        batch_size: PositiveInt = 128,
+        num_workers: NonNegativeInt = 2,
+        seed: NonNegativeInt = 0,
     ) -> None:
-        super().__init__(data_root, dataset, split, val_fraction, batch_size, num_workers)
+        super().__init__(data_root, dataset, split, val_fraction, batch_size, num_workers, seed)
         self.save_hyperparameters()
         self.frames_dir, self.pattern, self.fps = Path(frames_dir), FramePattern(frame_pattern), fps
         self.image_size, self.resize_size = image_size, resize_size
@@ -649,7 +668,7 @@ class SurgicalSSLDataModule(SurgicalDataModule):
             train_index = labelled_frame_index(self.frames_dir, self.pattern, self.annotations, videos, self.dataset, self.fps)
             val_index = labelled_frame_index(self.frames_dir, self.pattern, self.annotations, self.splits["val"], self.dataset, self.fps)
             self.sets["val"] = FrameDataset(self.frames_dir, self.pattern, val_index, eval_transform(self.image_size, self.resize_size))
-        self.sets["train"] = FrameDataset(self.frames_dir, self.pattern, train_index, TwoViews(moco_v2_augmentation(self.image_size)), "views")
+        self.sets["train"] = FrameDataset(self.frames_dir, self.pattern, train_index, TwoViews(moco_v2_augmentation(self.image_size)), "views", self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.sets["train"], shuffle=True, drop_last=len(self.sets["train"]) >= self.batch_size)
@@ -673,17 +692,18 @@ class SurgicalPhaseDataModule(SurgicalDataModule):
         data_root: str | Path,
         dataset: str = "cholec80",
         split: str | dict[str, list[str]] | None = None,
-        val_fraction: float = 0.2,
+        val_fraction: ClosedUnitInterval = 0.2,
         train_videos: int | float | None = None,
         frame_pattern: str = DEFAULT_FRAME_PATTERN,
-        fps: int = 1,
-        predict_fps: int = 5,
-        image_size: int = 224,
-        resize_size: int = 250,
-        batch_size: int = 64,
-        num_workers: int = 2,
+        fps: Literal[1, 5, 25] = 1,
+        predict_fps: Literal[1, 5, 25] = 5,
+        image_size: PositiveInt = 224,
+        resize_size: PositiveInt = 250,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 2,
+        seed: NonNegativeInt = 0,
     ) -> None:
-        super().__init__(data_root, dataset, split, val_fraction, batch_size, num_workers)
+        super().__init__(data_root, dataset, split, val_fraction, batch_size, num_workers, seed)
         self.save_hyperparameters()
         self.frames_dir, self.pattern = Path(frames_dir), FramePattern(frame_pattern)
         self.train_videos, self.fps, self.predict_fps = train_videos, fps, predict_fps
@@ -699,7 +719,7 @@ class SurgicalPhaseDataModule(SurgicalDataModule):
                 transform = finetune_augmentation(self.image_size, self.resize_size)
             else:
                 transform = eval_transform(self.image_size, self.resize_size)
-            self.sets[part] = FrameDataset(self.frames_dir, self.pattern, index, transform)
+            self.sets[part] = FrameDataset(self.frames_dir, self.pattern, index, transform, seed=self.seed)
 
     def class_weights(self) -> torch.Tensor:
         """(C,) float32 median-frequency weights of the training labels (TeCNO); absent phases get 0."""
@@ -728,11 +748,12 @@ class PhaseFeatureDataModule(SurgicalDataModule):
         data_root: str | Path,
         dataset: str = "cholec80",
         split: str | dict[str, list[str]] | None = None,
-        val_fraction: float = 0.2,
+        val_fraction: ClosedUnitInterval = 0.2,
         train_videos: int | float | None = None,
-        num_workers: int = 2,
+        num_workers: NonNegativeInt = 2,
+        seed: NonNegativeInt = 0,
     ) -> None:
-        super().__init__(data_root, dataset, split, val_fraction, 1, num_workers)
+        super().__init__(data_root, dataset, split, val_fraction, 1, num_workers, seed)
         self.save_hyperparameters()
         self.features_dir, self.train_videos = Path(features_dir), train_videos
 

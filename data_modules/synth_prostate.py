@@ -21,6 +21,7 @@ a fixed mtime), and a case's content depends only on (seed, site, case id), not 
 from __future__ import annotations
 
 import functools
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,8 @@ def scaled_case_ids(style: SiteStyle, scale: float) -> list[int]:
 
 
 def write_synthetic_prostate(
-    out_dir: str | Path, seed: int = 0, scale: float = 1.0, size: int = 128, num_threads: int = 4
+    out_dir: str | Path, seed: int = 0, scale: float = 1.0, size: int = 128, num_threads: int = 4,
+    overwrite: bool = False,
 ) -> Path:
     """Write the six-site tree under ``out_dir`` and return it.
 
@@ -122,6 +124,7 @@ def write_synthetic_prostate(
             ``size * 320 / 384``. The physical field of view stays real-like, so the in-plane
             spacing is ``real spacing * real matrix / matrix`` (0.4-0.6 mm at size 384).
         num_threads: volumes rendered and compressed in parallel.
+        overwrite: replace site folders that already hold files (refused otherwise).
     """
     if scale <= 0 or size < 16:
         raise DataError(f"synthetic prostate: need scale > 0 and size >= 16, got scale={scale}, size={size}")
@@ -129,7 +132,9 @@ def write_synthetic_prostate(
     for style in SITE_STYLES:
         site_dir = root / style.name
         if site_dir.is_dir() and any(site_dir.iterdir()):
-            raise DataError(f"{site_dir}: already holds files; write the synthetic tree into an empty folder")
+            if not overwrite:
+                raise DataError(f"{site_dir}: already holds files; write the synthetic tree into an empty folder (or pass --overwrite)")
+            shutil.rmtree(site_dir)
         site_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(style, case_id) for style in SITE_STYLES for case_id in scaled_case_ids(style, scale)]
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:

@@ -25,6 +25,7 @@ Everything derives from ``seed``: the same seed gives the same annotations and f
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,12 +120,15 @@ def write_synthetic_surgical(
     seed: int = 0,
     size: tuple[int, int] = (128, 160),
     duration_s: tuple[float, float] = (30.0, 90.0),
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write a synthetic ``dataset`` ('cholec80' or 'm2cai16') tree under ``out``.
 
     Args:
         size: (height, width) of the frames.
         duration_s: (min, max) video length in seconds, drawn uniformly per video.
+        overwrite: replace the dataset folders of an existing tree (refused otherwise: ``out`` must be
+            missing or empty).
 
     Returns:
         the written video paths.
@@ -140,6 +144,11 @@ def write_synthetic_surgical(
     if not 0 < low <= high:
         raise DataError(f"duration_s={duration_s}: need 0 < min <= max")
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise DataError(f"{out}: already holds files; write into an empty folder (or pass --overwrite to replace the dataset)")
+        for folder in DATASET_FOLDERS[dataset]:
+            shutil.rmtree(out / folder, ignore_errors=True)
     paths = []
     for number, name in enumerate(video_names(dataset, num_videos), start=1):
         rng = np.random.default_rng([seed, number, len(names_of_phases)])
@@ -157,6 +166,9 @@ def write_synthetic_surgical(
         write_video(video_path, (scene.render(t, names_of_phases[label], tools[t // VIDEO_FPS]) for t, label in enumerate(labels)), (height, width))
         paths.append(video_path)
     return paths
+
+
+DATASET_FOLDERS = {"cholec80": ("videos", "phase_annotations", "tool_annotations"), "m2cai16": ("train_dataset", "test_dataset")}
 
 
 def _mkdir(path: Path) -> Path:

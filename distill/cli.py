@@ -8,11 +8,42 @@ are plain tools (argparse).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate options of the demo
+
+
+class ToolParser(argparse.ArgumentParser):
+    """argparse with whole option names only (``--size`` never matches ``--size-x``) and one-line errors."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def error(self, message: str):
+        sys.exit(f"error: {self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def number_type(kind: type, minimum: float, inclusive: bool = True):
+    """argparse ``type=`` converter: ``kind`` values >= ``minimum`` (> with ``inclusive=False``)."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (value >= minimum if inclusive else value > minimum) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
+        return value
+
+    convert.__name__ = f"{kind.__name__} {'>=' if inclusive else '>'} {minimum}"
+    return convert
+
+
+positive_int, nonnegative_int = number_type(int, 1), number_type(int, 0)
+positive_float = number_type(float, 0, inclusive=False)
 
 
 def add_prostate_commands(data_commands: argparse._SubParsersAction) -> None:
@@ -21,14 +52,15 @@ def add_prostate_commands(data_commands: argparse._SubParsersAction) -> None:
         "synth-prostate", help="write a synthetic 6-site prostate T2 MRI tree in the real layout"
     )
     parser.add_argument("--out", required=True, help="output root (site folders are created under it)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the real case counts per site")
-    parser.add_argument("--size", type=int, default=128, help="in-plane matrix of the 384-px sites (real: 384)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--scale", type=positive_float, default=1.0, help="fraction of the real case counts per site")
+    parser.add_argument("--size", type=number_type(int, 16), default=128, help="in-plane matrix of the 384-px sites (real: 384)")
+    parser.add_argument("--overwrite", action="store_true", help="replace site folders that already hold files")
 
     def run(args: argparse.Namespace) -> None:
         from data_modules.synth_prostate import write_synthetic_prostate
 
-        write_synthetic_prostate(args.out, seed=args.seed, scale=args.scale, size=args.size)
+        write_synthetic_prostate(args.out, seed=args.seed, scale=args.scale, size=args.size, overwrite=args.overwrite)
 
     parser.set_defaults(func=run)
 
@@ -40,17 +72,18 @@ def add_surgical_data_commands(data_commands: argparse._SubParsersAction) -> Non
     )
     synth.add_argument("--out", required=True, help="dataset root to write")
     synth.add_argument("--dataset", choices=["cholec80", "m2cai16"], default="cholec80")
-    synth.add_argument("--num-videos", type=int, default=8)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--size", type=int, nargs=2, default=[128, 160], metavar=("H", "W"), help="frame size")
-    synth.add_argument("--duration-s", type=float, nargs=2, default=[30.0, 90.0], metavar=("MIN", "MAX"),
+    synth.add_argument("--num-videos", type=positive_int, default=8)
+    synth.add_argument("--seed", type=nonnegative_int, default=0)
+    synth.add_argument("--size", type=number_type(int, 32), nargs=2, default=[128, 160], metavar=("H", "W"), help="frame size")
+    synth.add_argument("--duration-s", type=positive_float, nargs=2, default=[30.0, 90.0], metavar=("MIN", "MAX"),
                        help="video length range in seconds")
+    synth.add_argument("--overwrite", action="store_true", help="replace the dataset folders of an existing tree")
 
     def run_synth(args: argparse.Namespace) -> None:
         from data_modules.synth_surgical import write_synthetic_surgical
 
         write_synthetic_surgical(args.out, dataset=args.dataset, num_videos=args.num_videos, seed=args.seed,
-                                 size=tuple(args.size), duration_s=tuple(args.duration_s))
+                                 size=tuple(args.size), duration_s=tuple(args.duration_s), overwrite=args.overwrite)
 
     synth.set_defaults(func=run_synth)
 
@@ -61,19 +94,21 @@ def add_surgical_data_commands(data_commands: argparse._SubParsersAction) -> Non
     extract.add_argument("--out", required=True, help="frames folder: <out>/<video>/<25 fps frame index>.jpg")
     extract.add_argument("--dataset", choices=["cholec80", "m2cai16", "unlabeled"], default="cholec80")
     extract.add_argument("--fps", type=int, choices=[1, 5, 25], default=1, help="frames kept per second")
-    extract.add_argument("--size", type=int, nargs=2, default=[250, 250], metavar=("H", "W"), help="written frame size")
+    extract.add_argument("--size", type=positive_int, nargs=2, default=[250, 250], metavar=("H", "W"), help="written frame size")
     extract.add_argument("--pattern", default="{video}/{frame}.jpg",
                          help="frame file pattern, e.g. '{video}/{video}_{frame:06d}.png' (TeCNO)")
-    extract.add_argument("--workers", type=int, default=2, help="videos decoded in parallel")
-    extract.add_argument("--frame-tolerance", type=int, default=0,
+    extract.add_argument("--workers", type=positive_int, default=2, help="videos decoded in parallel")
+    extract.add_argument("--frame-tolerance", type=nonnegative_int, default=0,
                          help="accepted difference between decoded and annotated frame counts")
+    extract.add_argument("--overwrite", action="store_true",
+                         help="replace video folders finished with other settings (another fps, size or pattern)")
 
     def run_extract(args: argparse.Namespace) -> None:
         from data_modules.surgical import extract_dataset_frames
 
         done = extract_dataset_frames(args.root, args.out, args.dataset, fps=args.fps, size=tuple(args.size),
                                       frame_pattern=args.pattern, workers=args.workers,
-                                      frame_tolerance=args.frame_tolerance)
+                                      frame_tolerance=args.frame_tolerance, overwrite=args.overwrite)
         print(f"extracted {len(done)} videos to {args.out} (finished videos are skipped)")
 
     extract.set_defaults(func=run_extract)
@@ -96,7 +131,7 @@ def add_phase_evaluation_command(commands: argparse._SubParsersAction) -> None:
         default="corrected",
         help="'published' reproduces the MATLAB script's end-of-segment indexing slip",
     )
-    parser.add_argument("--pred-fps", type=float, default=None, help="prediction rate (default: 25 / frame step)")
+    parser.add_argument("--pred-fps", type=positive_float, default=None, help="prediction rate (default: 25 / frame step)")
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file (must not exist)")
 
     def run(args: argparse.Namespace) -> None:
@@ -183,19 +218,34 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     table = commands.add_parser("table", help="train, test and tabulate every run of a table spec")
     table.add_argument("spec", help="table spec YAML, e.g. experiments/prostate/tables/single_teacher.yaml")
     table.add_argument("--out", required=True, help="directory for the runs and results.md")
+    table.add_argument("--seeds", type=positive_int, default=None,
+                       help="runs per row, seeds 0..N-1 (default: the spec's 'seeds', else 1)")
     table.epilog = "Any further --key=value arguments are LightningCLI overrides for every run, e.g. --trainer.max_epochs=5"
 
     def run_table_command(args: argparse.Namespace) -> None:
         from distill.tables import run_table
 
-        run_table(args.spec, args.out, args.lightning_overrides)
+        run_table(args.spec, args.out, args.lightning_overrides, seeds=args.seeds)
 
     table.set_defaults(func=run_table_command)
+
+    teachers = commands.add_parser("teachers", help="train limit-trained teachers from one YAML; write their manifest")
+    teachers.add_argument("spec", help="teachers spec YAML, e.g. experiments/prostate/teachers/by_site.yaml")
+    teachers.add_argument("--out", required=True, help="directory for the teachers and manifest.yaml")
+    teachers.add_argument("--seed", type=int, default=0, help="training seed (subsets use the data seed)")
+    teachers.epilog = "Any further --key=value arguments are LightningCLI overrides for every teacher"
+
+    def run_teachers(args: argparse.Namespace) -> None:
+        from distill.limit_trained import train_limit_trained_teachers
+
+        train_limit_trained_teachers(args.spec, args.out, args.lightning_overrides, args.seed)
+
+    teachers.set_defaults(func=run_teachers)
 
     demo = commands.add_parser("demo", help="synthetic data in the real format -> teacher -> students -> table")
     demo.add_argument("task", choices=["prostate"])
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    demo.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic data")
 
     def run_demo(args: argparse.Namespace) -> None:
         from data_modules.synth_prostate import write_synthetic_prostate
@@ -211,7 +261,7 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def build_tool_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data = commands.add_parser("data", help="write synthetic datasets and preprocess real ones")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -237,6 +287,9 @@ def _data_error_in_chain(err: BaseException):
     return None
 
 
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -247,15 +300,17 @@ def main(argv: list[str] | None = None) -> None:
             return
         parser = build_tool_parser()
         args, unknown = parser.parse_known_args(argv)
-        if unknown and args.command not in ("table", "sweep"):
+        if unknown and args.command not in ("table", "teachers", "sweep"):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.lightning_overrides = unknown
         args.func(args)
     except Exception as err:
         data_error = _data_error_in_chain(err)
-        if data_error is None:
-            raise
-        sys.exit(f"error: {data_error}")
+        if data_error is not None:
+            sys.exit(f"error: {data_error}")
+        if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:  # full disk, read-only or forbidden folder
+            sys.exit(f"error: {err.filename or ''}: {err.strerror}".replace("error: : ", "error: "))
+        raise
 
 
 if __name__ == "__main__":

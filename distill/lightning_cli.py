@@ -7,14 +7,102 @@ command-line overrides, so derived values are linked rather than repeated.
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
+import yaml
 from jsonargparse import set_parsing_settings
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from distill.utils import unique_path
+from distill.callbacks import RandomStateCheckpoint
+from distill.errors import DataError
+from distill.utils import atomic_write, unique_path
+
+# Model options that define the network's shape: a checkpoint must agree with the config on them.
+ARCHITECTURE_KEYS = ("network", "network_kwargs", "in_channels", "num_classes", "backbone", "backbone_kwargs")
+EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # resolved by Lightning, not files
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, then renames it into place:
+    a kill or a full disk never leaves a truncated ``best.ckpt`` / ``last.ckpt`` behind."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or get_filesystem(path).protocol not in ("file", ("file", "local")):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as temporary:
+            torch.save(checkpoint, temporary)
+
+
+def check_yaml_files(args: list[str]) -> None:
+    """Refuse a ``--config`` file that is missing or not valid YAML, in one line naming the file and line."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            path = Path(args[i + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+        else:
+            continue
+        if not path.is_file():
+            raise DataError(f"{path}: config file not found")
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise DataError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+
+
+def load_checkpoint_for_cli(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (read with ``weights_only=True``); any problem is a one-line DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found (--ckpt_path)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines()]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0]).removeprefix("WeightsUnpickler error: ").split(". Please")[0]
+        raise DataError(f"{path}: refused by weights_only loading, untrusted pickle content ({reason})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split()).split(". ")[0]
+        raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(err).__name__}: {reason})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict'; write one with `distill fit`)")
+    return checkpoint
+
+
+def architecture_differences(checkpoint: dict[str, Any], model_config: dict[str, Any]) -> list[str]:
+    """``"key: checkpoint X, config Y"`` for every architecture option on which the two disagree."""
+    recorded = checkpoint.get("hyper_parameters") or {}
+    configured = model_config.get("init_args") or {}
+    differences = []
+    if "_class_path" in recorded and model_config.get("class_path") not in (None, recorded["_class_path"]):
+        differences.append(f"class: checkpoint {recorded['_class_path']}, config {model_config['class_path']}")
+    for key in ARCHITECTURE_KEYS:
+        if key in recorded and key in configured and recorded[key] != configured[key]:
+            differences.append(f"{key}: checkpoint {recorded[key]!r}, config {configured[key]!r}")
+    return differences
+
+
+def check_writable_dir(path: str | Path) -> None:
+    """Refuse an output folder that cannot be created or written to, in one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path / ".write-test") as probe:
+            probe.write_bytes(b"")
+        (path / ".write-test").unlink()
+    except OSError as err:
+        raise DataError(f"{path}: output folder not writable ({err.strerror or err})") from None
 
 
 class SaveResolvedConfig(SaveConfigCallback):
@@ -41,7 +129,11 @@ class SaveResolvedConfig(SaveConfigCallback):
 class OneLineErrorParser(LightningArgumentParser):
     """Reports a bad config as one line naming the key, instead of pages of usage text."""
 
-    REASONS = ("is not accepted", "is not expected", "nrecognized argument", "does not exist", "not found", "Expected a")
+    REASONS = ("is not accepted", "is not expected", "nrecognized argument", "does not exist", "not found", "Expected a",
+               "does not conform to restriction")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})  # --trainer.max_epoch must not mean max_epochs
 
     def error(self, message: str, ex: Exception | None = None):
         lines = [line.strip(" -") for line in str(message).splitlines() if line.strip(" -")]
@@ -68,9 +160,52 @@ class DistillCLI(LightningCLI):
             parser_kwargs={"parser_mode": "omegaconf+"},
             seed_everything_default=0,
             auto_configure_optimizers=False,
+            trainer_defaults={"callbacks": [RandomStateCheckpoint()]},  # added to the config's callbacks
             args=args,
             run=run,
         )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--allow_random_weights",
+            type=bool,
+            default=False,
+            help="validate/test/predict without --ckpt_path, i.e. on untrained weights (refused otherwise)",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, then refuse before any work: bad YAML, a bad ``--ckpt_path`` (missing, not a
+        checkpoint, refused pickle, truncated, another architecture than the config's), evaluation
+        without a checkpoint, an output folder that cannot be written."""
+        check_yaml_files(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is not None and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
+            checkpoint = load_checkpoint_for_cli(ckpt_path)
+            model = config.get("model")
+            differences = architecture_differences(checkpoint, model.as_dict() if hasattr(model, "as_dict") else model or {})
+            if differences:
+                raise DataError(f"{ckpt_path}: checkpoint architecture differs from the config ({'; '.join(differences)})")
+        elif ckpt_path is None and subcommand in EVALUATION_SUBCOMMANDS and not config.get("allow_random_weights"):
+            raise DataError(
+                f"{subcommand}: no --ckpt_path, so the model would have untrained weights; "
+                "pass --ckpt_path=PATH (or --allow_random_weights=true)"
+            )
+        root = (config.get("trainer") or {}).get("default_root_dir")
+        if root is not None:
+            check_writable_dir(root)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer, with checkpoints written atomically (:class:`AtomicCheckpointIO`) unless the
+        config chose its own checkpoint IO."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def run_lightning_cli(argv: list[str]) -> None:

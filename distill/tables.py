@@ -1,45 +1,73 @@
 """Reproduce a results table from experiment YAMLs: ``distill table experiments/.../tables/X.yaml``.
 
-A table spec lists runs (each an experiment YAML, trained then tested on its best checkpoint),
-overrides applied to every run, and which runs to compare::
+A table spec lists runs (each an experiment YAML, trained, its checkpoint chosen on validation
+data, then tested), overrides applied to every run, the columns, and which runs to compare::
 
     title: Prostate, procedure 1
     extends: other_spec.yaml          # optional: start from another spec, then update its keys
     overrides: ["--trainer.max_epochs=3"]
+    seeds: 3                          # runs per row (seed_everything 0..N-1); --seeds overrides
+    columns:                          # default: Dice (per site and mean) and HD95
+      - {metric: test/dice, label: Dice, groups: true}   # groups: one column per test/dice/<group>
+      - {metric: test/hd95, label: HD95 mm, format: .2f}
     runs:
       - {name: teacher, config: experiments/prostate/teacher.yaml}
+      - {name: teachers by site, teachers: experiments/prostate/teachers/by_site.yaml}
       - {name: student + KD, config: experiments/prostate/student_kd.yaml, teacher: teacher}
-    compare: {baseline: student (no KD), candidate: student + KD}
+      - {name: student + 1 limit-trained, config: ..., teacher: teachers by site, teacher_index: 0}
+      - {name: student + all limit-trained, config: ..., teachers: teachers by site}  # manifest
+    compare:
+      - {baseline: student (no KD), candidate: student + KD}
+      - {baseline: student (no KD), candidates: [A, B, C]}   # the best on validation is chosen
 
-``teacher: <run name>`` passes that run's best checkpoint as the teacher. Each run trains in
-``<out>/<run slug>/`` (versioned sub-directories, never overwritten); the table is printed and
-saved as ``<out>/results.md`` and ``results.json`` (``results-1.md`` ... if those exist).
+``teacher: <run>`` passes that run's best checkpoint (same seed) as ``teacher_checkpoint``;
+``teachers: <run>`` passes a teachers run's manifest as ``teachers``. A ``teachers:`` entry
+naming a YAML (not a run) trains limit-trained teachers (:mod:`distill.limit_trained`).
+
+Each run trains in ``<out>/<run slug>/seed_<s>/`` and leaves ``result.json`` there when
+finished; a re-started table skips finished runs. The table (mean +- std over seeds; deltas
+as mean +- std of the per-seed differences) is printed and saved as ``results.md``,
+``results.csv``, ``results.json`` and ``site_dice.png`` (earlier files are never overwritten).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import re
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from distill.errors import DataError
-from distill.utils import unique_path
+from distill.utils import write_text_atomic, unique_path
 
-RUN_KEYS = {"name", "config", "teacher", "overrides"}
+RUN_KEYS = {"name", "config", "teacher", "teacher_index", "teachers", "overrides"}
+SPEC_KEYS = {"title", "runs", "overrides", "compare", "columns", "seeds"}
+DEFAULT_COLUMNS = [
+    {"metric": "test/dice", "label": "Dice", "groups": True},
+    {"metric": "test/hd95", "label": "HD95 mm", "format": ".2f"},
+]
 
 
 @dataclass
 class RunResult:
+    """One finished run (one row, one seed)."""
+
     name: str
+    seed: int
     metrics: dict[str, float]
+    monitor: str
+    val_score: float
     parameters: int
-    ms_per_slice: float
+    ms_per_input: float
     best_checkpoint: str
     log_dir: str
+    manifest: str | None = None
 
 
 @dataclass
@@ -47,7 +75,9 @@ class TableSpec:
     title: str
     runs: list[dict]
     overrides: list[str] = field(default_factory=list)
-    compare: dict[str, str] | None = None
+    compare: list[dict] = field(default_factory=list)
+    columns: list[dict] = field(default_factory=lambda: [dict(c) for c in DEFAULT_COLUMNS])
+    seeds: int = 1
 
 
 def load_table_spec(path: str | Path) -> TableSpec:
@@ -57,84 +87,256 @@ def load_table_spec(path: str | Path) -> TableSpec:
     raw = yaml.safe_load(path.read_text()) or {}
     if "extends" in raw:
         base = load_table_spec(path.parent / raw.pop("extends"))
-        raw = {**base.__dict__, **raw, "overrides": base.overrides + list(raw.get("overrides", []))}
-    unknown = set(raw) - {"title", "runs", "overrides", "compare"}
+        raw = {**asdict(base), **raw, "overrides": base.overrides + list(raw.get("overrides", []))}
+    unknown = set(raw) - SPEC_KEYS
     if unknown:
-        raise DataError(f"{path}: unknown key(s) {sorted(unknown)} (known: title, extends, runs, overrides, compare)")
-    names = set()
+        raise DataError(f"{path}: unknown key(s) {sorted(unknown)} (known: extends, {', '.join(sorted(SPEC_KEYS))})")
+    names: dict[str, dict] = {}
     for run in raw.get("runs", []):
-        if set(run) - RUN_KEYS or "name" not in run or "config" not in run:
-            raise DataError(f"{path}: run {run} needs 'name' and 'config' (optional: teacher, overrides)")
-        if run.get("teacher") and run["teacher"] not in names:
-            raise DataError(f"{path}: run {run['name']!r} uses teacher {run['teacher']!r}, which is not an earlier run")
-        names.add(run["name"])
-    return TableSpec(title=raw.get("title", path.stem), runs=raw.get("runs", []), overrides=list(raw.get("overrides", [])), compare=raw.get("compare"))
+        if set(run) - RUN_KEYS or "name" not in run or not ({"config", "teachers"} & set(run)):
+            raise DataError(f"{path}: run {run} needs 'name' and 'config' (or 'teachers'); "
+                            f"optional: {', '.join(sorted(RUN_KEYS - {'name', 'config'}))}")
+        for key in ("teacher", "teachers"):
+            ref = run.get(key)
+            if ref and "config" in run and ref not in names:
+                raise DataError(f"{path}: run {run['name']!r} uses {key} {ref!r}, which is not an earlier run")
+        names[run["name"]] = run
+    compare = raw.get("compare") or []
+    compare = [compare] if isinstance(compare, dict) else list(compare)
+    for entry in compare:
+        for name in [entry.get("baseline"), entry.get("candidate"), *entry.get("candidates", [])]:
+            if name is not None and name not in names:
+                raise DataError(f"{path}: compare names {name!r}, which is not a run")
+    seeds = int(raw.get("seeds", 1))
+    if seeds < 1:
+        raise DataError(f"{path}: seeds must be >= 1, got {seeds}")
+    return TableSpec(title=raw.get("title", path.stem), runs=raw.get("runs", []), overrides=list(raw.get("overrides", [])),
+                     compare=compare, columns=list(raw.get("columns") or DEFAULT_COLUMNS), seeds=seeds)
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str) -> RunResult:
-    """Fit ``config`` (with ``overrides``) in ``root_dir``, test its best checkpoint, measure the network."""
+def checkpoint_callback(trainer):
+    """The run's checkpoint callback that monitors a validation metric (model selection)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor:
+            return callback
+    return None
+
+
+def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str, seed: int = 0) -> RunResult:
+    """Fit ``config`` in ``root_dir``, test the checkpoint chosen on validation data, measure the network.
+
+    Finished runs (``root_dir/result.json``) are read back instead of trained again.
+    """
     from distill.benchmarking import latency_ms
     from distill.lightning_cli import DistillCLI
     from distill.models import count_parameters
-    from distill.modules.checkpoints import load_segmentation_network
 
+    done = root_dir / "result.json"
+    if done.is_file():
+        return RunResult(**json.loads(done.read_text()))
     if not Path(config).is_file():
         raise DataError(f"{config}: experiment config not found")
-    cli = DistillCLI(args=["--config", config, *overrides, f"--trainer.default_root_dir={root_dir}"], run=False)
+    cli = DistillCLI(args=["--config", config, *overrides, f"--seed_everything={seed}",
+                           f"--trainer.default_root_dir={root_dir}"], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    best = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
-    if not best:
-        raise DataError(f"{config}: no best checkpoint was saved; a table needs a ModelCheckpoint monitoring val/dice")
-    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)[0]
-    net = load_segmentation_network(best)  # the deployable network alone, rebuilt from its checkpoint
-    in_channels, size = cli.model.hparams.in_channels, cli.datamodule.hparams.image_size
-    return RunResult(
+    selector = checkpoint_callback(cli.trainer)
+    if selector is None or not selector.best_model_path:
+        raise DataError(f"{config}: no checkpoint chosen on validation data; a table run needs a ModelCheckpoint with a monitor")
+    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, verbose=False)[0]
+    net = cli.model.deployable_network()
+    result = RunResult(
         name=name,
+        seed=seed,
         metrics={k: float(v) for k, v in metrics.items()},
+        monitor=selector.monitor,
+        val_score=float(selector.best_model_score),
         parameters=count_parameters(net),
-        ms_per_slice=latency_ms(net, (1, in_channels, size, size)),
-        best_checkpoint=best,
+        ms_per_input=latency_ms(net, cli.model.example_input_shape(cli.datamodule)),
+        best_checkpoint=selector.best_model_path,
         log_dir=str(cli.trainer.log_dir),
     )
+    write_text_atomic(done, json.dumps(asdict(result), indent=2))
+    return result
 
 
-def format_table(title: str, results: list[RunResult], compare: dict[str, str] | None = None) -> str:
-    """Markdown table: Dice per site and mean, HD95, parameters, CPU ms per slice."""
-    sites = sorted({k.split("/")[-1] for r in results for k in r.metrics if k.startswith("test/dice/")})
-    header = ["model", "params", *[f"Dice {s}" for s in sites], "Dice mean", "HD95 mm", "CPU ms/slice"]
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    fmt = lambda v: "-" if v is None or math.isnan(v) else f"{v:.3f}"  # noqa: E731
-    for r in results:
-        cells = [r.name, f"{r.parameters / 1e6:.2f}M"]
-        cells += [fmt(r.metrics.get(f"test/dice/{s}")) for s in sites]
-        cells += [fmt(r.metrics.get("test/dice")), f"{r.metrics.get('test/hd95', float('nan')):.2f}", f"{r.ms_per_slice:.1f}"]
+# ------------------------------------------------------------------ statistics
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (N-1; NaN for one value), ignoring NaNs."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def format_mean_std(values: list[float], fmt: str = ".3f") -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:{fmt}}" if math.isnan(std) else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def group_rows(results: list[RunResult]) -> dict[str, list[RunResult]]:
+    rows: dict[str, list[RunResult]] = {}
+    for result in results:
+        rows.setdefault(result.name, []).append(result)
+    return rows
+
+
+def metric_columns(columns: list[dict], results: list[RunResult]) -> list[tuple[str, str, str]]:
+    """(metric key, header, format) per table column, expanding ``groups`` into per-group columns."""
+    expanded = []
+    for column in columns:
+        key, label, fmt = column["metric"], column.get("label", column["metric"]), column.get("format", ".3f")
+        if column.get("groups"):
+            groups = sorted({k[len(key) + 1 :] for r in results for k in r.metrics if k.startswith(key + "/")})
+            expanded += [(f"{key}/{g}", f"{label} {g}", fmt) for g in groups]
+        expanded.append((key, f"{label} mean" if column.get("groups") else label, fmt))
+    return expanded
+
+
+def paired_delta(rows: dict[str, list[RunResult]], baseline: str, candidate: str, metric: str) -> list[float]:
+    """Per-seed differences candidate - baseline of ``metric`` (seeds both rows have)."""
+    base = {r.seed: r.metrics.get(metric, float("nan")) for r in rows.get(baseline, [])}
+    return [r.metrics.get(metric, float("nan")) - base[r.seed] for r in rows.get(candidate, []) if r.seed in base]
+
+
+def best_on_validation(rows: dict[str, list[RunResult]], names: list[str]) -> str:
+    """The row with the best mean validation score (its own monitor's direction: max for Dice)."""
+    scored = [(mean_std([r.val_score for r in rows[n]])[0], n) for n in names if n in rows]
+    return max(scored)[1]
+
+
+def comparison_lines(spec: TableSpec, rows: dict[str, list[RunResult]], metric: str, label: str) -> list[str]:
+    lines = []
+    for entry in spec.compare:
+        baseline = entry["baseline"]
+        candidate = entry.get("candidate") or best_on_validation(rows, entry["candidates"])
+        chosen = "" if "candidate" in entry else " (best of the candidates on validation)"
+        deltas = paired_delta(rows, baseline, candidate, metric)
+        if not deltas:
+            continue
+        base_mean = mean_std([r.metrics.get(metric) for r in rows[baseline]])[0]
+        mean, std = mean_std(deltas)
+        spread = "" if math.isnan(std) else f" ± {std:.3f}"
+        lines.append(f"- {candidate}{chosen} vs {baseline}: {label} {mean:+.3f}{spread} "
+                     f"({100 * mean / max(abs(base_mean), 1e-8):+.1f}% relative; {len(deltas)} paired seeds)")
+    return lines
+
+
+def format_table(spec: TableSpec, results: list[RunResult], header_notes: list[str] | None = None) -> str:
+    """Markdown: a row per run name, mean ± std over seeds per metric, parameters, latency, deltas."""
+    rows = group_rows(results)
+    columns = metric_columns(spec.columns, results)
+    seeds = sorted({r.seed for r in results})
+    header = ["model", "params", *[label for _, label, _ in columns], "CPU ms/input"]
+    lines = [f"### {spec.title}", ""]
+    lines += [f"- {note}" for note in header_notes or []]
+    lines += [f"- seeds: {', '.join(map(str, seeds))} (mean ± std over seeds, std with N-1); "
+              "checkpoints chosen on validation cases only", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in rows.items():
+        cells = [name, f"{runs[0].parameters / 1e6:.2f}M"]
+        cells += [format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt) for key, _, fmt in columns]
+        cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
-    if compare:
-        by_name = {r.name: r for r in results}
-        base, cand = by_name.get(compare["baseline"]), by_name.get(compare["candidate"])
-        if base and cand:
-            delta = cand.metrics["test/dice"] - base.metrics["test/dice"]
-            lines += ["", f"{cand.name} vs {base.name}: mean Dice {delta:+.3f} ({100 * delta / max(base.metrics['test/dice'], 1e-8):+.1f}% relative)"]
+    first = spec.columns[0]
+    deltas = comparison_lines(spec, rows, first["metric"], first.get("label", first["metric"]))
+    if deltas:
+        lines += ["", *deltas]
     return "\n".join(lines)
 
 
-def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[str] | None = None) -> list[RunResult]:
+def results_csv(results: list[RunResult]) -> str:
+    """One line per run and seed, every metric a column."""
+    keys = sorted({k for r in results for k in r.metrics})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["name", "seed", "parameters", "ms_per_input", "monitor", "val_score", *keys, "best_checkpoint"])
+    for r in results:
+        writer.writerow([r.name, r.seed, r.parameters, f"{r.ms_per_input:.3f}", r.monitor, r.val_score,
+                         *[r.metrics.get(k, "") for k in keys], r.best_checkpoint])
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------- running
+def run_overrides(run: dict, seed: int, done: dict[str, dict[int, RunResult | list[RunResult]]]) -> list[str]:
+    """Overrides that wire a run to the teacher runs it names (same seed)."""
+    extra = []
+    if run.get("teacher"):
+        source = done[run["teacher"]][seed]
+        if isinstance(source, list):  # a teachers run: pick one limit-trained teacher
+            source = source[int(run.get("teacher_index", 0))]
+        extra.append(f"--model.init_args.teacher_checkpoint={source.best_checkpoint}")
+    if run.get("teachers") and "config" in run:
+        extra.append(f"--model.init_args.teachers={done[run['teachers']][seed][0].manifest}")
+    return extra
+
+
+def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[str] | None = None,
+              seeds: int | None = None) -> list[RunResult]:
+    """Train and test every run of a spec over seeds; print and save the table."""
+    from distill.limit_trained import train_limit_trained_teachers
+
     spec = load_table_spec(spec_path)
     out_dir = Path(out_dir)
-    results: dict[str, RunResult] = {}
-    for run in spec.runs:
-        overrides = spec.overrides + list(run.get("overrides", [])) + list(extra_overrides or [])
-        if run.get("teacher"):
-            overrides.append(f"--model.init_args.teacher_checkpoint={results[run['teacher']].best_checkpoint}")
-        print(f"\n=== {run['name']}: {run['config']} ===", flush=True)
-        results[run["name"]] = run_experiment(run["config"], overrides, out_dir / slug(run["name"]), run["name"])
-    table = format_table(spec.title, list(results.values()), spec.compare)
+    num_seeds = seeds or spec.seeds
+    done: dict[str, dict[int, RunResult | list[RunResult]]] = {}
+    results: list[RunResult] = []
+    for seed in range(num_seeds):
+        for run in spec.runs:
+            run_dir = out_dir / slug(run["name"]) / f"seed_{seed}"
+            overrides = spec.overrides + list(run.get("overrides", [])) + list(extra_overrides or [])
+            print(f"\n=== {run['name']} (seed {seed}) ===", flush=True)
+            if "config" not in run:  # limit-trained teachers
+                teachers = train_limit_trained_teachers(run["teachers"], run_dir, overrides, seed, row_prefix=run["name"])
+                done.setdefault(run["name"], {})[seed] = teachers
+                results += teachers
+                continue
+            overrides += run_overrides(run, seed, done)
+            result = run_experiment(run["config"], overrides, run_dir, run["name"], seed)
+            done.setdefault(run["name"], {})[seed] = result
+            results.append(result)
+    notes = table_notes(spec, out_dir)
+    table = format_table(spec, results, notes)
     print("\n" + table)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unique_path(out_dir / "results.md").write_text(table + "\n")
-    unique_path(out_dir / "results.json").write_text(json.dumps([r.__dict__ for r in results.values()], indent=2))
-    return list(results.values())
+    write_text_atomic(unique_path(out_dir / "results.md"), table + "\n")
+    write_text_atomic(unique_path(out_dir / "results.csv"), results_csv(results))
+    write_text_atomic(unique_path(out_dir / "results.json"), json.dumps([asdict(r) for r in results], indent=2))
+    save_site_chart(results, spec.columns[0], unique_path(out_dir / "site_dice.png"))
+    return results
+
+
+def table_notes(spec: TableSpec, out_dir: Path) -> list[str]:
+    """Split and protocol, read from the first run's saved config."""
+    configs = sorted(out_dir.rglob("config.yaml"))
+    if not configs:
+        return []
+    data = (yaml.safe_load(configs[0].read_text()) or {}).get("data", {}).get("init_args", {})
+    split = data.get("split", "?")
+    detail = {"per_site": f"val {data.get('val_fraction')}, test {data.get('test_fraction')} of each site's cases",
+              "leave_one_site_out": f"held-out site {data.get('held_out_site')}",
+              "case_list": f"case list {data.get('case_list')}"}.get(split, "")
+    return [f"split: {split} by case ({detail}), data seed {data.get('seed')}",
+            "protocol: 3D metrics per test volume at the original resolution, averaged per site and overall"]
+
+
+def save_site_chart(results: list[RunResult], column: dict, path: Path) -> None:
+    """Per-group bar chart (mean ± std over seeds) of the first column's metric, if it has groups."""
+    from distill.plotting import save_figure, site_dice_bars
+
+    key = column["metric"]
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, runs in group_rows(results).items():
+        groups = sorted({k[len(key) + 1 :] for r in runs for k in r.metrics if k.startswith(key + "/")})
+        if groups:
+            stats = {g: mean_std([r.metrics.get(f"{key}/{g}", float("nan")) for r in runs]) for g in groups}
+            table[name] = {g: (mean, 0.0 if math.isnan(std) else std) for g, (mean, std) in stats.items()}
+    if table:
+        save_figure(site_dice_bars(table, ylabel=column.get("label", key)), path)

@@ -16,7 +16,7 @@ from distill.errors import DataError
 from distill.losses import weighted_sum
 from distill.models import FeatureTaps, build_segmentation_network, count_parameters
 from distill.modules import SegDistillModule, SegmentationModule
-from distill.modules.checkpoints import load_segmentation_network
+from distill.modules.checkpoints import file_sha256, load_segmentation_network
 from distill.tables import run_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def teacher_file(tmp_path) -> Path:
 
 
 def test_teacher_checkpoint_errors_name_the_file(tmp_path, teacher_file):
-    with pytest.raises(DataError, match=f"{teacher_file}: checkpoint does not match network 'mobile_unet'"):
+    with pytest.raises(DataError, match=f"{teacher_file}: checkpoint does not match the segmentation network .*mobile_unet"):
         load_segmentation_network(teacher_file, network="mobile_unet")
     with pytest.raises(DataError, match="records no network architecture"):
         load_segmentation_network(teacher_file)
@@ -85,7 +85,7 @@ def test_teacher_checkpoint_errors_name_the_file(tmp_path, teacher_file):
 
 
 def distill_module(teacher_file: Path, **kwargs) -> SegDistillModule:
-    return SegDistillModule(
+    module = SegDistillModule(
         teacher_checkpoint=str(teacher_file),
         teacher_network="unet",
         teacher_network_kwargs={"width": 8},
@@ -94,22 +94,51 @@ def distill_module(teacher_file: Path, **kwargs) -> SegDistillModule:
         feature_pairs=[{"student": "down_2", "teacher": "down_2"}, {"student": "down_4", "teacher": "down_4"}],
         **kwargs,
     )
+    module.prepare_distillation()  # what fitting does first: load the teachers, build the adapters
+    return module
 
 
 def test_teacher_is_frozen_in_eval_mode_and_left_out_of_checkpoints(teacher_file):
     module = distill_module(teacher_file, feature_loss="mse")
     module.train()
-    assert module.net.training and not module.teacher.training
-    assert not any(p.requires_grad for p in module.teacher.parameters())
-    optimizer = module.optimizer_factory([p for p in module.parameters() if p.requires_grad])
+    teacher = module.teachers.networks[0]
+    assert module.net.training and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    optimizer = module.optimizer_factory(module.parameter_groups())
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert not optimised & {id(p) for p in module.teacher.parameters()}
-    assert optimised >= {id(p) for p in module.feature_loss.parameters()}  # 1x1 adapters train with the student
-    checkpoint = {"state_dict": module.state_dict()}
+    assert not optimised & {id(p) for p in teacher.parameters()}
+    assert optimised >= {id(p) for p in module.distill_heads.parameters()}  # 1x1 adapters train with the student
+    assert module.hparams.teacher_sha256 == file_sha256(teacher_file)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
-    assert checkpoint["state_dict"] and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+    assert checkpoint["state_dict"] and not any("teachers." in k for k in checkpoint["state_dict"])
+    assert checkpoint["network_family"] == "segmentation"
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])  # strict: the teacher weights are restored from its file
+
+    # Testing/predicting a trained student needs neither its teacher file nor its training-only heads.
+    teacher_file.unlink()
+    student = SegDistillModule(teacher_checkpoint=str(teacher_file), network="slim_unet", network_kwargs={"width": 4},
+                               feature_pairs=[{"student": "down_2", "teacher": "down_2"}], feature_loss="mse")
+    student.on_load_checkpoint(checkpoint)
+    student.load_state_dict(checkpoint["state_dict"])
+    assert all(torch.equal(a, b) for a, b in zip(student.net.state_dict().values(), module.net.state_dict().values()))
+    with pytest.raises(DataError, match="teacher.safetensors: checkpoint not found"):
+        student.prepare_distillation()
+
+
+def test_resume_refuses_a_retrained_teacher(tmp_path, teacher_file):
+    module = distill_module(teacher_file)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    save_file(build_segmentation_network("unet", 3, 2, width=8).state_dict(), str(teacher_file))  # retrained
+    resumed = distill_module(teacher_file)
+    with pytest.raises(DataError, match="teacher.safetensors: teacher differs from the one this checkpoint was trained with"):
+        resumed.on_load_checkpoint(checkpoint)
+    pinned = SegDistillModule(teacher_checkpoint=str(teacher_file), teacher_sha256=module.hparams.teacher_sha256,
+                              teacher_network="unet", teacher_network_kwargs={"width": 8},
+                              loss_weights={"dice": 1.0, "kd": 1.0})
+    with pytest.raises(DataError, match="teacher.safetensors: content hash .* differs from the recorded"):
+        pinned.prepare_distillation()
 
 
 def test_distillation_terms_are_computed_and_the_loss_decreases(teacher_file):
@@ -120,7 +149,7 @@ def test_distillation_terms_are_computed_and_the_loss_decreases(teacher_file):
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(25):
-        terms = module.loss_terms(batch, module(batch["image"]))
+        terms = module.loss_terms(batch, module.training_outputs(batch))
         loss = weighted_sum(terms, module.loss_weights)
         optimizer.zero_grad()
         loss.backward()
@@ -170,7 +199,15 @@ def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
         assert Path(result.best_checkpoint).is_file()
         assert (Path(result.log_dir) / "config.yaml").is_file()
     table = (out / "results.md").read_text()
-    assert "student + KD vs student (no KD): mean Dice" in table and "| teacher (U-Net) |" in table
+    assert "- student + KD vs student (no KD): Dice " in table and "| teacher (U-Net) |" in table
+    assert "split: per_site by case" in table and "seeds: 0" in table
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["name"] for r in rows] == [r.name for r in results] and float(rows[0]["test/dice"]) == results[0].metrics["test/dice"]
+    assert (out / "site_dice.png").stat().st_size > 0
+
+    # A restarted table finds the finished runs and trains nothing again.
+    again = run_table(REPO / "experiments/prostate/tables/single_teacher.yaml", out, [])
+    assert [r.metrics for r in again] == [r.metrics for r in results] and (out / "results-1.md").is_file()
 
     # Resume the KD run from its last checkpoint: training continues at the saved step.
     kd = results[-1]

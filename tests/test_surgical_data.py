@@ -174,8 +174,13 @@ def test_extraction_skips_finished_videos_and_redoes_an_interrupted_one(cholec, 
     np.testing.assert_array_equal(FramePattern().list_frames(frames, "video02"), all_frames)
     assert read_frame(frames / "video02" / "0.jpg").shape == (3, 250, 250)
     assert (frames / "video01" / "0.jpg").stat().st_mtime_ns == finished
-    # Another rate is a different extraction: every video is redone.
-    assert len(extract_dataset_frames(cholec.root, frames, fps=1, workers=1, progress=False)) == NUM_CHOLEC80
+    # Another rate is a different extraction: refused over finished folders, redone with overwrite.
+    with pytest.raises(DataError, match="holds a finished extraction with other settings .*fps=5.*--overwrite") as error:
+        extract_dataset_frames(cholec.root, frames, fps=1, workers=1, progress=False)
+    assert_one_line_naming(error, frames / "video01")
+    assert (frames / "video01" / "5.jpg").is_file()  # nothing was deleted
+    assert len(extract_dataset_frames(cholec.root, frames, fps=1, workers=1, progress=False, overwrite=True)) == NUM_CHOLEC80
+    assert not (frames / "video01" / "5.jpg").exists() and (frames / "video01" / "25.jpg").is_file()
 
 
 def test_tecno_frame_pattern_is_written_and_read(cholec, tmp_path):
@@ -418,10 +423,15 @@ def test_unreadable_or_truncated_video(cholec, tmp_path, damage, message):
     root = copy_tree(cholec.root, tmp_path)
     video = root / "videos" / "video02.mp4"
     video.write_bytes(damage(video.read_bytes()))
-    with pytest.raises(DataError, match=message) as error:
+    (root / "videos" / "video04.mp4").write_bytes(b"not a video")
+    with pytest.raises(DataError, match=f"2 of {NUM_CHOLEC80} videos could not be extracted.*{message}") as error:
         extract_dataset_frames(root, tmp_path / "frames", workers=2, progress=False)
     assert_one_line_naming(error, video)
-    assert not (tmp_path / "frames" / "video02" / COMPLETION_MARKER).exists()
+    assert str(root / "videos" / "video04.mp4") in str(error.value)
+    for broken in ("video02", "video04"):  # no folder that could pass for an extraction
+        assert not (tmp_path / "frames" / broken).exists()
+    for other in ("video01", "video03"):  # every readable video was extracted
+        assert (tmp_path / "frames" / other / COMPLETION_MARKER).is_file()
 
 
 def test_empty_video_folder(tmp_path):
@@ -503,3 +513,30 @@ def test_opencv_augmentations_match_torchvision_with_the_same_random_parameters(
             expected = reference(cat)
             assert out.shape == expected.shape and out.dtype == torch.uint8
             assert absolute_error(out, expected).mean() < mean_tolerance, type(ours).__name__
+
+
+@pytest.mark.parametrize("module_class", [SurgicalPhaseDataModule, SurgicalSSLDataModule])
+def test_training_position_and_augmentation_survive_a_state_roundtrip(cholec, module_class):
+    """A fresh DataModule given the state of one that served 2 batches of epoch 1 serves its 3rd batch next, same pixels."""
+    def build():
+        module = module_class(cholec.frames, cholec.root, fps=1, image_size=32, resize_size=40, batch_size=1, num_workers=0, seed=3)
+        module.setup("fit")
+        return module
+
+    first = build()
+    loader = first.train_dataloader()
+    loader.sampler.set_epoch(1)
+    batches = iter(loader)
+    next(batches), next(batches)
+    state = first.state_dict()
+    expected = next(batches)
+
+    second = build()
+    second.load_state_dict(state)
+    resumed_loader = second.train_dataloader()
+    resumed_loader.sampler.set_epoch(1)  # as Lightning does before iterating
+    got = next(iter(resumed_loader))
+    torch.testing.assert_close(got["index"], expected["index"], rtol=0, atol=0)
+    key = "image" if module_class is SurgicalPhaseDataModule else "views"
+    for a, b in zip(torch.utils._pytree.tree_leaves(got[key]), torch.utils._pytree.tree_leaves(expected[key])):
+        assert torch.equal(a, b)

@@ -1,4 +1,6 @@
-"""Logit distillation for segmentation: pixel-wise Hinton KD and channel-wise distillation.
+"""Logit distillation: one temperature-scaled soft KL, used by pixel-wise Hinton KD and
+channel-wise distillation here and by the similarity-distribution KL of self-supervised
+distillation (``distill.losses.contrastive``).
 
 Teacher logits are the target distribution; pass them detached (or computed under
 ``torch.no_grad()``) unless the teacher is meant to learn too.
@@ -13,18 +15,54 @@ from torch import Tensor, nn
 
 from distill.errors import DataError
 
-__all__ = ["ChannelWiseKDLoss", "KDLoss", "channel_wise_divergence", "pixel_kl_divergence"]
+__all__ = [
+    "ChannelWiseKDLoss",
+    "KDLoss",
+    "channel_wise_divergence",
+    "pixel_kl_divergence",
+    "soft_kl_divergence",
+]
 
 
 def _check_pair(student: Tensor, teacher: Tensor, temperature: float, owner: str) -> None:
-    """Raise DataError if the two logit maps differ in shape or the temperature is not > 0."""
+    """Raise DataError if the two logit tensors differ in shape or the temperature is not > 0."""
     if student.shape != teacher.shape:
         raise DataError(
             f"{owner}: student logits {tuple(student.shape)} and teacher logits "
-            f"{tuple(teacher.shape)} must have the same shape (B, C, H, W)"
+            f"{tuple(teacher.shape)} must have the same shape"
         )
     if not temperature > 0:
         raise DataError(f"{owner}: temperature must be > 0, got {temperature}")
+
+
+def soft_kl_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    dim: int = 1,
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))`` with the distributions along ``dim``.
+
+    The ``T^2`` factor (Hinton et al.) keeps the gradient scale independent of T; at T = 1 this
+    is the plain KL divergence.
+
+    Args:
+        student_logits: any shape, e.g. (B, C, H, W) class maps or (B, 1 + K) similarities.
+        teacher_logits: same shape.
+        temperature: softening temperature T > 0.
+        dim: the axis that holds each distribution.
+        reduction: "mean" averages the KL over all other positions (batch, pixels, ...; for
+            (B, N) logits that is the batch mean); "none" returns it per position (``dim`` removed).
+    """
+    _check_pair(student_logits, teacher_logits, temperature, "soft_kl_divergence")
+    if reduction not in ("mean", "none"):
+        raise DataError(f"soft_kl_divergence: reduction must be 'mean' or 'none', got {reduction!r}")
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=dim)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=dim)
+    divergence = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    divergence = divergence.sum(dim) * temperature**2
+    return divergence.mean() if reduction == "mean" else divergence
 
 
 def pixel_kl_divergence(
@@ -33,9 +71,7 @@ def pixel_kl_divergence(
     temperature: float,
     reduction: Literal["mean", "none"] = "mean",
 ) -> Tensor:
-    """Hinton KD per pixel: ``T^2 * KL(softmax(t / T) || softmax(s / T))`` over the classes.
-
-    The ``T^2`` factor keeps the gradient scale independent of the temperature.
+    """Hinton KD per pixel: :func:`soft_kl_divergence` over the classes (``T^2`` scaled).
 
     Args:
         student_logits: (B, C, H, W).
@@ -45,15 +81,7 @@ def pixel_kl_divergence(
             per-pixel map, e.g. for per-pixel teacher weighting.
     """
     _check_pair(student_logits, teacher_logits, temperature, "pixel_kl_divergence")
-    if reduction not in ("mean", "none"):
-        raise DataError(
-            f"pixel_kl_divergence: reduction must be 'mean' or 'none', got {reduction!r}"
-        )
-    student_log_probs = F.log_softmax(student_logits / temperature, dim=1)
-    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=1)
-    per_pixel = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
-    per_pixel = per_pixel.sum(1) * temperature**2
-    return per_pixel.mean() if reduction == "mean" else per_pixel
+    return soft_kl_divergence(student_logits, teacher_logits, temperature, dim=1, reduction=reduction)
 
 
 class KDLoss(nn.Module):
@@ -87,10 +115,7 @@ def channel_wise_divergence(student: Tensor, teacher: Tensor, temperature: float
         scalar.
     """
     _check_pair(student, teacher, temperature, "channel_wise_divergence")
-    student_log_probs = F.log_softmax(student.flatten(2) / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher.flatten(2) / temperature, dim=-1)
-    per_channel = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
-    return per_channel.sum(-1).mean() * temperature**2
+    return soft_kl_divergence(student.flatten(2), teacher.flatten(2), temperature, dim=-1)
 
 
 class ChannelWiseKDLoss(nn.Module):

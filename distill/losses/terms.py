@@ -7,6 +7,7 @@ construction time so a typo in a YAML key fails before training starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -18,7 +19,8 @@ __all__ = ["check_loss_weights", "weighted_sum"]
 
 
 def check_loss_weights(weights: Mapping[str, float], available: Iterable[str], owner: str) -> None:
-    """Raise DataError if ``weights`` names a loss term that ``owner`` does not compute.
+    """Raise DataError if ``weights`` names a loss term that ``owner`` does not compute, or a
+    weight is negative or not finite.
 
     Args:
         weights: loss term name -> weight, as written in the config.
@@ -32,6 +34,8 @@ def check_loss_weights(weights: Mapping[str, float], available: Iterable[str], o
                 f"{owner}: unknown loss term {name!r} in loss_weights; "
                 f"available: {', '.join(available)}"
             )
+        if not math.isfinite(weights[name]) or weights[name] < 0:
+            raise DataError(f"{owner}: loss_weights.{name} must be a finite number >= 0, got {weights[name]}")
 
 
 def weighted_sum(

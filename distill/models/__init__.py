@@ -1,5 +1,13 @@
-"""Networks: segmentation teachers/students and feature taps for distillation."""
+"""Networks: segmentation teachers/students, feature taps for distillation, pretrained image
+backbones, self-supervision pieces (MoCo) and temporal phase models (TCN)."""
 
+from distill.models.backbones import (
+    PUBLIC_DEFAULT,
+    build_backbone,
+    load_pretrained_weights,
+    public_model_weights_path,
+)
+from distill.models.gating import TeacherGate
 from distill.models.hooks import FeatureTaps, resolve_module
 from distill.models.segmentation import (
     SEGMENTATION_NETWORKS,
@@ -9,14 +17,38 @@ from distill.models.segmentation import (
     slim_unet,
     unet,
 )
+from distill.models.ssl import (
+    MemoryQueue,
+    ProjectionHead,
+    batch_shuffle_ddp,
+    batch_unshuffle_ddp,
+    concat_all_gather,
+    cosine_momentum,
+    update_momentum,
+)
+from distill.models.temporal import MultiStageTCN, SingleStageTCN
 
 __all__ = [
+    "PUBLIC_DEFAULT",
     "SEGMENTATION_NETWORKS",
+    "TeacherGate",
     "FeatureTaps",
+    "MemoryQueue",
     "MobileUNet",
+    "MultiStageTCN",
+    "ProjectionHead",
+    "SingleStageTCN",
+    "batch_shuffle_ddp",
+    "batch_unshuffle_ddp",
+    "build_backbone",
     "build_segmentation_network",
+    "concat_all_gather",
+    "cosine_momentum",
     "count_parameters",
+    "load_pretrained_weights",
+    "public_model_weights_path",
     "resolve_module",
     "slim_unet",
     "unet",
+    "update_momentum",
 ]

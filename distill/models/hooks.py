@@ -33,17 +33,24 @@ class FeatureTaps:
         taps = FeatureTaps(net, ["down_2", "down_4"])
         logits = net(x)
         feats = taps.pop()   # [(B, C1, H1, W1), (B, C2, H2, W2)] in the order of ``paths``
+
+    Safe against ``copy.deepcopy`` of the tapped model (e.g. a momentum encoder): the copy
+    carries the hooks along, but they only record for the modules tapped here, so running the
+    copy never writes into these taps. Tap the copy with its own ``FeatureTaps`` if needed.
     """
 
     def __init__(self, model: nn.Module, paths: Sequence[str], owner: str = "model") -> None:
         self.paths = list(paths)
         self._outputs: dict[str, torch.Tensor] = {}
-        self._handles = [
-            resolve_module(model, path, owner).register_forward_hook(self._recorder(path)) for path in self.paths
-        ]
+        self._handles = []
+        for path in self.paths:
+            module = resolve_module(model, path, owner)
+            self._handles.append(module.register_forward_hook(self._recorder(path, id(module))))
 
-    def _recorder(self, path: str):
-        def record(_module: nn.Module, _inputs, output) -> None:
+    def _recorder(self, path: str, module_id: int):
+        def record(module: nn.Module, _inputs, output) -> None:
+            if id(module) != module_id:  # a deep copy of the tapped module: not ours to record
+                return
             self._outputs[path] = output[0] if isinstance(output, (tuple, list)) else output
 
         return record

@@ -1,21 +1,42 @@
-"""Shared base of every LightningModule here: optimiser injection, LR schedule, channels_last."""
+"""Shared base of every LightningModule here: the training-step template, named weighted loss
+terms, optimiser injection with parameter groups, the LR schedule and ``channels_last``.
+
+A method subclasses :class:`DistillModuleBase` and fills in three hooks::
+
+    class MyMethod(DistillModuleBase):
+        loss_term_names = ("ce", "kd")             # what loss_weights may name
+        default_loss_weights = {"ce": 1.0, "kd": 1.0}
+
+        def training_outputs(self, batch): ...     # the method's forward pass on a batch
+        def loss_terms(self, batch, outputs): ...  # {"ce": scalar, "kd": scalar}
+
+and inherits ``training_step`` (weighted sum + logging of every term as ``train/<name>``).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from distill.losses import check_loss_weights, weighted_sum
+from distill.types import NonNegativeInt
 
 
 class DistillModuleBase(L.LightningModule):
     """Owns what every method configures the same way.
 
     Args:
+        loss_weights: weight per named loss term (``None``: the class's ``default_loss_weights``);
+            a name the method does not compute fails at construction.
         optimizer: a callable ``params -> Optimizer``; in YAML ``class_path: torch.optim.AdamW``
-            with ``init_args: {lr: ...}`` (LightningCLI dependency injection).
+            with ``init_args: {lr: ...}`` (LightningCLI dependency injection). It receives the
+            parameter groups of :meth:`parameter_groups`.
         lr_schedule: ``"cosine"`` decays the LR per step to 0 over the whole run (length taken
             from the trainer, so it follows ``max_epochs`` without being repeated), with
             ``warmup_steps`` of linear warm-up; ``"constant"`` keeps it.
@@ -23,14 +44,25 @@ class DistillModuleBase(L.LightningModule):
             GPUs and with oneDNN on CPUs). Mixed precision itself is ``trainer.precision``.
     """
 
+    #: Loss terms this method can compute; ``loss_weights`` may only name these.
+    loss_term_names: ClassVar[tuple[str, ...]] = ()
+    #: Weights used when the config gives none.
+    default_loss_weights: ClassVar[Mapping[str, float]] = {}
+    #: Family of :meth:`deployable_network` in :mod:`distill.modules.checkpoints`, recorded in
+    #: every checkpoint so ``load_network`` can rebuild it without the experiment's config.
+    network_family: ClassVar[str | None] = None
+
     def __init__(
         self,
+        loss_weights: Mapping[str, float] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
-        warmup_steps: int = 0,
+        warmup_steps: NonNegativeInt = 0,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.loss_weights = dict(loss_weights if loss_weights is not None else self.default_loss_weights)
+        check_loss_weights(self.loss_weights, self.loss_term_names, owner=type(self).__name__)
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
@@ -39,8 +71,45 @@ class DistillModuleBase(L.LightningModule):
     def to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
+    # ------------------------------------------------------------ method hooks
+    def training_outputs(self, batch: Any) -> Any:
+        """The method's forward pass on a training batch (whatever :meth:`loss_terms` needs)."""
+        raise NotImplementedError
+
+    def loss_terms(self, batch: Any, outputs: Any) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms of one batch; only the weighted ones enter the loss."""
+        raise NotImplementedError
+
+    def batch_size(self, batch: Any) -> int:
+        """Samples in a batch, for logging (default: first dimension of ``batch["image"]``)."""
+        return int(batch["image"].shape[0])
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimiser parameter groups (default: every trainable parameter in one group).
+
+        Override to give a part its own options, e.g. ``{"params": probe, "lr": 0.1,
+        "weight_decay": 0.0}`` for an online linear probe.
+        """
+        return [{"params": self.trainable_parameters(self)}]
+
+    @staticmethod
+    def trainable_parameters(module: nn.Module, exclude: Iterable[nn.Module] = ()) -> list[nn.Parameter]:
+        """Parameters of ``module`` that require gradients, minus those of ``exclude``."""
+        excluded = {id(p) for m in exclude for p in m.parameters()}
+        return [p for p in module.parameters() if p.requires_grad and id(p) not in excluded]
+
+    # ------------------------------------------------------------ the template
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        outputs = self.training_outputs(batch)
+        terms = self.loss_terms(batch, outputs)
+        loss = weighted_sum(terms, self.loss_weights, owner=type(self).__name__)
+        batch_size = self.batch_size(batch)
+        self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        return loss
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory([group for group in self.parameter_groups() if group["params"]])
         if self.lr_schedule == "constant":
             return optimizer
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
@@ -54,3 +123,17 @@ class DistillModuleBase(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.network_family is not None:
+            checkpoint["network_family"] = self.network_family
+
+    # ------------------------------------------------------- results tables
+    def deployable_network(self) -> nn.Module:
+        """The network a user ships (no teachers, heads or probes); tables count and time it."""
+        raise NotImplementedError
+
+    def example_input_shape(self, datamodule: L.LightningDataModule) -> tuple[int, ...]:
+        """Shape of one inference input of :meth:`deployable_network` for ``datamodule``'s data
+        (latency measurements)."""
+        raise NotImplementedError

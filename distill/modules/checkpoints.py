@@ -1,7 +1,16 @@
-"""Loading trained networks from checkpoints safely (``weights_only=True`` / safetensors)."""
+"""Loading trained networks from checkpoints safely (``weights_only=True`` / safetensors).
+
+Each network family (segmentation networks, self-supervised encoders, ...) registers a build
+function that rebuilds its architecture from a checkpoint's hyper-parameters; a Lightning
+module records its family in the checkpoint (``checkpoint["network_family"]``), so
+:func:`load_network` can rebuild any trained network without the experiment's config.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,6 +18,28 @@ from torch import nn
 
 from distill.errors import DataError
 from distill.models import build_segmentation_network
+
+
+@dataclass(frozen=True)
+class NetworkFamily:
+    """How to rebuild one family of networks from a checkpoint.
+
+    Attributes:
+        build: ``(hparams, overrides) -> nn.Module``; ``hparams`` are the checkpoint's
+            hyper-parameters, ``overrides`` what the caller states for plain state dicts.
+        prefix: key prefix of the network's weights in a Lightning ``state_dict`` (``"net."``).
+    """
+
+    build: Callable[[Mapping, Mapping], nn.Module]
+    prefix: str
+
+
+NETWORK_FAMILIES: dict[str, NetworkFamily] = {}
+
+
+def register_network_family(name: str, build: Callable[[Mapping, Mapping], nn.Module], prefix: str) -> None:
+    """Make ``load_network(..., family=name)`` (and checkpoints recording ``name``) rebuildable."""
+    NETWORK_FAMILIES[name] = NetworkFamily(build=build, prefix=prefix)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -23,6 +54,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 return found[-1]
         raise DataError(f"{path}: no best*.ckpt or last*.ckpt under this run directory (train the teacher first)")
     raise DataError(f"{path}: checkpoint not found (train the teacher first, or fix the path)")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's content (identifies exactly which trained weights were used)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_state(path: Path) -> dict:
@@ -40,32 +80,68 @@ def load_state(path: Path) -> dict:
     return payload if "state_dict" in payload else {"state_dict": payload}
 
 
-def load_segmentation_network(
-    path: str | Path, network: str | None = None, network_kwargs: dict | None = None, prefix: str = "net."
-) -> nn.Module:
-    """Rebuild a segmentation network from a checkpoint and load its weights (frozen, eval mode).
+def checkpoint_family(payload: Mapping, path: Path, family: str | None) -> str:
+    """The network family a checkpoint holds: recorded by the module, else stated by the caller."""
+    recorded = payload.get("network_family")
+    if recorded is None and "network" in (payload.get("hyper_parameters") or {}):
+        recorded = "segmentation"  # checkpoints written before families were recorded
+    if family is not None and recorded is not None and family != recorded:
+        raise DataError(f"{path}: holds a {recorded!r} network, expected a {family!r} one")
+    name = family or recorded
+    if name is None:
+        raise DataError(f"{path}: checkpoint records no network architecture; state the network in the config")
+    if name not in NETWORK_FAMILIES:
+        raise DataError(f"{path}: unknown network family {name!r}; known: {', '.join(sorted(NETWORK_FAMILIES))}")
+    return name
 
-    The architecture comes from the checkpoint's hyper-parameters (``network``,
-    ``network_kwargs``, ``in_channels``, ``num_classes``, saved by :class:`SegmentationModule`);
-    for a plain state dict, pass ``network``/``network_kwargs`` (``in_channels``/``num_classes``
-    are then inferred as 3 and 2 unless given in ``network_kwargs``).
+
+def load_network(path: str | Path, family: str | None = None, overrides: Mapping | None = None) -> nn.Module:
+    """Rebuild the trained network stored in a checkpoint and load its weights (frozen, eval mode).
+
+    Args:
+        path: a Lightning ``.ckpt``, a state dict (``.pt``/``.pth``) or ``.safetensors`` file, or a
+            run directory (its newest ``best*.ckpt``).
+        family: the expected family (required for plain state dicts, checked against Lightning
+            checkpoints).
+        overrides: architecture options for checkpoints that carry no hyper-parameters
+            (family-specific, e.g. ``{"network": "unet", "network_kwargs": {"width": 8}}``).
     """
     path = resolve_checkpoint(path)
     payload = load_state(path)
-    hparams = dict(payload.get("hyper_parameters") or {})
-    name = network or hparams.get("network")
-    if name is None:
-        raise DataError(f"{path}: checkpoint records no network architecture; set teacher_network in the config")
-    kwargs = dict(hparams.get("network_kwargs") or {}) if network is None else dict(network_kwargs or {})
-    in_channels = kwargs.pop("in_channels", hparams.get("in_channels", 3))
-    num_classes = kwargs.pop("num_classes", hparams.get("num_classes", 2))
-    net = build_segmentation_network(name, in_channels=in_channels, num_classes=num_classes, **kwargs)
+    name = checkpoint_family(payload, path, family)
+    spec = NETWORK_FAMILIES[name]
+    try:
+        net = spec.build(dict(payload.get("hyper_parameters") or {}), dict(overrides or {}))
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
     state = payload["state_dict"]
-    if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if any(k.startswith(spec.prefix) for k in state):
+        state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
         summary = " ".join(str(err).split())[:300]
-        raise DataError(f"{path}: checkpoint does not match network {name!r} {kwargs}: {summary}") from None
+        raise DataError(f"{path}: checkpoint does not match the {name} network {dict(overrides or {})}: {summary}") from None
     return net.eval().requires_grad_(False)
+
+
+def _build_segmentation(hparams: Mapping, overrides: Mapping) -> nn.Module:
+    """Segmentation networks: ``network``, ``network_kwargs``, ``in_channels``, ``num_classes``."""
+    name = overrides.get("network") or hparams.get("network")
+    if name is None:
+        raise DataError("checkpoint records no network architecture; set teacher_network in the config")
+    kwargs = dict((overrides.get("network_kwargs") if "network" in overrides else hparams.get("network_kwargs")) or {})
+    in_channels = kwargs.pop("in_channels", hparams.get("in_channels", 3))
+    num_classes = kwargs.pop("num_classes", hparams.get("num_classes", 2))
+    return build_segmentation_network(name, in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+register_network_family("segmentation", _build_segmentation, prefix="net.")
+
+
+def load_segmentation_network(
+    path: str | Path, network: str | None = None, network_kwargs: dict | None = None
+) -> nn.Module:
+    """:func:`load_network` for segmentation networks (``network`` only for plain state dicts)."""
+    overrides = {"network": network, "network_kwargs": network_kwargs or {}} if network else {}
+    return load_network(path, family="segmentation", overrides=overrides)

@@ -1,4 +1,4 @@
-"""Prostate segmentation: supervised training (teachers, no-KD baselines) and teacher -> student KD.
+"""Prostate segmentation: supervised training (teachers, no-KD baselines) and teachers -> student KD.
 
 Batches come from :class:`data_modules.prostate.ProstateDataModule`:
 training ``{"image": (B, S, H, W), "label": (B, H, W)}`` (S adjacent slices as channels);
@@ -19,21 +19,15 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 from torch.nn import functional as F
 
-from data_modules.prostate import SITES
 from distill.errors import DataError
-from distill.losses import (
-    AttentionTransferLoss,
-    DiceLoss,
-    FeatureMSELoss,
-    KDLoss,
-    LovaszLoss,
-    check_loss_weights,
-    weighted_sum,
-)
-from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_dice_hd95
+from distill.losses import AttentionTransferLoss, DiceLoss, FeatureMSELoss, LovaszLoss
+from distill.losses.multi_teacher import combine_soft_targets, soft_target_kl, teacher_weights
+from distill.metrics.segmentation import PROSTATE_SITES, PerGroupVolumeMetrics, volume_dice_hd95
 from distill.models import FeatureTaps, build_segmentation_network
 from distill.modules.base import DistillModuleBase
-from distill.modules.checkpoints import load_segmentation_network
+from distill.modules.teacher_cache import attach_teacher_cache
+from distill.modules.teachers import FrozenTeachers, TeacherRecord
+from distill.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 # Network options as typed values, so command-line overrides such as ``width=16`` arrive as numbers.
 NetworkKwargs = dict[str, Union[int, float, bool, str, list[int]]]
@@ -53,29 +47,30 @@ class SegmentationModule(DistillModuleBase):
         largest_component: keep only the largest 3D connected component of the prediction.
     """
 
-    supervised_terms = ("dice", "lovasz", "ce")
+    loss_term_names = ("dice", "lovasz", "ce")
+    default_loss_weights = {"dice": 1.0, "lovasz": 1.0}
+    network_family = "segmentation"
 
     def __init__(
         self,
         network: str = "unet",
         network_kwargs: NetworkKwargs | None = None,
-        in_channels: int = 3,
-        num_classes: int = 2,
-        loss_weights: Mapping[str, float] | None = None,
+        in_channels: PositiveInt = 3,
+        num_classes: PositiveInt = 2,
+        loss_weights: Mapping[str, NonNegativeFloat] | None = None,
         lovasz_mode: Literal["softmax", "hinge"] = "softmax",
         lovasz_per_image: bool = False,
-        report_sites: Sequence[str] = SITES,
-        eval_batch_size: int = 32,
+        report_sites: Sequence[str] = PROSTATE_SITES,
+        eval_batch_size: PositiveInt = 32,
         largest_component: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
-        warmup_steps: int = 0,
+        warmup_steps: NonNegativeInt = 0,
         channels_last: bool = False,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps, channels_last=channels_last)
+        super().__init__(loss_weights=loss_weights, optimizer=optimizer, lr_schedule=lr_schedule,
+                         warmup_steps=warmup_steps, channels_last=channels_last)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.loss_weights = dict(loss_weights if loss_weights is not None else {"dice": 1.0, "lovasz": 1.0})
-        check_loss_weights(self.loss_weights, self.available_loss_terms(), owner=type(self).__name__)
         self.net = build_segmentation_network(network, in_channels, num_classes, **(network_kwargs or {}))
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -86,17 +81,25 @@ class SegmentationModule(DistillModuleBase):
         self.val_metrics = PerGroupVolumeMetrics(report_sites)
         self.test_metrics = PerGroupVolumeMetrics(report_sites)
 
-    def available_loss_terms(self) -> tuple[str, ...]:
-        return self.supervised_terms
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, S, H, W) slices -> (B, num_classes, H, W) logits."""
         return self.net(self.to_memory_format(image))
 
+    def deployable_network(self) -> nn.Module:
+        return self.net
+
+    def example_input_shape(self, datamodule) -> tuple[int, ...]:
+        size = datamodule.hparams.image_size
+        return (1, self.hparams.in_channels, size, size)
+
     # ----------------------------------------------------------------- training
-    def loss_terms(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named loss terms of one training batch; subclasses add theirs."""
-        label = batch["label"]
+    def training_outputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"logits": (B, num_classes, H, W)}``; subclasses add what their terms need."""
+        return {"logits": self(batch["image"])}
+
+    def loss_terms(self, batch: Mapping[str, torch.Tensor], outputs: Mapping) -> dict[str, torch.Tensor]:
+        """Supervised terms of one training batch; subclasses add theirs."""
+        label, logits = batch["label"], outputs["logits"]
         terms = {}
         if "dice" in self.loss_weights:
             terms["dice"] = self.dice_loss(logits, label)
@@ -105,15 +108,6 @@ class SegmentationModule(DistillModuleBase):
         if "ce" in self.loss_weights:
             terms["ce"] = F.cross_entropy(logits, label)
         return terms
-
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
-        terms = self.loss_terms(batch, logits)
-        loss = weighted_sum(terms, self.loss_weights)
-        batch_size = logits.shape[0]
-        self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=batch_size)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        return loss
 
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -165,102 +159,205 @@ class SegmentationModule(DistillModuleBase):
         }
 
 
-class SegDistillModule(SegmentationModule):
-    """Student trained with a frozen teacher: supervised terms + temperature KL + feature distillation.
 
-    The teacher is rebuilt from its checkpoint (architecture from the checkpoint's
-    hyper-parameters), kept in eval mode and run without autograd. Its weights are not
-    stored in the student's checkpoints (they are reloaded from ``teacher_checkpoint``).
+
+class SegDistillBase(SegmentationModule):
+    """Student segmentation network trained with K frozen teachers (the shared machinery).
+
+    Loss terms: the supervised ``dice``, ``lovasz``, ``ce``, plus ``kd`` (``T^2`` KL from the
+    teachers' combined softened distribution, :meth:`teacher_weights` says how they combine)
+    and ``feature`` (feature distillation on ``feature_pairs``, averaged over teachers).
+
+    Teachers are :class:`~distill.modules.teachers.FrozenTeachers`: loaded when fitting starts,
+    never in the student's checkpoints, identified by content hash (``teacher_sha256`` in the
+    student's hyper-parameters). Training-only parts (feature adapters) live in
+    ``distill_heads`` and are dropped when a checkpoint is loaded for test or predict.
 
     Args:
-        teacher_checkpoint: a teacher ``.ckpt``/state-dict/safetensors file, or a run directory
-            (its newest ``best*.ckpt`` is used).
-        teacher_network, teacher_network_kwargs: only for plain state dicts without hyper-parameters.
+        teacher_checkpoints: one checkpoint file or run directory per teacher.
+        teacher_sha256: expected content hash per teacher (``None``: recorded, not checked).
         temperature: KD temperature T; the KL term is scaled by T^2.
         feature_pairs: ``[{"student": "<module path>", "teacher": "<module path>"}, ...]``: the
-            intermediate features to match, captured with forward hooks.
-        feature_loss: ``"attention"`` (attention transfer, no adapter) or ``"mse"`` (1x1 adapters).
-        loss_weights: terms here: ``dice``, ``lovasz``, ``ce``, ``kd``, ``feature``.
+            intermediate features to match, captured with forward hooks (same teacher path in
+            every teacher).
+        feature_loss: ``"attention"`` (attention transfer, no adapter) or ``"mse"`` (a 1x1
+            adapter per teacher and layer).
+        teacher_network, teacher_network_kwargs: only for plain state dicts without hyper-parameters.
+        teacher_cache: file of cached teacher logits (built on first use): teachers then run once
+            per training slice instead of every step; see :mod:`distill.modules.teacher_cache`.
+        batched_teachers: run same-architecture teachers as one batched pass.
     """
 
-    distill_terms = ("kd", "feature")
+    loss_term_names = ("dice", "lovasz", "ce", "kd", "feature")
+    default_loss_weights = {"dice": 1.0, "lovasz": 1.0, "kd": 1.0, "feature": 1.0}
 
     def __init__(
         self,
-        teacher_checkpoint: str,
-        network: str = "slim_unet",
-        network_kwargs: NetworkKwargs | None = None,
-        in_channels: int = 3,
-        num_classes: int = 2,
-        loss_weights: Mapping[str, float] | None = None,
-        temperature: float = 4.0,
+        teacher_checkpoints: Sequence[str],
+        teacher_sha256: Sequence[str | None] | None = None,
+        temperature: PositiveFloat = 4.0,
         feature_pairs: list[dict[str, str]] | None = None,
         feature_loss: Literal["attention", "mse"] = "attention",
-        attention_p: float = 2.0,
+        attention_p: PositiveFloat = 2.0,
         teacher_network: str | None = None,
         teacher_network_kwargs: NetworkKwargs | None = None,
+        teacher_cache: str | None = None,
+        batched_teachers: bool = True,
         **kwargs,
     ) -> None:
-        weights = dict(loss_weights if loss_weights is not None else {"dice": 1.0, "lovasz": 1.0, "kd": 1.0, "feature": 1.0})
-        super().__init__(
-            network=network,
-            network_kwargs=network_kwargs,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            loss_weights=weights,
-            **kwargs,
-        )
-        self.teacher = load_segmentation_network(teacher_checkpoint, teacher_network, teacher_network_kwargs)
-        # The frozen teacher is in eval mode on purpose; Lightning would warn about it at every fit.
+        super().__init__(**kwargs)
+        overrides = {"network": teacher_network, "network_kwargs": teacher_network_kwargs or {}} if teacher_network else {}
+        self.teachers = FrozenTeachers(teacher_checkpoints, "segmentation", teacher_sha256, overrides, batched_teachers)
+        # The frozen teachers are in eval mode on purpose; Lightning would warn about it at every fit.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
-        self.kd_loss = KDLoss(temperature=temperature)
+        self.temperature = temperature
         pairs = list(feature_pairs or [])
         for pair in pairs:
             if set(pair) != {"student", "teacher"}:
                 raise DataError(f"feature_pairs entry {pair} must have exactly the keys 'student' and 'teacher'")
         if "feature" in self.loss_weights and not pairs:
             raise DataError("loss_weights has a 'feature' term but feature_pairs is empty")
+        if teacher_cache is not None and self.loss_weights.get("feature", 0) > 0:
+            raise DataError("teacher_cache: the cache holds teacher outputs only; drop the 'feature' loss term or the cache")
         self.student_taps = FeatureTaps(self.net, [p["student"] for p in pairs], owner="student")
-        self.teacher_taps = FeatureTaps(self.teacher, [p["teacher"] for p in pairs], owner="teacher")
-        if feature_loss == "mse":
-            student_channels, teacher_channels = self._feature_channels(in_channels)
-            self.feature_loss = FeatureMSELoss(student_channels, teacher_channels)
-        else:
-            self.feature_loss = AttentionTransferLoss(p=attention_p)
+        self.teacher_feature_paths = [p["teacher"] for p in pairs]
+        self.feature_loss_kind = feature_loss
+        self.attention_loss = AttentionTransferLoss(p=attention_p)
+        self.teacher_cache = teacher_cache
+        self.distill_heads = nn.ModuleDict()  # training-only parts, built by prepare_distillation()
+        records = self.teachers.available_records()
+        if records is not None:
+            self.record_teachers(records)
 
-    def available_loss_terms(self) -> tuple[str, ...]:
-        return self.supervised_terms + self.distill_terms
+    def record_teachers(self, records: Sequence[TeacherRecord]) -> None:
+        """Store the resolved teacher files and hashes in the hyper-parameters (saved with every checkpoint)."""
+        self.hparams["teacher_sha256"] = [r.sha256 for r in records]
+
+    def recorded_teacher_hashes(self, hparams: Mapping) -> list[str] | None:
+        recorded = hparams.get("teacher_sha256")
+        return None if recorded is None else list(recorded)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.prepare_distillation()
+            if self.teacher_cache is not None:
+                attach_teacher_cache(self.teacher_cache, self.trainer.datamodule, self.teachers, self.eval_batch_size,
+                                     self.trainer.strategy)
+
+    def prepare_distillation(self) -> None:
+        """Load the teachers, check them against the student, build the training-only heads."""
+        self.teachers.load()
+        self.record_teachers(self.teachers.records())
+        student_features, teacher_features = self._dry_run()
+        if self.feature_loss_kind == "mse" and "adapters" not in self.distill_heads:
+            student_channels = [f.shape[1] for f in student_features]
+            self.distill_heads["adapters"] = nn.ModuleList(
+                FeatureMSELoss(student_channels, [f.shape[1] for f in feats]) for feats in teacher_features
+            )
 
     @torch.no_grad()
-    def _feature_channels(self, in_channels: int) -> tuple[list[int], list[int]]:
-        """Channels of the tapped features, from one dry run on a small input."""
-        probe = torch.zeros(1, in_channels, 64, 64)
-        self.net.eval()(probe)
-        self.teacher(probe)
-        self.net.train()
-        return [f.shape[1] for f in self.student_taps.pop()], [f.shape[1] for f in self.teacher_taps.pop()]
-
-    def train(self, mode: bool = True) -> SegDistillModule:
-        """Switch the student; the teacher always stays in eval mode (frozen batch-norm statistics)."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def loss_terms(self, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = super().loss_terms(batch, logits)
+    def _dry_run(self) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """One small input through student and teachers: checks their agreement, returns features."""
+        in_channels, num_classes = self.hparams.in_channels, self.hparams.num_classes
+        probe = torch.zeros(1, in_channels, 64, 64, device=self.device)
+        was_training = self.net.training
+        self.net.eval()
+        self.net(probe)
+        self.net.train(was_training)
         student_features = self.student_taps.pop()
-        with torch.no_grad():
-            teacher_logits = self.teacher(self.to_memory_format(batch["image"]))
-        teacher_features = self.teacher_taps.pop()
+        try:
+            outputs, teacher_features = self.teachers(probe, self.teacher_feature_paths)
+        except RuntimeError as err:
+            raise DataError(f"{self._teacher_files()}: teachers do not accept the student's "
+                            f"{in_channels}-channel input ({str(err).splitlines()[0][:120]})") from None
+        for record, out in zip(self.teachers.records(), outputs):
+            if out.shape[1] != num_classes:
+                raise DataError(f"{record.checkpoint}: teacher predicts {out.shape[1]} classes, the student {num_classes}")
+        return student_features, teacher_features
+
+    def _teacher_files(self) -> str:
+        return ", ".join(r.checkpoint for r in self.teachers.records())
+
+    # ---------------------------------------------------------------- training
+    def training_outputs(self, batch: Mapping[str, torch.Tensor]) -> dict:
+        """Student logits and features, and the teachers' logits ``(K, B, C, H, W)`` and features.
+
+        With a teacher cache the batch carries ``teacher_logits`` (B, K, C, H, W), augmented
+        together with the image, and the teachers do not run.
+        """
+        outputs = super().training_outputs(batch)
+        outputs["student_features"] = self.student_taps.pop()
+        if "teacher_logits" in batch:
+            outputs["teacher_logits"] = batch["teacher_logits"].float().movedim(1, 0)
+            outputs["teacher_features"] = None
+            return outputs
+        paths = self.teacher_feature_paths if self.loss_weights.get("feature", 0) > 0 else ()
+        teacher_logits, teacher_features = self.teachers(self.to_memory_format(batch["image"]), paths)
+        outputs["teacher_logits"] = torch.stack(teacher_logits).float()
+        outputs["teacher_features"] = teacher_features
+        return outputs
+
+    def teacher_weights(self, batch: Mapping[str, torch.Tensor], outputs: Mapping) -> torch.Tensor:
+        """(K, B, H, W) weight of each teacher in the KD target; here the plain mean."""
+        return teacher_weights("mean", outputs["teacher_logits"])
+
+    def loss_terms(self, batch: Mapping[str, torch.Tensor], outputs: Mapping) -> dict[str, torch.Tensor]:
+        terms = super().loss_terms(batch, outputs)
         if "kd" in self.loss_weights:
-            terms["kd"] = self.kd_loss(logits, teacher_logits)
-        if "feature" in self.loss_weights:
-            terms["feature"] = self.feature_loss(student_features, teacher_features)
+            weights = self.teacher_weights(batch, outputs)
+            target = combine_soft_targets(outputs["teacher_logits"], weights.detach(), self.temperature)
+            terms["kd"] = soft_target_kl(outputs["logits"], target, self.temperature)
+        if self.loss_weights.get("feature", 0) > 0:
+            terms["feature"] = torch.stack(
+                [self._feature_loss(k, outputs["student_features"], feats) for k, feats in enumerate(outputs["teacher_features"])]
+            ).mean()
         return terms
 
-    # The teacher is reloaded from ``teacher_checkpoint``; keep it out of student checkpoints.
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+    def _feature_loss(self, teacher_index: int, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        if self.feature_loss_kind == "mse":
+            return self.distill_heads["adapters"][teacher_index](student, teacher)
+        return self.attention_loss(student, teacher)
 
+    # -------------------------------------------------------------- checkpoints
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        state = checkpoint["state_dict"]
+        if not self.teachers.loaded:  # test / predict / export: the student alone
+            for key in [k for k in state if k.startswith("distill_heads.")]:
+                del state[key]
+            return
+        recorded = self.recorded_teacher_hashes(checkpoint.get("hyper_parameters") or {})
+        current = [r.sha256 for r in self.teachers.records()]
+        if recorded is not None and recorded != current:
+            changed = [r.checkpoint for r, old in zip(self.teachers.records(), recorded) if r.sha256 != old]
+            raise DataError(f"{', '.join(changed) or self._teacher_files()}: teacher differs from the one this "
+                            "checkpoint was trained with (content hash changed); resume with the original teacher files")
+
+
+class SegDistillModule(SegDistillBase):
+    """Procedure 1: one well-trained teacher -> lightweight student (Dice + Lovasz + T^2 KL + features).
+
+    Args:
+        teacher_checkpoint: a teacher ``.ckpt``/state-dict/safetensors file, or a run directory
+            (its newest ``best*.ckpt`` when the student is created; the file and its hash are
+            recorded in the student's hyper-parameters).
+        teacher_sha256: expected hash of the teacher file (filled in automatically when absent).
+        Other arguments: see :class:`SegDistillBase` and :class:`SegmentationModule`.
+    """
+
+    def __init__(
+        self,
+        teacher_checkpoint: str,
+        teacher_sha256: str | None = None,
+        network: str = "slim_unet",
+        **kwargs,
+    ) -> None:
+        super().__init__(teacher_checkpoints=[teacher_checkpoint], teacher_sha256=[teacher_sha256], network=network, **kwargs)
+
+    def record_teachers(self, records: Sequence[TeacherRecord]) -> None:
+        self.hparams["teacher_checkpoint"] = records[0].checkpoint
+        self.hparams["teacher_sha256"] = records[0].sha256
+
+    def recorded_teacher_hashes(self, hparams: Mapping) -> list[str] | None:
+        recorded = hparams.get("teacher_sha256")
+        return None if recorded is None else [recorded]

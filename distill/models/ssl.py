@@ -1,0 +1,162 @@
+"""Small pieces of momentum-contrast self-supervision (MoCo v2): queue, head, EMA, shuffle-BN.
+
+Each piece works in one process and under DDP: cross-process steps (queue gathering, batch
+shuffling) run only when ``torch.distributed`` is initialised with more than one process, and
+need the same per-process batch size on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from distill.errors import DataError
+
+__all__ = [
+    "MemoryQueue",
+    "ProjectionHead",
+    "batch_shuffle_ddp",
+    "batch_unshuffle_ddp",
+    "concat_all_gather",
+    "cosine_momentum",
+    "update_momentum",
+]
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: Tensor) -> Tensor:
+    """(B, ...) from each of P processes -> (P * B, ...) in rank order, without gradient.
+
+    Returns ``tensor`` itself in a single process.
+    """
+    _, world_size = _world()
+    if world_size == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
+
+
+class MemoryQueue(nn.Module):
+    """FIFO queue of the last ``size`` keys (MoCo's dictionary of negatives), as module buffers.
+
+    Buffers (saved in checkpoints): ``queue`` (size, dim), initialised with random unit vectors,
+    and ``pointer`` (the row the next keys are written to). Two queues enqueued from the same
+    batches, starting from the same pointer, hold the same samples in the same rows.
+
+    Args:
+        dim: key dimension D.
+        size: number of keys K; must be a multiple of the global batch size (all processes).
+    """
+
+    queue: Tensor
+    pointer: Tensor
+
+    def __init__(self, dim: int, size: int) -> None:
+        super().__init__()
+        if dim < 1 or size < 1:
+            raise ValueError(f"MemoryQueue: dim and size must be >= 1, got {dim} and {size}")
+        self.register_buffer("queue", nn.functional.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    @property
+    def size(self) -> int:
+        return self.queue.shape[0]
+
+    def check_batch_size(self, global_batch_size: int) -> None:
+        """DataError unless ``size`` is a multiple of the global batch size."""
+        if self.size % global_batch_size:
+            raise DataError(
+                f"queue size {self.size} must be a multiple of the global batch size {global_batch_size} "
+                "(batch size x processes)"
+            )
+
+    def forward(self) -> Tensor:
+        """(K, D): a copy of the keys, safe to use in a loss before the next :meth:`enqueue`."""
+        return self.queue.clone()
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write (B, D) keys (unit L2 norm, from every process under DDP) over the oldest ones."""
+        keys = concat_all_gather(keys.detach())
+        self.check_batch_size(keys.shape[0])
+        # rows pointer .. pointer + n - 1, computed on the device: no host synchronisation
+        rows = self.pointer + torch.arange(keys.shape[0], device=self.queue.device)
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.pointer.copy_((self.pointer + keys.shape[0]) % self.size)
+
+
+class ProjectionHead(nn.Module):
+    """MoCo v2 MLP head: Linear(in, hidden) -> ReLU -> Linear(hidden, out); (B, in) -> (B, out).
+
+    The output is not normalised; L2-normalise it before :func:`contrastive_logits`.
+    """
+
+    def __init__(self, in_dim: int = 2048, hidden_dim: int = 2048, out_dim: int = 128) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layers(features)
+
+
+@torch.no_grad()
+def update_momentum(model: nn.Module, ema_model: nn.Module, m: float) -> None:
+    """In place, for every parameter pair: ``ema = m * ema + (1 - m) * param``.
+
+    Buffers (batch-norm statistics) are not averaged: the momentum encoder keeps its own, as in
+    MoCo. ``model`` and ``ema_model`` must have the same architecture.
+    """
+    ema_parameters = list(ema_model.parameters())
+    parameters = list(model.parameters())
+    if len(ema_parameters) != len(parameters):
+        raise ValueError(f"update_momentum: {len(parameters)} parameters vs {len(ema_parameters)} in the EMA model")
+    torch._foreach_lerp_(ema_parameters, parameters, 1.0 - m)
+
+
+def cosine_momentum(step: int, total_steps: int, base: float = 0.99, final: float = 1.0) -> float:
+    """Momentum rising from ``base`` (step 0) to ``final`` (``total_steps``) on a half cosine (BYOL)."""
+    if total_steps < 1:
+        raise ValueError(f"cosine_momentum: total_steps must be >= 1, got {total_steps}")
+    progress = min(max(step, 0), total_steps) / total_steps
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Shuffle-BN (MoCo): exchange samples across processes before the key encoder.
+
+    Args:
+        images: (B, ...) this process's batch (B equal on every rank).
+
+    Returns:
+        (B, ...) this process's share of a random permutation of the global batch, and the
+        (P * B,) index that :func:`batch_unshuffle_ddp` needs. In a single process: ``images``
+        unchanged and the identity index.
+    """
+    rank, world_size = _world()
+    if world_size == 1:
+        return images, torch.arange(images.shape[0], device=images.device)
+    gathered = concat_all_gather(images)
+    shuffle = torch.randperm(gathered.shape[0], device=images.device)
+    dist.broadcast(shuffle, src=0)
+    return gathered[shuffle.view(world_size, -1)[rank]], torch.argsort(shuffle)
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(outputs: Tensor, unshuffle: Tensor) -> Tensor:
+    """Undo :func:`batch_shuffle_ddp` on the key encoder's (B, ...) outputs (identity in one process)."""
+    rank, world_size = _world()
+    if world_size == 1:
+        return outputs[unshuffle]
+    return concat_all_gather(outputs)[unshuffle.view(world_size, -1)[rank]]

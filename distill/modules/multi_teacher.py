@@ -1,0 +1,107 @@
+"""Procedure 2: several limit-trained teachers distilled into one adaptive student.
+
+Teachers come from a manifest written by ``distill teachers`` (or a list of checkpoints); any
+mix of architectures works, same-architecture teachers run as one batched pass. The KD target
+mixes the teachers' softened predictions with per-pixel (or per-image) weights from a rule
+(:mod:`distill.losses.multi_teacher`): ``mean``, ``confidence``, ``performance`` (CA-MKD) or
+``learned`` (a gating network trained with the student: the adaptive student). The mean weight
+of every teacher is logged as ``train/teacher_weight/<k>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from distill.errors import DataError
+from distill.losses.multi_teacher import gate_nll_loss, teacher_weights
+from distill.models import TeacherGate
+from distill.modules.segmentation import SegDistillBase
+from distill.modules.teachers import FrozenTeachers, read_teacher_manifest
+from distill.types import PositiveInt
+
+
+def teacher_checkpoints(teachers: str | Sequence[str]) -> tuple[list[str], list[str | None]]:
+    """Checkpoints and expected hashes from a manifest path or a list of checkpoints."""
+    if isinstance(teachers, (str, Path)) and Path(teachers).suffix in (".yaml", ".yml"):
+        entries = read_teacher_manifest(teachers)
+        return [e.checkpoint for e in entries], [e.sha256 for e in entries]
+    listed = [teachers] if isinstance(teachers, (str, Path)) else list(teachers)
+    return [str(c) for c in listed], [None] * len(listed)
+
+
+class MultiTeacherDistillModule(SegDistillBase):
+    """K frozen teachers -> one student, combined by a weighting rule chosen in YAML.
+
+    Args:
+        teachers: a teacher manifest YAML (its hashes are checked) or a list of checkpoints.
+        teacher_sha256: expected hash per teacher (default: the manifest's).
+        weighting: ``mean``, ``confidence``, ``performance`` or ``learned``.
+        granularity: ``pixel`` (a weight per pixel) or ``sample`` (one per image).
+        gate_width: hidden channels of the gating network (``learned``); its loss term is ``gate``.
+        Other arguments: see :class:`~distill.modules.segmentation.SegDistillBase`.
+    """
+
+    loss_term_names = SegDistillBase.loss_term_names + ("gate",)
+    default_loss_weights = {"dice": 1.0, "lovasz": 1.0, "kd": 1.0}
+
+    def __init__(
+        self,
+        teachers: str | list[str],
+        teacher_sha256: list[str] | None = None,
+        weighting: Literal["mean", "confidence", "performance", "learned"] = "mean",
+        granularity: Literal["pixel", "sample"] = "pixel",
+        gate_width: PositiveInt = 16,
+        network: str = "slim_unet",
+        **kwargs,
+    ) -> None:
+        try:
+            checkpoints, manifest_hashes = teacher_checkpoints(teachers)
+        except DataError:  # teachers gone: fine for test/predict; fitting reports it (prepare_distillation)
+            checkpoints, manifest_hashes = [], None
+        expected = (teacher_sha256 or manifest_hashes) if checkpoints else None
+        super().__init__(teacher_checkpoints=checkpoints, teacher_sha256=expected, network=network, **kwargs)
+        if weighting not in ("mean", "confidence", "performance", "learned"):
+            raise DataError(f"weighting: unknown teacher weighting rule {weighting!r}; "
+                            "available: mean, confidence, performance, learned")
+        if (weighting == "learned") != ("gate" in self.loss_weights):
+            raise DataError("loss_weights: the 'gate' term trains the gate of weighting 'learned'; "
+                            "give it with that rule and only with it")
+        self.weighting = weighting
+        self.granularity = granularity
+        self.gate_width = gate_width
+
+    def prepare_distillation(self) -> None:
+        checkpoints, manifest_hashes = teacher_checkpoints(self.hparams.teachers)  # raises if teachers are gone
+        if not self.teachers.checkpoints:
+            self.teachers = FrozenTeachers(checkpoints, "segmentation", self.hparams.teacher_sha256 or manifest_hashes,
+                                           self.teachers.overrides, self.teachers.batched)
+        super().prepare_distillation()
+        if self.weighting == "learned" and "gate" not in self.distill_heads:
+            channels = self.hparams.in_channels + len(self.teachers) * self.hparams.num_classes
+            self.distill_heads["gate"] = TeacherGate(channels, len(self.teachers), self.gate_width,
+                                                     per_sample=self.granularity == "sample")
+
+    def teacher_weights(self, batch: Mapping[str, torch.Tensor], outputs: dict) -> torch.Tensor:
+        teacher_logits = outputs["teacher_logits"]
+        gate_logits = None
+        if self.weighting == "learned":
+            probs = torch.softmax(teacher_logits, dim=2)
+            gate_logits = self.distill_heads["gate"](batch["image"], probs)
+        weights = teacher_weights(self.weighting, teacher_logits, batch["label"], gate_logits, self.granularity)
+        outputs["teacher_weights"] = weights
+        means = weights.detach().flatten(1).mean(1)
+        self.log_dict({f"train/teacher_weight/{k}": w for k, w in enumerate(means)}, batch_size=weights.shape[1])
+        return weights
+
+    def loss_terms(self, batch: Mapping[str, torch.Tensor], outputs: dict) -> dict[str, torch.Tensor]:
+        terms = super().loss_terms(batch, outputs)
+        if self.weighting == "learned":
+            weights = outputs.get("teacher_weights")
+            if weights is None:  # no kd term this run
+                weights = self.teacher_weights(batch, outputs)
+            terms["gate"] = gate_nll_loss(outputs["teacher_logits"], weights, batch["label"])
+        return terms

@@ -1,0 +1,237 @@
+"""Frozen teachers: the one component every distillation module uses to hold its teachers.
+
+- Teachers are rebuilt from their checkpoints (:func:`distill.modules.checkpoints.load_network`),
+  always in eval mode, without autograd.
+- They load lazily (:meth:`FrozenTeachers.load`, called when fitting starts), so testing,
+  predicting or exporting a trained student never needs its teachers' files.
+- Their weights never enter the student's checkpoints or ``state_dict`` (they are reloaded
+  from their files); each teacher file is identified by its SHA-256, which the student
+  records, so a retrained teacher cannot silently change what an old student config means.
+- Teachers of the same architecture run as one batched pass (``torch.func`` stacked weights
+  under ``vmap``: one grouped convolution per layer), not K Python round trips.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from distill.errors import DataError
+from distill.models import FeatureTaps
+from distill.modules.checkpoints import file_sha256, load_network, resolve_checkpoint
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """Which file a teacher was read from, and its content hash."""
+
+    checkpoint: str
+    sha256: str
+
+
+def architecture_key(net: nn.Module) -> tuple:
+    """Networks with equal keys can share one batched pass (same class, same tensor shapes)."""
+    return (type(net).__qualname__, tuple((k, tuple(v.shape)) for k, v in net.state_dict().items()))
+
+
+class FrozenTeachers(nn.Module):
+    """K frozen teacher networks, loaded lazily, kept out of checkpoints, run batched.
+
+    Args:
+        checkpoints: one checkpoint file or run directory per teacher.
+        family: network family of the teachers (see :mod:`distill.modules.checkpoints`).
+        sha256: expected content hash per teacher (``None`` entries: not checked). A mismatch
+            fails at load time, naming the file.
+        overrides: architecture options for plain state dicts without hyper-parameters.
+        batched: run same-architecture teachers as one ``vmap``-ed pass.
+    """
+
+    def __init__(
+        self,
+        checkpoints: Sequence[str | Path],
+        family: str,
+        sha256: Sequence[str | None] | None = None,
+        overrides: Mapping | None = None,
+        batched: bool = True,
+    ) -> None:
+        super().__init__()
+        self.checkpoints = [str(c) for c in checkpoints]
+        self.expected_sha256 = list(sha256) if sha256 is not None else [None] * len(self.checkpoints)
+        if len(self.expected_sha256) != len(self.checkpoints):
+            raise DataError(f"teachers: {len(self.checkpoints)} checkpoints but {len(self.expected_sha256)} sha256 values")
+        self.family = family
+        self.overrides = dict(overrides or {})
+        self.batched = batched
+        self.networks = nn.ModuleList()
+        self._records: list[TeacherRecord] | None = None
+        self._stacked: list[tuple[list[int], nn.Module, dict, dict]] | None = None
+        self.register_state_dict_post_hook(_drop_own_keys)
+        self.register_load_state_dict_post_hook(_forgive_own_missing_keys)
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.checkpoints) and len(self.networks) == len(self.checkpoints)
+
+    def records(self) -> list[TeacherRecord]:
+        """Resolved checkpoint files and their hashes, checked against the expected hashes."""
+        if not self.checkpoints:
+            raise DataError("teachers: no teacher checkpoint given")
+        if self._records is None:
+            records = []
+            for given, expected in zip(self.checkpoints, self.expected_sha256):
+                path = resolve_checkpoint(given)
+                digest = file_sha256(path)
+                if expected is not None and digest != expected:
+                    raise DataError(
+                        f"{path}: content hash {digest[:12]}... differs from the recorded {expected[:12]}... "
+                        "(the teacher was retrained or replaced); point to the original file or drop the recorded hash"
+                    )
+                records.append(TeacherRecord(checkpoint=str(path), sha256=digest))
+            self._records = records
+        return self._records
+
+    def available_records(self) -> list[TeacherRecord] | None:
+        """:meth:`records` if every teacher file is there and as expected now, else ``None``
+        (e.g. testing a student whose teachers are gone); :meth:`load` reports the problem."""
+        try:
+            return self.records()
+        except DataError:
+            return None
+
+    def load(self) -> None:
+        """Read every teacher (once), frozen in eval mode."""
+        if self.loaded:
+            return
+        self.networks.extend(load_network(r.checkpoint, self.family, self.overrides) for r in self.records())
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenTeachers:
+        """Teachers stay in eval mode whatever the student does (frozen batch-norm statistics)."""
+        return super().train(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._state_prefix = prefix  # where this module sits in the state dict being loaded
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._stacked = None  # stacked copies follow the networks' device/dtype on next use
+        return super()._apply(fn, recurse)
+
+    def _groups(self) -> list[tuple[list[int], nn.Module, dict, dict]]:
+        """Teachers grouped by architecture: (indices, meta-device template, stacked params, buffers)."""
+        if self._stacked is None:
+            groups: dict[tuple, list[int]] = {}
+            for index, net in enumerate(self.networks):
+                groups.setdefault(architecture_key(net), []).append(index)
+            self._stacked = []
+            for indices in groups.values():
+                members = [self.networks[i] for i in indices]
+                if len(indices) == 1 or not self.batched:
+                    self._stacked += [([i], self.networks[i], {}, {}) for i in indices]
+                    continue
+                params, buffers = stack_module_state(members)
+                template = copy.deepcopy(members[0]).to("meta")
+                self._stacked.append((indices, template, params, buffers))
+        return self._stacked
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, feature_paths: Sequence[str] = ()) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """Every teacher on the same input.
+
+        Args:
+            x: (B, ...) input batch.
+            feature_paths: module paths whose outputs to return too (the same in every teacher).
+
+        Returns:
+            ``(outputs, features)``: ``outputs[k]`` teacher k's output (e.g. (B, C, H, W) logits),
+            ``features[k]`` its tapped features in ``feature_paths`` order.
+        """
+        if not self.loaded:
+            raise RuntimeError("FrozenTeachers.load() must run before the teachers are used (it runs when fitting starts)")
+        outputs: list = [None] * len(self.networks)
+        features: list = [None] * len(self.networks)
+        for indices, template, params, buffers in self._groups():
+            taps = FeatureTaps(template, feature_paths, owner="teacher")
+            try:
+                if not params:  # a single network: a plain forward pass
+                    out = template(x)
+                    outputs[indices[0]], features[indices[0]] = out, taps.pop()
+                    continue
+
+                def run(p, b, inputs):
+                    return functional_call(template, (p, b), (inputs,)), taps.pop()
+
+                out, feats = vmap(run, in_dims=(0, 0, None))(params, buffers, x)
+                for slot, index in enumerate(indices):
+                    outputs[index] = out[slot]
+                    features[index] = [f[slot] for f in feats]
+            finally:
+                taps.remove()
+        return outputs, features
+
+
+def _drop_own_keys(module: FrozenTeachers, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _forgive_own_missing_keys(module: FrozenTeachers, incompatible_keys) -> None:
+    # Teacher weights come from their files, never from a student checkpoint.
+    own = getattr(module, "_state_prefix", "") + "networks."
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(own)]
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One limit-trained teacher of a manifest: its checkpoint, hash, training subset and score."""
+
+    name: str
+    checkpoint: str
+    sha256: str
+    subset: dict
+    val_metric: float | None = None
+
+
+def read_teacher_manifest(path: str | Path) -> list[ManifestEntry]:
+    """Teachers listed in a manifest YAML (``distill teachers`` writes it); paths relative to it.
+
+    Format::
+
+        teachers:
+          - {name: BMC, checkpoint: BMC/.../best.ckpt, sha256: ..., subset: {train_sites: [BMC]}, val_metric: 0.81}
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: teacher manifest not found (train the teachers with `distill teachers` first)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise DataError(f"{path}:{where} malformed YAML") from None
+    entries = raw.get("teachers") if isinstance(raw, dict) else None
+    if not entries:
+        raise DataError(f"{path}: a teacher manifest needs a non-empty 'teachers' list")
+    result = []
+    for entry in entries:
+        missing = {"name", "checkpoint", "sha256"} - set(entry)
+        if missing:
+            raise DataError(f"{path}: teacher entry {entry.get('name', entry)} lacks {', '.join(sorted(missing))}")
+        checkpoint = Path(entry["checkpoint"])
+        checkpoint = checkpoint if checkpoint.is_absolute() else path.parent / checkpoint
+        if not checkpoint.is_file():
+            raise DataError(f"{path}: teacher {entry['name']!r} checkpoint {checkpoint} not found")
+        result.append(ManifestEntry(name=str(entry["name"]), checkpoint=str(checkpoint), sha256=str(entry["sha256"]),
+                                    subset=dict(entry.get("subset") or {}), val_metric=entry.get("val_metric")))
+    return result

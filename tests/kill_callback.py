@@ -1,0 +1,21 @@
+"""A callback for the resume tests: the process kills itself with SIGKILL at a given global step.
+
+It runs before the checkpoint callbacks (Lightning orders those last), so the step it dies at is
+trained but not saved: the resumed run must redo it exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

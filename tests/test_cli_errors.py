@@ -1,0 +1,113 @@
+"""Bad values and files are refused before any work, in one line naming the key or file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = str(REPO / "experiments/prostate/teacher.yaml")
+
+
+def one_line_exit(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["evaluate-phases", "gt", "pred", "--pred-fps", "0"], "argument --pred-fps: must be > 0, got 0"),
+        (["evaluate-phases", "gt", "pred", "--pred-fps", "-5"], "argument --pred-fps: must be > 0, got -5"),
+        (["evaluate-phases", "gt", "pred", "--pred", "5"], "unrecognized arguments: --pred 5"),
+        (["data", "extract-frames", "--root", "r", "--out", "o", "--workers", "0"], "argument --workers: must be >= 1, got 0"),
+        (["data", "extract-frames", "--root", "r", "--out", "o", "--size", "0", "250"], "argument --size: must be >= 1, got 0"),
+        (["data", "synth-surgical", "--out", "o", "--num-videos", "x"], "argument --num-videos: expected an integer, got 'x'"),
+        (["data", "synth-prostate", "--out", "o", "--scale", "0"], "argument --scale: must be > 0, got 0"),
+    ],
+)
+def test_tool_options_are_checked_by_argparse(argv, expected):
+    assert expected in one_line_exit(argv)
+
+
+def test_synthetic_writers_refuse_existing_data_without_overwrite(tmp_path):
+    out = tmp_path / "cholec80"
+    args = ["data", "synth-surgical", "--out", str(out), "--num-videos", "1", "--size", "32", "32", "--duration-s", "1", "1"]
+    main(args)
+    video = out / "videos" / "video01.mp4"
+    written = video.stat().st_mtime_ns
+    assert f"{out}: already holds files" in one_line_exit(args)
+    assert video.stat().st_mtime_ns == written
+    main([*args, "--overwrite"])
+    assert video.is_file() and video.stat().st_mtime_ns != written
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--trainer.max_epoch=1"], "unrecognized arguments: --trainer.max_epoch=1"),
+        (["--data.init_args.batch_size=0"], 'Parser key "batch_size": Not of type PositiveInt: 0 does not conform'),
+        (["--data.init_args.num_workers=-1"], 'Parser key "num_workers": Not of type NonNegativeInt'),
+        (["--data.init_args.background_fraction=1.5"], 'Parser key "background_fraction": Not of type ClosedUnitInterval'),
+    ],
+)
+def test_bad_lightning_options_are_one_line(extra, expected):
+    assert expected in one_line_exit(["fit", "--config", TEACHER, *extra])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epochs: 1\n   bad: [\n")
+    assert one_line_exit(["fit", "--config", str(bad)]) == f"error: {bad}: invalid YAML at line 3, column 7: mapping values are not allowed here"
+
+
+def test_evaluation_without_checkpoint_is_refused():
+    for subcommand in ("test", "predict"):
+        assert f"{subcommand}: no --ckpt_path, so the model would have untrained weights" in one_line_exit(
+            [subcommand, "--config", TEACHER])
+
+
+def test_ckpt_path_problems_name_the_file(tmp_path):
+    missing, junk, pickled, truncated, other = (tmp_path / name for name in ("none.ckpt", "junk.ckpt", "pickle.ckpt", "trunc.ckpt", "arch.ckpt"))
+    junk.write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": argparse.Namespace()}, pickled)
+    torch.save({"state_dict": {}, "hyper_parameters": {"network": "slim_unet", "in_channels": 3}}, other)
+    truncated.write_bytes(other.read_bytes()[:200])
+    cases = {
+        missing: "checkpoint not found",
+        junk: "not a readable checkpoint, truncated or corrupt",
+        truncated: "not a readable checkpoint, truncated or corrupt",
+        pickled: "refused by weights_only loading, untrusted pickle content (Unsupported global: GLOBAL argparse.Namespace",
+        other: "checkpoint architecture differs from the config (network: checkpoint 'slim_unet', config 'unet')",
+    }
+    for path, expected in cases.items():
+        assert one_line_exit(["test", "--config", TEACHER, f"--ckpt_path={path}"]).startswith(f"error: {path}: {expected}")
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    message = one_line_exit(["fit", "--config", TEACHER, f"--trainer.default_root_dir={blocker / 'run'}"])
+    assert message.startswith(f"error: {blocker / 'run'}: output folder not writable")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from distill.utils import atomic_write
+
+    target = tmp_path / "best.ckpt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(target) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    with atomic_write(target) as temporary:
+        temporary.write_text("new")
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
