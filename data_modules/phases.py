@@ -133,16 +133,19 @@ def _parse_lines(path: Path, lines: list[str], names: tuple[str, ...], dataset: 
         if not line.strip():
             continue
         fields = line.split()
-        if len(fields) != 2 or not fields[0].lstrip("+-").isdigit():
+        try:
+            frame, phase = int(fields[0]), fields[1]
+        except (ValueError, IndexError):
+            frame = None
+        if len(fields) != 2 or frame is None:
             raise DataError(f"{path}:{line_no}: expected '<frame>\\t<phase>', got {line!r}")
-        frame, phase = fields
         if phase in index:
             label = index[phase]
         elif phase.isdigit() and int(phase) < len(names):
             label = int(phase)
         else:
             raise DataError(f"{path}:{line_no}: unknown phase name {phase!r} for {dataset} (known: {', '.join(names)})")
-        frames.append(int(frame))
+        frames.append(frame)
         labels.append(label)
     return np.asarray(frames, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 

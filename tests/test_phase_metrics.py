@@ -341,6 +341,7 @@ BAD_LINES = {
     "frame not a number": ("5a\tPreparation", "expected '<frame>\\\\t<phase>'"),
     "frame with a colon": ("5:\tPreparation", "expected '<frame>\\\\t<phase>'"),
     "frame with a slash": ("/5\tPreparation", "expected '<frame>\\\\t<phase>'"),
+    "frame with two signs": ("+-5\tPreparation", "expected '<frame>\\\\t<phase>'"),
 }
 
 
