@@ -629,8 +629,8 @@ class SurgicalSSLDataModule(SurgicalDataModule):
 
     Train batch: ``{"views": [view1, view2], "label": (B,) int64, "video": list[str],
     "frame": (B,) int64, "index": (B,) int64}`` with views (B, 3, S, S) float32 ImageNet-normalised,
-    label the phase (-1 without annotations) for an online linear probe. Validation batch (annotated
-    datasets with validation videos): the :class:`SurgicalPhaseDataModule` batch, eval transform.
+    label the phase (-1 without annotations) for an online linear probe. Validation / test batch
+    (annotated datasets; validation / test videos): the :class:`SurgicalPhaseDataModule` batch, eval transform.
     """
 
     def __init__(
@@ -668,6 +668,9 @@ class SurgicalSSLDataModule(SurgicalDataModule):
             train_index = labelled_frame_index(self.frames_dir, self.pattern, self.annotations, videos, self.dataset, self.fps)
             val_index = labelled_frame_index(self.frames_dir, self.pattern, self.annotations, self.splits["val"], self.dataset, self.fps)
             self.sets["val"] = FrameDataset(self.frames_dir, self.pattern, val_index, eval_transform(self.image_size, self.resize_size))
+            if stage in ("test", None):  # the linear probe's test accuracy
+                test_index = labelled_frame_index(self.frames_dir, self.pattern, self.annotations, self.splits["test"], self.dataset, self.fps)
+                self.sets["test"] = FrameDataset(self.frames_dir, self.pattern, test_index, eval_transform(self.image_size, self.resize_size))
         self.sets["train"] = FrameDataset(self.frames_dir, self.pattern, train_index, TwoViews(moco_v2_augmentation(self.image_size)), "views", self.seed)
 
     def train_dataloader(self) -> DataLoader:

@@ -77,3 +77,72 @@ class NiftiPredictionWriter(BasePredictionWriter):
         out = self.output_dir / prediction["site"] / f"{prediction['case']}_prediction.nii.gz"
         out.parent.mkdir(parents=True, exist_ok=True)
         save_mask_like(prediction["mask"].numpy(), prediction["image_path"], out, overwrite=self.overwrite)
+
+
+class PhaseFeatureWriter(BasePredictionWriter):
+    """Writes what ``distill predict`` of a :class:`~distill.modules.phase.PhaseClassifierModule` gives.
+
+    Per video: ``<output_dir>/features/<video>.npy`` (T, D) and ``<video>_frames.npy`` (T,) (the
+    :func:`~data_modules.surgical.save_video_features` format, read by ``PhaseFeatureDataModule``),
+    and ``<output_dir>/predictions/<video>-pred.txt`` (``Frame<TAB>Phase``) at ``prediction_fps``
+    (default: every predicted frame). Batches arrive in video and frame order (the predict
+    loader does not shuffle); a video is written once complete, each file through a temporary
+    name and a rename. An existing output file stops the run (never overwritten).
+
+    Args:
+        output_dir: where ``features/`` and ``predictions/`` go.
+        dataset: phase names of the prediction files (``${data.init_args.dataset}``).
+        prediction_fps: rate of the prediction files (a divisor of the predicted rate).
+        dtype: ``"float16"`` (half the disk) or ``"float32"`` features.
+    """
+
+    def __init__(self, output_dir: str, dataset: str = "cholec80", prediction_fps: int | None = None,
+                 dtype: str = "float16") -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir, self.dataset, self.prediction_fps, self.dtype = Path(output_dir), dataset, prediction_fps, dtype
+        self.current: str | None = None
+        self.parts: list[dict] = []
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.current, self.parts = None, []
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module, prediction: dict, batch_indices, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        for video in dict.fromkeys(prediction["video"]):
+            rows = [i for i, v in enumerate(prediction["video"]) if v == video]
+            if video != self.current:
+                self.flush()
+                self.current = video
+            self.parts.append({key: prediction[key][rows] for key in ("features", "prediction", "frame")})
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the finished video held in memory."""
+        import os
+
+        import numpy as np
+        import torch
+
+        from data_modules.frames import frame_step
+        from data_modules.surgical import save_video_features
+        from distill.errors import DataError
+        from distill.modules.phase import write_phase_file_atomic
+
+        if self.current is None:
+            return
+        video, parts, self.current, self.parts = self.current, self.parts, None, []
+        features, predictions, frames = (torch.cat([p[key] for p in parts]).numpy() for key in ("features", "prediction", "frame"))
+        feature_dir, prediction_dir = self.output_dir / "features", self.output_dir / "predictions"
+        targets = [feature_dir / f"{video}.npy", feature_dir / f"{video}_frames.npy", prediction_dir / f"{video}-pred.txt"]
+        for target in targets:
+            if target.exists():
+                raise DataError(f"{target}: already exists; predict into a new output_dir (results are never overwritten)")
+        staging = feature_dir / f".{video}.partial"
+        save_video_features(staging, video, features.astype(self.dtype), frames)
+        for name in (f"{video}.npy", f"{video}_frames.npy"):
+            os.replace(staging / name, feature_dir / name)
+        staging.rmdir()
+        keep = frames % frame_step(self.prediction_fps) == 0 if self.prediction_fps else np.ones(len(frames), dtype=bool)
+        prediction_dir.mkdir(parents=True, exist_ok=True)
+        write_phase_file_atomic(prediction_dir / f"{video}-pred.txt", frames[keep], predictions[keep], self.dataset)

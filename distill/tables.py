@@ -24,6 +24,19 @@ data, then tested), overrides applied to every run, the columns, and which runs 
 ``teachers: <run>`` passes a teachers run's manifest as ``teachers``. A ``teachers:`` entry
 naming a YAML (not a run) trains limit-trained teachers (:mod:`distill.limit_trained`).
 
+Chained runs (pre-training -> fine-tuning -> features -> temporal model)::
+
+      - {name: pretrain, config: .../moco.yaml, show: false}
+      - {name: finetune, config: .../finetune.yaml, init_from: pretrain, predict: true, show: false}
+      - {name: MoCo v2, config: .../tcn.yaml, features_from: finetune}
+
+``init_from: <run>`` passes that run's best checkpoint as ``pretrained_checkpoint``;
+``predict: true`` also runs ``predict`` with the best checkpoint after testing (the config's
+prediction writer writes under the run); ``features_from: <run>`` passes that run's
+``<prediction writer output_dir>/features`` as the data's ``features_dir``. A chained run's
+row also shows the metrics of the runs it came from that it does not compute itself (e.g.
+the pre-training's ``test/probe_acc``); ``show: false`` keeps a run out of the table and its files.
+
 Each run trains in ``<out>/<run slug>/seed_<s>/`` and leaves ``result.json`` there when
 finished; a re-started table skips finished runs. The table (mean +- std over seeds; deltas
 as mean +- std of the per-seed differences) is printed and saved as ``results.md``,
@@ -46,7 +59,9 @@ import yaml
 from distill.errors import DataError
 from distill.utils import write_text_atomic, unique_path
 
-RUN_KEYS = {"name", "config", "teacher", "teacher_index", "teachers", "overrides"}
+RUN_KEYS = {"name", "config", "teacher", "teacher_index", "teachers", "overrides", "init_from", "features_from",
+            "predict", "show"}
+CHAINED_KEYS = ("teacher", "teachers", "init_from", "features_from")
 SPEC_KEYS = {"title", "runs", "overrides", "compare", "columns", "seeds"}
 DEFAULT_COLUMNS = [
     {"metric": "test/dice", "label": "Dice", "groups": True},
@@ -68,6 +83,7 @@ class RunResult:
     best_checkpoint: str
     log_dir: str
     manifest: str | None = None
+    predictions: str | None = None
 
 
 @dataclass
@@ -96,7 +112,7 @@ def load_table_spec(path: str | Path) -> TableSpec:
         if set(run) - RUN_KEYS or "name" not in run or not ({"config", "teachers"} & set(run)):
             raise DataError(f"{path}: run {run} needs 'name' and 'config' (or 'teachers'); "
                             f"optional: {', '.join(sorted(RUN_KEYS - {'name', 'config'}))}")
-        for key in ("teacher", "teachers"):
+        for key in CHAINED_KEYS:
             ref = run.get(key)
             if ref and "config" in run and ref not in names:
                 raise DataError(f"{path}: run {run['name']!r} uses {key} {ref!r}, which is not an earlier run")
@@ -128,11 +144,15 @@ def checkpoint_callback(trainer):
     return None
 
 
-def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str, seed: int = 0) -> RunResult:
-    """Fit ``config`` in ``root_dir``, test the checkpoint chosen on validation data, measure the network.
+def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str, seed: int = 0,
+                   predict: bool = False) -> RunResult:
+    """Fit ``config`` in ``root_dir``, test the checkpoint chosen on validation data, measure the network
+    (``predict``: then predict with that checkpoint, the config's prediction writer recording).
 
     Finished runs (``root_dir/result.json``) are read back instead of trained again.
     """
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
     from distill.benchmarking import latency_ms
     from distill.lightning_cli import DistillCLI
     from distill.models import count_parameters
@@ -149,6 +169,13 @@ def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str,
     if selector is None or not selector.best_model_path:
         raise DataError(f"{config}: no checkpoint chosen on validation data; a table run needs a ModelCheckpoint with a monitor")
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, verbose=False)[0]
+    predictions = None
+    if predict:
+        cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, return_predictions=False)
+        writers = [c for c in cli.trainer.callbacks if isinstance(c, BasePredictionWriter)]
+        if not writers:
+            raise DataError(f"{config}: 'predict: true' needs a prediction writer callback in the config")
+        predictions = str(writers[0].output_dir)
     net = cli.model.deployable_network()
     result = RunResult(
         name=name,
@@ -160,6 +187,7 @@ def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str,
         ms_per_input=latency_ms(net, cli.model.example_input_shape(cli.datamodule)),
         best_checkpoint=selector.best_model_path,
         log_dir=str(cli.trainer.log_dir),
+        predictions=predictions,
     )
     write_text_atomic(done, json.dumps(asdict(result), indent=2))
     return result
@@ -275,7 +303,23 @@ def run_overrides(run: dict, seed: int, done: dict[str, dict[int, RunResult | li
         extra.append(f"--model.init_args.teacher_checkpoint={source.best_checkpoint}")
     if run.get("teachers") and "config" in run:
         extra.append(f"--model.init_args.teachers={done[run['teachers']][seed][0].manifest}")
+    if run.get("init_from"):
+        extra.append(f"--model.init_args.pretrained_checkpoint={done[run['init_from']][seed].best_checkpoint}")
+    if run.get("features_from"):
+        source = done[run["features_from"]][seed]
+        if source.predictions is None:
+            raise DataError(f"run {run['name']!r}: features_from {run['features_from']!r}, which has no 'predict: true'")
+        extra.append(f"--data.init_args.features_dir={Path(source.predictions) / 'features'}")
     return extra
+
+
+def upstream_metrics(run: dict, seed: int, done: dict[str, dict[int, RunResult | list[RunResult]]]) -> dict[str, float]:
+    """Metrics of the runs a chained run was initialised or fed from (same seed), nearest last."""
+    metrics: dict[str, float] = {}
+    for key in ("init_from", "features_from"):
+        if run.get(key):
+            metrics.update(done[run[key]][seed].metrics)
+    return metrics
 
 
 def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[str] | None = None,
@@ -299,9 +343,11 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
                 results += teachers
                 continue
             overrides += run_overrides(run, seed, done)
-            result = run_experiment(run["config"], overrides, run_dir, run["name"], seed)
+            result = run_experiment(run["config"], overrides, run_dir, run["name"], seed, bool(run.get("predict")))
+            result.metrics = {**upstream_metrics(run, seed, done), **result.metrics}
             done.setdefault(run["name"], {})[seed] = result
-            results.append(result)
+            if run.get("show", True):
+                results.append(result)
     notes = table_notes(spec, out_dir)
     table = format_table(spec, results, notes)
     print("\n" + table)

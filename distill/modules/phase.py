@@ -1,0 +1,275 @@
+"""Surgical phase recognition downstream of pre-training: a frame classifier, then a temporal model.
+
+- :class:`PhaseClassifierModule` on :class:`data_modules.surgical.SurgicalPhaseDataModule`
+  batches ``{"image": (B, 3, S, S) ImageNet-normalised, "label": (B,), "video", "frame"}``: a
+  backbone (from a MoCo pre-training checkpoint, or the public ImageNet model) and a linear head,
+  linear probe or full fine-tuning. ``distill predict`` with
+  :class:`distill.callbacks.PhaseFeatureWriter` writes per-video feature arrays for the TCN.
+- :class:`TCNPhaseModule` on :class:`data_modules.surgical.PhaseFeatureDataModule` batches
+  ``{"features": (1, D, T), "label": (1, T), "video": [name], "frame": (1, T) 25 fps index}``:
+  a causal single-stage TCN (the reference: 12 layers, 64 maps) or a multi-stage MS-TCN, scored
+  with the relaxed phase metrics (corrected and published evaluation, DESIGN of the MATLAB protocol).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from data_modules.phases import VIDEO_FPS, write_phase_file
+from distill.errors import DataError
+from distill.losses.temporal import phase_segmentation_loss
+from distill.metrics.phase import evaluate_phases
+from distill.models.backbones import build_backbone
+from distill.models.temporal import MultiStageTCN, SingleStageTCN
+from distill.modules.base import DistillModuleBase
+from distill.modules.checkpoints import load_network
+from distill.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from distill.utils import unique_path
+
+
+class PhaseClassifierModule(DistillModuleBase):
+    """Per-frame phase classifier: backbone + linear head, linear probe or full fine-tuning.
+
+    Args:
+        backbone, backbone_source: timm (or torchvision) network name; must be the pre-trained one.
+        backbone_weights: None, ``"public"`` (packaged ImageNet EfficientNet-Lite0: the
+            ImageNet-supervised baseline) or a weights file; ignored with ``pretrained_checkpoint``.
+        pretrained_checkpoint: a MoCo pre-training checkpoint or run directory; its query
+            encoder's backbone initialises this one when fitting starts.
+        mode: ``"linear_probe"`` (frozen backbone, batch-norm statistics too; head only) or
+            ``"finetune"`` (everything trains).
+        class_weights: weight the cross-entropy by the training labels' median frequency
+            (the DataModule's ``class_weights()``).
+        head_lr: learning rate of the head (its own parameter group); None: the optimiser's.
+    """
+
+    loss_term_names = ("ce",)
+    default_loss_weights = {"ce": 1.0}
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        backbone_source: Literal["timm", "torchvision"] = "timm",
+        backbone_weights: str | None = None,
+        pretrained_checkpoint: str | None = None,
+        mode: Literal["linear_probe", "finetune"] = "finetune",
+        num_classes: PositiveInt = 7,
+        class_weights: bool = False,
+        head_lr: PositiveFloat | None = None,
+        loss_weights: Mapping[str, NonNegativeFloat] | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        warmup_steps: NonNegativeInt = 0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(loss_weights=loss_weights, optimizer=optimizer, lr_schedule=lr_schedule,
+                         warmup_steps=warmup_steps, channels_last=channels_last)
+        self.save_hyperparameters(ignore=["optimizer"])
+        weights = None if pretrained_checkpoint else backbone_weights
+        self.backbone = build_backbone(backbone, weights=weights, source=backbone_source)
+        if mode == "linear_probe":
+            self.backbone.requires_grad_(False)
+        self.head = nn.Linear(self.backbone.num_features, num_classes)
+        self.register_buffer("ce_weights", torch.ones(num_classes), persistent=False)
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.train()  # Lightning keeps the modes set here: a probed backbone starts in eval mode
+
+    def train(self, mode: bool = True) -> PhaseClassifierModule:
+        """A linear probe keeps the backbone's batch-norm statistics."""
+        super().train(mode)
+        if self.hparams.mode == "linear_probe":
+            self.backbone.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.hparams.pretrained_checkpoint:
+            self.load_pretrained_backbone(self.hparams.pretrained_checkpoint)
+        if self.hparams.class_weights:
+            self.ce_weights.copy_(self.trainer.datamodule.class_weights().to(self.ce_weights))
+
+    def load_pretrained_backbone(self, checkpoint: str) -> None:
+        """Copy the query backbone of a MoCo checkpoint (file or run directory) into :attr:`backbone`."""
+        encoder = load_network(checkpoint, family="moco")
+        try:
+            self.backbone.load_state_dict(encoder.backbone.state_dict())
+        except RuntimeError:
+            raise DataError(f"{checkpoint}: its backbone {type(encoder.backbone).__name__} does not match "
+                            f"model.backbone={self.hparams.backbone!r}") from None
+
+    def parameter_groups(self) -> list[dict]:
+        head = {"params": list(self.head.parameters())}
+        if self.hparams.head_lr is not None:
+            head["lr"] = self.hparams.head_lr
+        return [{"params": self.trainable_parameters(self.backbone)}, head]
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) pooled backbone features."""
+        return self.backbone(self.to_memory_format(image))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, num_classes) logits."""
+        return self.head(self.features(image))
+
+    def deployable_network(self) -> nn.Module:
+        return nn.Sequential(self.backbone, self.head)
+
+    def example_input_shape(self, datamodule) -> tuple[int, ...]:
+        size = datamodule.hparams.image_size
+        return (1, 3, size, size)
+
+    def training_outputs(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        return {"logits": self(batch["image"])}
+
+    def loss_terms(self, batch: Mapping, outputs: Mapping) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(outputs["logits"], batch["label"], weight=self.ce_weights)}
+
+    def _evaluate(self, batch: Mapping, metric: MulticlassAccuracy, name: str) -> None:
+        metric.update(self(batch["image"]), batch["label"])
+        self.log(name, metric, prog_bar=True, batch_size=int(batch["label"].shape[0]))
+
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_accuracy, "val/acc")
+
+    def test_step(self, batch: Mapping, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_accuracy, "test/acc")
+
+    def predict_step(self, batch: Mapping, batch_idx: int) -> dict:
+        """``{"features": (B, D), "prediction": (B,) int64, "video": list[str], "frame": (B,)}`` on the CPU."""
+        features = self.features(batch["image"])
+        return {"features": features.float().cpu(), "prediction": self.head(features).argmax(1).cpu(),
+                "video": list(batch["video"]), "frame": batch["frame"].cpu()}
+
+
+def write_phase_file_atomic(path: Path, frames: np.ndarray, labels: np.ndarray, dataset: str) -> None:
+    """:func:`~data_modules.phases.write_phase_file` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_phase_file(tmp, frames, labels, dataset)
+    os.replace(tmp, path)
+
+
+class TCNPhaseModule(DistillModuleBase):
+    """Temporal phase model over per-frame features, one video per batch.
+
+    Loss ``phase``: cross-entropy + ``smoothing_weight`` x truncated MSE smoothing, summed over
+    stages (MS-TCN; the reference code used weight 1.0). Validation and test predict each video,
+    score the videos with the relaxed metrics in both evaluation modes and log
+    ``{val,test}/{accuracy,precision,recall,jaccard}`` (corrected protocol) and
+    ``{val,test}/published/...`` (the published MATLAB script's behaviour); test also writes
+    ``<video>-pred.txt`` files (``Frame<TAB>Phase`` at the feature rate) into a new
+    ``phase_predictions/test`` folder of the run (never overwriting one).
+
+    Args:
+        in_dim: feature dimension D (the frame classifier's ``num_features``).
+        num_stages: 1: the causal single-stage TCN of the reference; > 1: MS-TCN.
+        num_layers, channels, dropout, causal: TCN shape (reference: 12, 64, 0.5, causal).
+        smoothing_weight: weight of the smoothing term (MS-TCN: 0.15).
+        class_weights: optional per-phase cross-entropy weights.
+        dataset: ``"cholec80"`` or ``"m2cai16"`` (phase names and the relaxed-boundary rules).
+        tolerance_s: relaxed boundary in seconds (10 s, converted with the predictions' real rate).
+    """
+
+    loss_term_names = ("phase",)
+    default_loss_weights = {"phase": 1.0}
+
+    def __init__(
+        self,
+        in_dim: PositiveInt = 2048,
+        num_classes: PositiveInt = 7,
+        num_stages: PositiveInt = 1,
+        num_layers: PositiveInt = 12,
+        channels: PositiveInt = 64,
+        dropout: NonNegativeFloat = 0.5,
+        causal: bool = True,
+        smoothing_weight: NonNegativeFloat = 0.15,
+        class_weights: Sequence[float] | None = None,
+        dataset: str = "cholec80",
+        tolerance_s: PositiveFloat = 10.0,
+        loss_weights: Mapping[str, NonNegativeFloat] | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_schedule: Literal["cosine", "constant"] = "constant",
+        warmup_steps: NonNegativeInt = 0,
+    ) -> None:
+        super().__init__(loss_weights=loss_weights, optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
+        self.save_hyperparameters(ignore=["optimizer"])
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise DataError(f"model.class_weights: {len(class_weights)} weights for {num_classes} classes")
+        shape = {"num_layers": num_layers, "channels": channels, "dropout": dropout, "causal": causal}
+        self.tcn = (SingleStageTCN(in_dim, num_classes, **shape) if num_stages == 1
+                    else MultiStageTCN(in_dim, num_classes, num_stages=num_stages, **shape))
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("ce_weights", weights, persistent=False)
+        self.videos: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D, T) features -> (S, B, C, T) logits of every stage (S = 1 for a single stage)."""
+        logits = self.tcn(features)
+        return logits.unsqueeze(0) if logits.ndim == 3 else logits
+
+    def deployable_network(self) -> nn.Module:
+        return self.tcn
+
+    def example_input_shape(self, datamodule) -> tuple[int, ...]:
+        return (1, self.hparams.in_dim, 1500)  # 5 minutes at 5 fps
+
+    def batch_size(self, batch: Mapping) -> int:
+        return int(batch["label"].shape[0])
+
+    def training_outputs(self, batch: Mapping) -> torch.Tensor:
+        return self(batch["features"])
+
+    def loss_terms(self, batch: Mapping, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"phase": phase_segmentation_loss(outputs, batch["label"], self.hparams.smoothing_weight,
+                                                 class_weights=self.ce_weights)}
+
+    # -------------------------------------------------------------- evaluation
+    def _predict_video(self, batch: Mapping) -> None:
+        if batch["features"].shape[0] != 1:
+            raise DataError(f"TCNPhaseModule evaluates one video per batch, got {batch['features'].shape[0]}")
+        prediction = self(batch["features"])[-1, 0].argmax(0)
+        self.videos[batch["video"][0]] = (batch["frame"][0].cpu().numpy(), batch["label"][0].cpu().numpy(),
+                                          prediction.cpu().numpy())
+
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        self._predict_video(batch)
+
+    def test_step(self, batch: Mapping, batch_idx: int) -> None:
+        self._predict_video(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self.videos = {}
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _log_relaxed_metrics(self, prefix: str) -> None:
+        if not self.videos:
+            return
+        rates = {name: VIDEO_FPS / (np.diff(frames)[0] if len(frames) > 1 else 1) for name, (frames, _, _) in self.videos.items()}
+        pairs = {name: (gt, pred) for name, (_, gt, pred) in self.videos.items()}
+        for mode, key in (("corrected", prefix), ("published", f"{prefix}/published")):
+            report = evaluate_phases(pairs, rates, self.hparams.dataset, mode, self.hparams.tolerance_s)
+            values = {"accuracy": report.accuracy, **{m: report.mean(m) for m in ("precision", "recall", "jaccard")}}
+            self.log_dict({f"{key}/{name}": float(value) for name, value in values.items()}, prog_bar=mode == "corrected")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_relaxed_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_relaxed_metrics("test")
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder = unique_path(root / "phase_predictions" / "test")
+        folder.mkdir(parents=True)
+        for name, (frames, _, pred) in self.videos.items():
+            write_phase_file_atomic(folder / f"{name}-pred.txt", frames, pred, self.hparams.dataset)

@@ -1,0 +1,338 @@
+"""Self-supervised pre-training on surgical frames: MoCo v2, and MoCo v2 distilled from a frozen
+MoCo teacher (Ding, Liu, Li, MICCAI 2022: "Free Lunch for Surgical Video Understanding by
+Distilling Self-Supervisions").
+
+Batches come from :class:`data_modules.surgical.SurgicalSSLDataModule`: training
+``{"views": [view1, view2], "label": (B,) int64, ...}`` with views (B, 3, S, S) ImageNet-normalised
+and label the phase (-1 for unlabelled frames); validation/test ``{"image": (B, 3, S, S),
+"label": (B,)}`` labelled frames, scored by the online linear probe.
+
+The recipe:
+
+1. *Semantic-preserving teacher*: :class:`MoCoModule` on the public ImageNet backbone with
+   ``freeze_backbone=True`` (batch-norm statistics frozen too): only the projection head learns
+   the surgical similarity structure.
+2. *Student*: :class:`MoCoDistillModule`, a randomly initialised MoCo v2 trained with
+   ``info_nce + 5 * distill``, ``distill`` = KL(teacher || student) over the (1 + K) similarity
+   distributions of the same two views against queues holding the same samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill.errors import DataError
+from distill.losses.contrastive import contrastive_logits, info_nce_loss, similarity_distillation_loss
+from distill.models.backbones import build_backbone
+from distill.models.ssl import (
+    MemoryQueue,
+    ProjectionHead,
+    batch_shuffle_ddp,
+    batch_unshuffle_ddp,
+    cosine_momentum,
+    update_momentum,
+)
+from distill.modules.base import DistillModuleBase
+from distill.modules.checkpoints import load_state, register_network_family
+from distill.modules.teachers import FrozenTeachers, TeacherRecord
+from distill.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+BackboneWeights = str | None  # None (random init), "public", or a weights file
+
+
+class MoCoEncoder(nn.Module):
+    """Backbone + projection head: (B, 3, H, W) -> (B, proj_dim) unit-norm embeddings.
+
+    ``features(x)`` gives the (B, D) pooled backbone features (linear probe, downstream tasks).
+    """
+
+    def __init__(self, backbone: nn.Module, head: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) backbone features -> (B, proj_dim) unit-norm projections."""
+        return F.normalize(self.head(features), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.backbone(x))
+
+
+def build_moco_encoder(backbone: str, backbone_source: str, proj_hidden_dim: int, proj_dim: int,
+                       weights: BackboneWeights = None) -> MoCoEncoder:
+    net = build_backbone(backbone, weights=weights, source=backbone_source)
+    return MoCoEncoder(net, ProjectionHead(net.num_features, proj_hidden_dim, proj_dim))
+
+
+def _build_moco_family(hparams: Mapping, overrides: Mapping) -> nn.Module:
+    """The query encoder of a MoCo checkpoint (``backbone``, ``backbone_source``, ``proj_*`` options)."""
+    options = {**hparams, **overrides}
+    if "backbone" not in options:
+        raise DataError("checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a MoCo run's checkpoint")
+    return build_moco_encoder(options["backbone"], options.get("backbone_source", "timm"),
+                              int(options.get("proj_hidden_dim", 2048)), int(options.get("proj_dim", 128)))
+
+
+register_network_family("moco", _build_moco_family, prefix="encoder_q.")
+
+
+class MoCoModule(DistillModuleBase):
+    """MoCo v2 (query encoder, momentum key encoder, queue, InfoNCE) with an online linear probe.
+
+    Loss terms: ``info_nce`` (query of view 1 vs key of view 2 and the queue) and ``probe``
+    (cross-entropy of a linear classifier on the *detached* backbone features of labelled frames;
+    frames labelled -1 are ignored, and the probe never changes the backbone).
+
+    Args:
+        backbone, backbone_source: timm (or torchvision) network name.
+        backbone_weights: None (random init), ``"public"`` (packaged ImageNet EfficientNet-Lite0)
+            or a weights file (e.g. torchvision's ``resnet50-0676ba61.pth``).
+        proj_hidden_dim, proj_dim: MLP head (paper: 2048-2048-128).
+        queue_size: K negatives; a multiple of the global batch size (checked when fitting).
+        temperature: tau of the contrastive logits (MoCo v2: 0.2).
+        momentum: key-encoder EMA momentum (0.999); with ``momentum_schedule="cosine"`` it rises
+            from ``momentum`` to ``final_momentum`` over the run (BYOL).
+        freeze_backbone: train only the projection head (stage 1, the semantic-preserving
+            teacher); ``freeze_bn_stats`` also keeps the backbone's batch-norm statistics.
+        shuffle_bn: shuffle the key encoder's batch across processes under DDP (MoCo's
+            shuffle-BN). For SyncBN instead, set ``trainer.sync_batchnorm: true`` (GPUs) and
+            ``shuffle_bn: false``.
+        num_classes: phases of the linear probe (Cholec80: 7, M2CAI16: 8).
+        probe_lr: the probe's learning rate (its own parameter group, no weight decay).
+    """
+
+    loss_term_names = ("info_nce", "probe")
+    default_loss_weights = {"info_nce": 1.0, "probe": 1.0}
+    network_family = "moco"
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        backbone_source: Literal["timm", "torchvision"] = "timm",
+        backbone_weights: BackboneWeights = None,
+        proj_hidden_dim: PositiveInt = 2048,
+        proj_dim: PositiveInt = 128,
+        queue_size: PositiveInt = 2048,
+        temperature: PositiveFloat = 0.2,
+        momentum: NonNegativeFloat = 0.999,
+        momentum_schedule: Literal["constant", "cosine"] = "constant",
+        final_momentum: NonNegativeFloat = 1.0,
+        freeze_backbone: bool = False,
+        freeze_bn_stats: bool = True,
+        shuffle_bn: bool = True,
+        num_classes: PositiveInt = 7,
+        probe_lr: PositiveFloat = 0.1,
+        loss_weights: Mapping[str, NonNegativeFloat] | None = None,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        warmup_steps: NonNegativeInt = 0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(loss_weights=loss_weights, optimizer=optimizer, lr_schedule=lr_schedule,
+                         warmup_steps=warmup_steps, channels_last=channels_last)
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.encoder_q = build_moco_encoder(backbone, backbone_source, proj_hidden_dim, proj_dim, backbone_weights)
+        if freeze_backbone:
+            self.encoder_q.backbone.requires_grad_(False)
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        self.queue = MemoryQueue(proj_dim, queue_size)
+        self.probe = nn.Linear(self.encoder_q.backbone.num_features, num_classes)
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        if channels_last:
+            self.encoder_q, self.encoder_k = (e.to(memory_format=torch.channels_last) for e in (self.encoder_q, self.encoder_k))
+        self.train()  # Lightning keeps the modes set here: frozen batch-norm statistics start frozen
+
+    # ------------------------------------------------------------------ set-up
+    def train(self, mode: bool = True) -> MoCoModule:
+        """Frozen backbones (query and key) keep their batch-norm statistics when ``freeze_bn_stats``."""
+        super().train(mode)
+        if self.hparams.freeze_backbone and self.hparams.freeze_bn_stats:
+            self.encoder_q.backbone.eval()
+            self.encoder_k.backbone.eval()
+        return self
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            global_batch = self.trainer.datamodule.batch_size * self.trainer.world_size
+            if self.queue.size % global_batch:
+                raise DataError(f"model.queue_size={self.queue.size} must be a multiple of the global batch "
+                                f"(data.batch_size={self.trainer.datamodule.batch_size} x {self.trainer.world_size} processes)")
+
+    def parameter_groups(self) -> list[dict]:
+        probe = {"params": list(self.probe.parameters()), "lr": self.hparams.probe_lr, "weight_decay": 0.0}
+        return [{"params": self.trainable_parameters(self.encoder_q)}, probe]
+
+    def deployable_network(self) -> nn.Module:
+        return self.encoder_q.backbone
+
+    def example_input_shape(self, datamodule) -> tuple[int, ...]:
+        size = datamodule.hparams.image_size
+        return (1, 3, size, size)
+
+    def batch_size(self, batch: Mapping) -> int:
+        return int(batch["label"].shape[0])
+
+    # ---------------------------------------------------------------- training
+    def current_momentum(self) -> float:
+        if self.hparams.momentum_schedule == "constant":
+            return self.hparams.momentum
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return cosine_momentum(self.global_step, total, self.hparams.momentum, self.hparams.final_momentum)
+
+    @torch.no_grad()
+    def encode_keys(self, view: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, proj_dim) keys of the momentum encoder (shuffle-BN under DDP)."""
+        if self.hparams.shuffle_bn:
+            view, unshuffle = batch_shuffle_ddp(view)
+        keys = self.encoder_k(view)
+        return batch_unshuffle_ddp(keys, unshuffle) if self.hparams.shuffle_bn else keys
+
+    def training_outputs(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        """Query features/embeddings of view 1, keys of view 2, ``logits`` (B, 1 + K); enqueues the keys.
+
+        The queue is read (a copy) before the keys are enqueued, so the logits use the negatives
+        of the previous steps only.
+        """
+        view_q, view_k = (self.to_memory_format(v) for v in batch["views"])
+        features = self.encoder_q.backbone(view_q)
+        query = self.encoder_q.embed(features)
+        update_momentum(self.encoder_q, self.encoder_k, self.current_momentum())
+        keys = self.encode_keys(view_k)
+        logits = contrastive_logits(query, keys, self.queue(), self.hparams.temperature)
+        self.queue.enqueue(keys)
+        return {"features": features, "query": query, "keys": keys, "logits": logits}
+
+    def probe_loss(self, features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the probe on the labelled frames (label >= 0) of detached (B, D) features."""
+        logits = self.probe(features.detach())
+        labelled = label >= 0
+        if not labelled.any():
+            return logits.sum() * 0.0  # keeps the probe in the graph (DDP) without a gradient
+        self.log("train/probe_acc", (logits[labelled].argmax(1) == label[labelled]).float().mean(),
+                 batch_size=int(labelled.sum()))
+        return F.cross_entropy(logits[labelled], label[labelled])
+
+    def loss_terms(self, batch: Mapping, outputs: Mapping) -> dict[str, torch.Tensor]:
+        return {"info_nce": info_nce_loss(outputs["logits"]), "probe": self.probe_loss(outputs["features"], batch["label"])}
+
+    # -------------------------------------------------------------- evaluation
+    def _probe_step(self, batch: Mapping, metric: MulticlassAccuracy, name: str) -> None:
+        logits = self.probe(self.encoder_q.backbone(self.to_memory_format(batch["image"])))
+        metric.update(logits, batch["label"])
+        self.log(name, metric, prog_bar=True, batch_size=int(batch["label"].shape[0]))
+
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        self._probe_step(batch, self.val_accuracy, "val/probe_acc")
+
+    def test_step(self, batch: Mapping, batch_idx: int) -> None:
+        self._probe_step(batch, self.test_accuracy, "test/probe_acc")
+
+
+class MoCoDistillModule(MoCoModule):
+    """MoCo v2 student distilled from a frozen MoCo teacher over the (1 + K) similarity distributions.
+
+    For view 1 / view 2 of each frame, the student's logits ``z_s = [q_s.k_s, q_s.Queue_s] / tau``
+    and the teacher's ``z_t = [q_t.k_t, q_t.Queue_t] / tau`` (teacher embeddings of the same two
+    views, against the teacher's own queue); ``distill`` = KL(softmax(z_t) || softmax(z_s)),
+    batch mean. Both queues start empty-of-samples at row 0 and enqueue the keys of the same
+    batch every step, so column j of both holds the same frame; columns not yet filled by any
+    batch (random initial vectors) are left out of the distillation. The teacher stays in eval
+    mode, is never updated, and its queue is never read from its checkpoint.
+
+    Loss: ``info_nce + 5 * distill`` (+ the probe). The reference implementation's total was
+    ``2 * info_nce + 5 * distill``: ``loss_weights: {info_nce: 2, distill: 5, probe: 1}``
+    reproduces it for comparison.
+
+    Args:
+        teacher_checkpoint: a MoCo checkpoint (e.g. stage 1's) or run directory (newest ``best*.ckpt``).
+        teacher_sha256: its expected content hash (recorded automatically when absent).
+        distill_temperature: extra KD softening T of the similarity logits (paper: 1, i.e. none).
+        Other arguments: see :class:`MoCoModule`.
+    """
+
+    loss_term_names = ("info_nce", "distill", "probe")
+    default_loss_weights = {"info_nce": 1.0, "distill": 5.0, "probe": 1.0}
+
+    def __init__(
+        self,
+        teacher_checkpoint: str,
+        teacher_sha256: str | None = None,
+        distill_temperature: PositiveFloat = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.teachers = FrozenTeachers([teacher_checkpoint], "moco", [teacher_sha256])
+        # The frozen teacher is in eval mode on purpose; Lightning would warn about it at every fit.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+        self.teacher_queue = MemoryQueue(self.hparams.proj_dim, self.hparams.queue_size)
+        self.register_buffer("filled_rows", torch.zeros((), dtype=torch.long))
+        records = self.teachers.available_records()
+        if records is not None:
+            self.record_teachers(records)
+
+    def record_teachers(self, records: list[TeacherRecord]) -> None:
+        self.hparams["teacher_checkpoint"] = records[0].checkpoint
+        self.hparams["teacher_sha256"] = records[0].sha256
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.prepare_teacher()
+
+    def prepare_teacher(self) -> None:
+        """Load the teacher and check that its projection dimension and queue size are the student's."""
+        self.teachers.load()
+        record = self.teachers.records()[0]
+        self.record_teachers([record])
+        recorded = load_state(Path(record.checkpoint)).get("hyper_parameters") or {}
+        teacher_dim = self.teachers.networks[0].head.layers[-1].out_features
+        problems = []
+        if teacher_dim != self.hparams.proj_dim:
+            problems.append(f"projection dimension {teacher_dim} vs the student's proj_dim {self.hparams.proj_dim}")
+        if "queue_size" in recorded and int(recorded["queue_size"]) != self.hparams.queue_size:
+            problems.append(f"queue size {recorded['queue_size']} vs the student's queue_size {self.hparams.queue_size}")
+        if problems:
+            raise DataError(f"{record.checkpoint}: teacher {' and '.join(problems)}")
+
+    def training_outputs(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        """Student outputs plus ``teacher_logits`` (B, 1 + K) over the teacher's queue, both queues
+        enqueued from this batch."""
+        outputs = super().training_outputs(batch)
+        view_q, view_k = (self.to_memory_format(v) for v in batch["views"])
+        (embeddings,), _ = self.teachers(torch.cat([view_q, view_k]))  # eval mode: one pass for both views
+        teacher_query, teacher_keys = embeddings.float().chunk(2)
+        outputs["teacher_logits"] = contrastive_logits(teacher_query, teacher_keys, self.teacher_queue(), self.hparams.temperature)
+        outputs["teacher_keys"] = teacher_keys
+        self.teacher_queue.enqueue(teacher_keys)
+        outputs["filled_rows"] = int(self.filled_rows)
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.filled_rows.fill_(min(self.queue.size, outputs["filled_rows"] + world_size * teacher_keys.shape[0]))
+        return outputs
+
+    def loss_terms(self, batch: Mapping, outputs: Mapping) -> dict[str, torch.Tensor]:
+        terms = super().loss_terms(batch, outputs)
+        columns = 1 + outputs["filled_rows"]  # the positive and the queue rows holding real samples
+        student, teacher = outputs["logits"][:, :columns], outputs["teacher_logits"][:, :columns]
+        terms["distill"] = similarity_distillation_loss(student, teacher, self.hparams.distill_temperature)
+        return terms
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if not self.teachers.loaded:  # test / predict: the student alone
+            return
+        recorded = (checkpoint.get("hyper_parameters") or {}).get("teacher_sha256")
+        record = self.teachers.records()[0]
+        if recorded is not None and recorded != record.sha256:
+            raise DataError(f"{record.checkpoint}: teacher differs from the one this checkpoint was trained with "
+                            "(content hash changed); resume with the original teacher file")
