@@ -67,8 +67,9 @@ def read_phase_file(path: str | Path, dataset: str = "cholec80") -> tuple[np.nda
     return parsed
 
 
-# (1 << 8n) - 1 for n = 0..8: keeps the low n bytes of a little-endian uint64.
+# (1 << 8n) - 1 for n = 0..8: keeps the low n bytes of a little-endian uint64; and byte patterns.
 _LOW_BYTES = np.array([(1 << 8 * n) - 1 for n in range(9)], dtype=np.uint64)
+_ZEROS, _SIXES, _HIGH_NIBBLES = (np.uint64(int.from_bytes(bytes([b]) * 8, "little")) for b in (0x30, 0x06, 0xF0))
 
 
 def _parse_canonical_lines(text: bytes, body_start: int, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -76,8 +77,8 @@ def _parse_canonical_lines(text: bytes, body_start: int, names: tuple[str, ...])
     unless every line has exactly that form with a known phase (the line-by-line parser then
     takes over and names the bad line).
 
-    Vectorised over the bytes: one tab per line locates both fields; the frame digits are read
-    one place value at a time for all lines; lines are grouped into runs of one phase name and
+    Vectorised over the bytes: one tab per line locates both fields; each frame number is read as
+    one 8-byte word; lines are grouped into runs of one phase name and
     each run's name is looked up once.
     """
     if not text.endswith(b"\n"):
@@ -93,24 +94,23 @@ def _parse_canonical_lines(text: bytes, body_start: int, names: tuple[str, ...])
             return None
         line_ends = line_ends - 1
     frame_width, name_width = tabs - line_starts, line_ends - tabs - 1
-    if frame_width.min() < 1 or name_width.min() < 1 or frame_width.max() > 18:
-        return None
+    if frame_width.min() < 1 or name_width.min() < 1 or frame_width.max() > 8 or name_width.max() > 24:
+        return None  # a missing field, frame numbers of 9+ digits or a name longer than any known
 
-    # Frame numbers, one digit position at a time from the tab leftwards.
-    frames, bad_digit = np.zeros(tabs.size, dtype=np.int64), np.zeros(tabs.size, dtype=bool)
-    for place in range(int(frame_width.max())):
-        in_field = frame_width > place
-        digit = buf[tabs - 1 - place] - np.uint8(ord("0"))
-        bad_digit |= in_field & (digit > 9)
-        frames += np.where(in_field, digit, 0).astype(np.int64) * 10**place
-    if bad_digit.any():
-        return None
+    # Frame numbers: the 8 bytes before each tab as one little-endian uint64 (the number's first
+    # digit lowest), bytes left of the number set to "0", checked and converted 8 digits at once.
+    words = np.ndarray((buf.size - 7,), dtype="<u8", buffer=buf, strides=(1,))  # words[i] = bytes i..i+7
+    pad = _LOW_BYTES[8 - frame_width]
+    digits = (words[tabs - 8] & ~pad) | (_ZEROS & pad)
+    if np.any((digits & _HIGH_NIBBLES) != _ZEROS) or np.any(((digits + _SIXES) & _HIGH_NIBBLES) != _ZEROS):
+        return None  # a byte outside "0".."9"
+    digits -= _ZEROS
+    digits = (digits * np.uint64(10) + (digits >> np.uint64(8))) & np.uint64(0x00FF00FF00FF00FF)
+    digits = (digits * np.uint64(100) + (digits >> np.uint64(16))) & np.uint64(0x0000FFFF0000FFFF)
+    frames = ((digits * np.uint64(10000) + (digits >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
     # Runs of one phase name, keyed by the name's length and bytes 0-7, 8-15 and its last 8 (read
     # as little-endian uint64 at any offset, masked to the name): exact for names up to 24 bytes.
-    if name_width.max() > 24:
-        return None
-    words = np.ndarray((buf.size - 7,), dtype="<u8", buffer=buf, strides=(1,))
     near_end = tabs + 9 >= words.size  # the last lines, whose words would run past the buffer
     head = words[np.where(near_end, 0, tabs + 1)] & _LOW_BYTES[np.minimum(name_width, 8)]
     middle = words[np.where(near_end, 0, tabs + 9)] & _LOW_BYTES[np.clip(name_width - 8, 0, 8)]
@@ -133,16 +133,19 @@ def _parse_lines(path: Path, lines: list[str], names: tuple[str, ...], dataset: 
         if not line.strip():
             continue
         fields = line.split()
-        if len(fields) != 2 or not fields[0].lstrip("+-").isdigit():
+        try:
+            frame, phase = int(fields[0]), fields[1]
+        except (ValueError, IndexError):
+            frame = None
+        if len(fields) != 2 or frame is None:
             raise DataError(f"{path}:{line_no}: expected '<frame>\\t<phase>', got {line!r}")
-        frame, phase = fields
         if phase in index:
             label = index[phase]
         elif phase.isdigit() and int(phase) < len(names):
             label = int(phase)
         else:
             raise DataError(f"{path}:{line_no}: unknown phase name {phase!r} for {dataset} (known: {', '.join(names)})")
-        frames.append(int(frame))
+        frames.append(frame)
         labels.append(label)
     return np.asarray(frames, dtype=np.int64), np.asarray(labels, dtype=np.int64)
 

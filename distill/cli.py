@@ -150,6 +150,66 @@ def add_phase_evaluation_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def add_export_commands(commands: argparse._SubParsersAction) -> None:
+    """``distill export CKPT`` and ``distill segment-nifti MODEL.onnx IN OUT``."""
+    export = commands.add_parser(
+        "export", help="export a segmentation student to ONNX or TorchScript, checked against PyTorch",
+        description="Rebuilds the network from the checkpoint's hyper-parameters (no teacher needed), exports it "
+        "with a dynamic batch axis, compares the saved file with PyTorch on a sample input, prints size and latency.",
+    )
+    export.add_argument("checkpoint", help="Lightning .ckpt of a segmentation model (or a run directory)")
+    export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    export.add_argument("--out", required=True, help="file to write (must not exist)")
+    export.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |exported - pytorch| logit")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset")
+
+    def run_export(args: argparse.Namespace) -> None:
+        from distill.export import export_segmentation_student
+
+        report = export_segmentation_student(args.checkpoint, args.out, args.format, args.tolerance, args.opset)
+        print(report.format_lines())
+
+    export.set_defaults(func=run_export)
+
+    segment = commands.add_parser(
+        "segment-nifti", help="segment a NIfTI volume with an exported ONNX student (onnxruntime, no PyTorch)",
+        description="Preprocessing as the prostate DataModule's evaluation path, settings read from the model; "
+        "the mask is written on the input's grid and affine (see distill/infer_onnx.py).",
+    )
+
+    def run_segment(args: argparse.Namespace) -> None:
+        from distill.infer_onnx import segment_nifti
+
+        print(segment_nifti(args.model, args.image, args.out, args.batch_size))
+
+    segment.add_argument("model", help="ONNX student written by `distill export --format onnx`")
+    segment.add_argument("image", help="input volume (.nii or .nii.gz)")
+    segment.add_argument("out", help="mask to write (.nii.gz; must not exist)")
+    segment.add_argument("--batch-size", type=int, default=32, help="slice stacks per onnxruntime call")
+    segment.set_defaults(func=run_segment)
+
+
+def add_sweep_command(commands: argparse._SubParsersAction) -> None:
+    """``distill sweep FILE [--count N]``: a W&B sweep file run locally, no server."""
+    sweep = commands.add_parser(
+        "sweep", help="run a W&B sweep file locally (grid, random, bayes via Optuna), resumable",
+        description="Each point runs `distill fit` as a subprocess in <out>/point-NNN (CSV logger, W&B disabled); "
+        "points and metrics go to <out>/sweep.csv, which a rerun resumes from; the best point is printed.",
+    )
+    sweep.add_argument("file", help="sweep YAML, e.g. experiments/prostate/sweeps/student_kd.yaml")
+    sweep.add_argument("--out", required=True, help="sweep directory (runs and sweep.csv)")
+    sweep.add_argument("--count", type=int, default=None, help="points to run now (grid: default all remaining)")
+    sweep.add_argument("--seed", type=int, default=0, help="random/bayes sampler seed (keep it when resuming)")
+    sweep.epilog = "Any further --key=value arguments are LightningCLI overrides for every point, e.g. --data.init_args.data_root=..."
+
+    def run(args: argparse.Namespace) -> None:
+        from distill.sweep import run_sweep
+
+        run_sweep(args.file, args.out, args.count, args.seed, args.lightning_overrides)
+
+    sweep.set_defaults(func=run)
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -242,6 +302,8 @@ def build_tool_parser() -> argparse.ArgumentParser:
     add_phase_evaluation_command(commands)
     add_table_commands(commands)
     add_profile_command(commands)
+    add_export_commands(commands)
+    add_sweep_command(commands)
     return parser
 
 
@@ -271,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         parser = build_tool_parser()
         args, unknown = parser.parse_known_args(argv)
-        if unknown and args.command not in ("table", "teachers"):
+        if unknown and args.command not in ("table", "teachers", "sweep"):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.lightning_overrides = unknown
         args.func(args)

@@ -321,7 +321,8 @@ def test_phase_file_layouts_parse_alike(tmp_path, text):
 
 def test_long_phase_file_reads_as_written(tmp_path):
     rng = np.random.default_rng(0)
-    frames = np.sort(rng.choice(10**7, size=5000, replace=False))
+    frames = np.sort(rng.choice(10**8, size=5000, replace=False))  # 1 to 8 digits
+    frames[:3] = [0, 7, 10]
     labels = np.repeat(rng.integers(0, 8, 50), 100)  # runs, some of equal neighbours
     labels[rng.random(5000) < 0.01] = rng.integers(0, 8)  # isolated frames
     write_phase_file(tmp_path / "a.txt", frames, labels, "m2cai16")
@@ -338,6 +339,9 @@ BAD_LINES = {
     "three fields": ("5\tPreparation\textra", "expected '<frame>\\\\t<phase>', got '5\\\\tPreparation\\\\textra'"),
     "one field": ("Preparation", "expected '<frame>\\\\t<phase>'"),
     "frame not a number": ("5a\tPreparation", "expected '<frame>\\\\t<phase>'"),
+    "frame with a colon": ("5:\tPreparation", "expected '<frame>\\\\t<phase>'"),
+    "frame with a slash": ("/5\tPreparation", "expected '<frame>\\\\t<phase>'"),
+    "frame with two signs": ("+-5\tPreparation", "expected '<frame>\\\\t<phase>'"),
 }
 
 
