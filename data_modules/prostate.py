@@ -33,19 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from monai.transforms import (
-    Compose,
-    NormalizeIntensity,
-    RandAffined,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    ScaleIntensityRangePercentiles,
-)
+from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import DataLoader, Dataset
 
+from data_modules.augment import SliceAugmentation
 from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
 from distill.metrics.segmentation import PROSTATE_SITES
@@ -375,23 +368,14 @@ def restrict_training_cases(
     return train
 
 
-def training_augmentation(seed: int, intensity: bool = True, cached_logits: bool = False) -> Compose:
-    """MONAI dictionary transforms for {"image": (C, H, W), "label": (1, H, W)}: flips, small
-    rotation/scaling (geometric), intensity scale and shift (``intensity``).
+def training_augmentation(intensity: bool = True, cached_logits: bool = False) -> SliceAugmentation:
+    """Flips, small rotation/scaling (geometric) and intensity scale and shift (``intensity``) for
+    {"image": (C, H, W), "label": (1, H, W)}.
 
     With ``cached_logits`` the geometric transforms also move ``"teacher_logits"`` (K*C, H, W),
     bilinearly, so cached teacher outputs stay aligned with the augmented image.
     """
-    keys = ("image", "label", "teacher_logits") if cached_logits else ("image", "label")
-    modes = ("bilinear", "nearest", "bilinear")[: len(keys)]
-    transforms = [
-        RandFlipd(keys, prob=0.5, spatial_axis=0),
-        RandFlipd(keys, prob=0.5, spatial_axis=1),
-        RandAffined(keys, prob=0.5, rotate_range=np.pi / 12, scale_range=(0.1, 0.1), mode=modes, padding_mode="border"),
-    ]
-    if intensity:
-        transforms += [RandScaleIntensityd("image", factors=0.1, prob=0.5), RandShiftIntensityd("image", offsets=0.1, prob=0.5)]
-    return Compose(transforms).set_random_state(seed)
+    return SliceAugmentation(intensity=intensity, spatial_keys=("teacher_logits",) if cached_logits else ())
 
 
 class ProstateSliceDataset(Dataset):
@@ -411,7 +395,7 @@ class ProstateSliceDataset(Dataset):
         num_slices: int = 3,
         foreground_only: bool = True,
         background_fraction: float = 0.0,
-        transform: Compose | None = None,
+        transform: SliceAugmentation | None = None,
         seed: int = 0,
     ) -> None:
         self.volumes = list(volumes)
@@ -439,16 +423,13 @@ class ProstateSliceDataset(Dataset):
         if self.teacher_logits is not None:
             sample["teacher_logits"] = self.teacher_logits[index].float().flatten(0, 1)
         if self.transform is not None:
-            if epoch is not None:  # a ResumableSampler key: the augmentation depends on (seed, epoch, index) only
-                self.transform.set_random_state(sample_seed(self.seed, epoch, index))
-            sample = self.transform(sample)
-        item = {
-            "image": convert_to_tensor(sample["image"], dtype=torch.float32, track_meta=False),
-            "label": convert_to_tensor(sample["label"][0], dtype=torch.int64, track_meta=False),
-        }
+            if epoch is None:
+                sample = self.transform(sample)
+            else:  # a ResumableSampler key: the augmentation depends on (seed, epoch, index) only
+                sample = self.transform(sample, torch.Generator().manual_seed(sample_seed(self.seed, epoch, index)))
+        item = {"image": sample["image"].float(), "label": sample["label"][0].long()}
         if self.teacher_logits is not None:
-            logits = convert_to_tensor(sample["teacher_logits"], dtype=torch.float16, track_meta=False)
-            item["teacher_logits"] = logits.unflatten(0, self.teacher_logits.shape[1:3])
+            item["teacher_logits"] = sample["teacher_logits"].half().unflatten(0, self.teacher_logits.shape[1:3])
         return item
 
 
@@ -619,7 +600,7 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
                 num_slices=hp.num_slices,
                 foreground_only=hp.foreground_only,
                 background_fraction=hp.background_fraction,
-                transform=training_augmentation(hp.seed, hp.intensity_augmentation) if hp.augment else None,
+                transform=training_augmentation(hp.intensity_augmentation) if hp.augment else None,
                 seed=hp.seed,
             )
         return self._train_set
@@ -654,7 +635,7 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
             raise DataError(f"teacher_cache: {logits.shape[0]} cached samples for {len(train.samples)} training slices")
         train.teacher_logits = logits
         if hp.augment:
-            train.transform = training_augmentation(hp.seed, intensity=False, cached_logits=True)
+            train.transform = training_augmentation(intensity=False, cached_logits=True)
 
     def _volume_loader(self, name: str) -> DataLoader:
         workers = self.hparams.num_workers

@@ -341,3 +341,24 @@ def test_bad_options_name_the_key(synthetic_prostate_root):
         module(synthetic_prostate_root, num_slices=4)
     with pytest.raises(DataError, match="held_out_site"):
         module(synthetic_prostate_root, split="leave_one_site_out")
+
+
+def test_slice_augmentation_keeps_image_label_and_logits_aligned_and_is_seeded():
+    from data_modules.augment import SliceAugmentation
+
+    torch.manual_seed(0)
+    image = torch.nn.functional.avg_pool2d(torch.randn(1, 3, 40, 40), 5, 1, 2)[0] * 5  # smooth blobs
+    label = (image[1:2] > 0).long()
+    logits = torch.cat([-image[1:2], image[1:2]]) * 10  # a "teacher" that agrees with the label
+    augment = SliceAugmentation(flip_prob=0.5, affine_prob=1.0, intensity=False, spatial_keys=("teacher_logits",))
+    for seed in range(10):
+        out = augment({"image": image, "label": label, "teacher_logits": logits}, torch.Generator().manual_seed(seed))
+        assert out["label"].dtype == torch.int64 and set(out["label"].unique().tolist()) <= {0, 1}
+        inside = slice(6, -6)  # away from the border padding
+        assert ((out["image"][1] > 0).long() == out["label"][0])[inside, inside].float().mean() > 0.9
+        assert (out["teacher_logits"].argmax(0) == out["label"][0])[inside, inside].float().mean() > 0.9
+    again = augment({"image": image, "label": label}, torch.Generator().manual_seed(3))
+    first = augment({"image": image, "label": label}, torch.Generator().manual_seed(3))
+    assert torch.equal(again["image"], first["image"])
+    identity = SliceAugmentation(flip_prob=0.0, affine_prob=0.0, intensity=False)({"image": image, "label": label})
+    assert torch.equal(identity["image"], image) and torch.equal(identity["label"], label)
