@@ -355,17 +355,3 @@ def test_ssl_run_on_a_frames_folder_without_frames(tmp_path):
     with pytest.raises(DataError) as error:
         trainer(tmp_path).fit(MoCoModule(**TINY), datamodule=data)
     assert_one_line(error, str(tmp_path / "frames"))
-
-
-# ----------------------------------------------------------------- the YAMLs
-SURGICAL_YAMLS = sorted((REPO / "experiments" / "surgical").glob("*.yaml")) + sorted((REPO / "experiments" / "surgical" / "demo").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("config", SURGICAL_YAMLS, ids=[f"{p.parent.name}/{p.stem}" for p in SURGICAL_YAMLS])
-def test_surgical_experiment_yaml_instantiates(config, tmp_path):
-    overrides = [f"--trainer.default_root_dir={tmp_path}"]
-    text = config.read_text()
-    if "backbone_weights: ${oc.env:RESNET50_WEIGHTS" in text:
-        overrides.append("--model.init_args.backbone_weights=null")  # the user's file is not here
-    cli = DistillCLI(args=["--config", str(config), *overrides], run=False)
-    assert isinstance(cli.model, MoCoModule | PhaseClassifierModule | TCNPhaseModule)

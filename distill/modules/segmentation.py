@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal, Union
 
 import torch
@@ -183,8 +184,9 @@ class SegDistillBase(SegmentationModule):
         feature_loss: ``"attention"`` (attention transfer, no adapter) or ``"mse"`` (a 1x1
             adapter per teacher and layer).
         teacher_network, teacher_network_kwargs: only for plain state dicts without hyper-parameters.
-        teacher_cache: file of cached teacher logits (built on first use): teachers then run once
-            per training slice instead of every step; see :mod:`distill.modules.teacher_cache`.
+        teacher_cache: file of cached teacher logits (built on first use; a relative path is inside
+            the run's ``trainer.default_root_dir``): teachers then run once per training slice
+            instead of every step; see :mod:`distill.modules.teacher_cache`.
         batched_teachers: run same-architecture teachers as one batched pass.
     """
 
@@ -242,8 +244,8 @@ class SegDistillBase(SegmentationModule):
         if stage == "fit":
             self.prepare_distillation()
             if self.teacher_cache is not None:
-                attach_teacher_cache(self.teacher_cache, self.trainer.datamodule, self.teachers, self.eval_batch_size,
-                                     self.trainer.strategy)
+                cache = Path(self.trainer.default_root_dir) / self.teacher_cache  # an absolute path stays as it is
+                attach_teacher_cache(cache, self.trainer.datamodule, self.teachers, self.eval_batch_size, self.trainer.strategy)
 
     def prepare_distillation(self) -> None:
         """Load the teachers, check them against the student, build the training-only heads."""
