@@ -14,6 +14,10 @@ from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate options of the demo
+DEMO_TABLES = {
+    "prostate": "experiments/prostate/tables/demo.yaml",
+    "prostate-multi": "experiments/prostate/tables/demo_multi_teacher.yaml",
+}
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -238,24 +242,26 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     def run_teachers(args: argparse.Namespace) -> None:
         from distill.limit_trained import train_limit_trained_teachers
 
-        train_limit_trained_teachers(args.spec, args.out, args.lightning_overrides, args.seed)
+        train_limit_trained_teachers(args.spec, args.out, seed=args.seed, final_overrides=args.lightning_overrides)
 
     teachers.set_defaults(func=run_teachers)
 
     demo = commands.add_parser("demo", help="synthetic data in the real format -> teacher -> students -> table")
-    demo.add_argument("task", choices=["prostate"])
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("task", choices=sorted(DEMO_TABLES), help="prostate: procedure 1; prostate-multi: procedure 2")
+    demo.add_argument("--out", default=None, help="output folder (default: runs/demo for prostate, runs/demo_<task>)")
     demo.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic data")
+    demo.add_argument("--seeds", type=positive_int, default=None, help="training seeds per row (default: the spec's, 3)")
 
     def run_demo(args: argparse.Namespace) -> None:
         from data_modules.synth_prostate import write_synthetic_prostate
         from distill.tables import run_table
 
-        data_root = Path(args.out) / "data" / "prostate"
+        out = Path(args.out or ("runs/demo" if args.task == "prostate" else f"runs/demo_{args.task.replace('-', '_')}"))
+        data_root = out / "data" / "prostate"
         if not data_root.exists():
             print(f"writing synthetic prostate data to {data_root}", flush=True)
             write_synthetic_prostate(data_root, **DEMO_PROSTATE_DATA, seed=args.seed)
-        run_table(REPO_ROOT / "experiments/prostate/tables/demo.yaml", args.out, [f"--data.init_args.data_root={data_root}"])
+        run_table(REPO_ROOT / DEMO_TABLES[args.task], out, [f"--data.init_args.data_root={data_root}"], seeds=args.seeds)
 
     demo.set_defaults(func=run_demo)
 

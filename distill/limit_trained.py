@@ -86,16 +86,19 @@ def training_cases(config: str, overrides: list[str]) -> tuple[list[str], int]:
 
 
 def train_limit_trained_teachers(spec_path: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
-                                 seed: int = 0, row_prefix: str = "limit-trained teacher") -> list:
+                                 seed: int = 0, row_prefix: str = "limit-trained teacher",
+                                 final_overrides: list[str] | None = None) -> list:
     """Train every teacher of a spec (finished ones are skipped) and write ``<out>/manifest.yaml``.
 
-    Returns one :class:`distill.tables.RunResult` per teacher, each carrying the manifest path.
+    Overrides apply in the order ``overrides`` (e.g. a table's), the spec's own, ``final_overrides``
+    (e.g. the command line's). Returns one :class:`distill.tables.RunResult` per teacher, each
+    carrying the manifest path.
     """
     from distill.tables import run_experiment, slug
 
     spec = load_teachers_spec(spec_path)
     out_dir = Path(out_dir)
-    overrides = list(spec.get("overrides", [])) + list(overrides or [])
+    overrides = list(overrides or []) + list(spec.get("overrides", [])) + list(final_overrides or [])
     keys, data_seed = training_cases(spec["config"], overrides)
     subsets = teacher_subsets(spec, keys, data_seed, str(spec_path))
     manifest_path = out_dir / "manifest.yaml"

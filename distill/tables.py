@@ -337,8 +337,9 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
             run_dir = out_dir / slug(run["name"]) / f"seed_{seed}"
             overrides = spec.overrides + list(run.get("overrides", [])) + list(extra_overrides or [])
             print(f"\n=== {run['name']} (seed {seed}) ===", flush=True)
-            if "config" not in run:  # limit-trained teachers
-                teachers = train_limit_trained_teachers(run["teachers"], run_dir, overrides, seed, row_prefix=run["name"])
+            if "config" not in run:  # limit-trained teachers: their spec's overrides before the command line's
+                teachers = train_limit_trained_teachers(run["teachers"], run_dir, spec.overrides + list(run.get("overrides", [])),
+                                                        seed, row_prefix=run["name"], final_overrides=extra_overrides)
                 done.setdefault(run["name"], {})[seed] = teachers
                 results += teachers
                 continue
