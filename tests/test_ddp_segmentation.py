@@ -92,54 +92,55 @@ def logged(run_dir: Path, prefix: str) -> dict[str, str]:
     return {k: v for row in rows for k, v in row.items() if k.startswith(prefix) and v != ""}
 
 
-def check_ranks_agree(run_dir: Path, fn: str, loop: str, split: list[str]) -> None:
-    """Both ranks split alike and evaluated ``split`` together, one volume twice (the sampler's padding)."""
+def check_ranks_agree(run_dir: Path, fn: str, loop: str) -> list[str]:
+    """Both ranks split alike and evaluated the ``loop`` split together, one volume twice (the
+    sampler's padding for an odd count). Returns that split's cases."""
     ranks = [probe(run_dir, f"{fn}_rank{rank}") for rank in (0, 1)]
     assert ranks[0]["splits"] == ranks[1]["splits"]
-    served = ranks[0]["served"][loop] + ranks[1]["served"][loop]
-    assert len(served) == len(split) + 1 and len(ranks[0]["served"][loop]) == len(ranks[1]["served"][loop])
-    assert sorted(set(served)) == sorted(split)
+    cases = ranks[0]["splits"][loop]
+    served = [ranks[0]["served"][loop], ranks[1]["served"][loop]]
+    assert len(cases) % 2 == 1 and len(served[0]) == len(served[1]) == (len(cases) + 1) // 2
+    assert sorted(set(served[0] + served[1])) == sorted(cases)
+    return cases
 
 
-def fit_then_compare(config: Path, run_dir: Path, data_root: Path, *extra: str) -> Path:
-    """2-process fit, then the 1-process validation and the 2- and 1-process tests of its last.ckpt:
-    per-volume and logged metrics must be equal. Returns last.ckpt."""
-    data = f"--data.init_args.data_root={data_root}"
+def check_same_metrics(ddp_dir: Path, one_dir: Path, fn: str, loop: str, cases: list[str]) -> None:
+    """Per-volume metrics (each case once) and logged metrics of the DDP run equal the 1-process run's."""
+    per_volume = probe(ddp_dir, f"{fn}_{loop}_metrics")
+    assert per_volume == probe(one_dir, f"{'validate' if loop == 'val' else 'test'}_{loop}_metrics")
+    assert sorted(case for case, _, _ in per_volume) == sorted(cases)
+    assert logged(ddp_dir, f"{loop}/") == logged(one_dir, f"{loop}/") != {}
+
+
+def fit_and_validate(config: Path, run_dir: Path, data: str, *extra: str) -> Path:
+    """2-process fit, then a 1-process validation of its last.ckpt, which holds the weights the
+    fit validated last: the same validation metrics. Returns last.ckpt."""
     run_ddp("fit", config, run_dir / "fit", data, *extra)
-    val_cases = probe(run_dir / "fit", "fit_rank0")["splits"]["val"]
-    assert len(val_cases) == 1
-    check_ranks_agree(run_dir / "fit", "fit", "val", val_cases)
+    val_cases = check_ranks_agree(run_dir / "fit", "fit", "val")
     last = run_dir / "fit" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-
     run_one_process("validate", config, run_dir / "validate", data, *extra, f"--ckpt_path={last}")
-    assert probe(run_dir / "fit", "fit_val_metrics") == probe(run_dir / "validate", "validate_val_metrics")
-    assert set(probe(run_dir / "fit", "fit_val_metrics")) == set(val_cases)
-    assert logged(run_dir / "fit", "val/") == logged(run_dir / "validate", "val/") != {}
-
-    run_ddp("test", config, run_dir / "test-ddp", data, *extra, f"--ckpt_path={last}")
-    test_cases = probe(run_dir / "test-ddp", "test_rank0")["splits"]["test"]
-    assert len(test_cases) == 5
-    check_ranks_agree(run_dir / "test-ddp", "test", "test", test_cases)
-    run_one_process("test", config, run_dir / "test", data, *extra, f"--ckpt_path={last}")
-    per_volume = probe(run_dir / "test-ddp", "test_test_metrics")
-    assert per_volume == probe(run_dir / "test", "test_test_metrics") and set(per_volume) == set(test_cases)
-    assert logged(run_dir / "test-ddp", "test/") == logged(run_dir / "test", "test/")
-    assert {"test/dice", "test/hd95", "test/dice/RUNMC", "test/hd95/HK"} <= set(logged(run_dir / "test", "test/"))
+    check_same_metrics(run_dir / "fit", run_dir / "validate", "fit", "val", val_cases)
     return last
 
 
-@pytest.fixture(scope="module")
-def teacher_checkpoint(synthetic_prostate_root, tmp_path_factory) -> Path:
-    return fit_then_compare(TEACHER, tmp_path_factory.mktemp("ddp-teacher"), synthetic_prostate_root)
+def test_teacher_under_ddp_matches_one_process(synthetic_prostate_root, tmp_path):
+    data = f"--data.init_args.data_root={synthetic_prostate_root}"
+    last = fit_and_validate(TEACHER, tmp_path, data)
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # both ranks stepped together
+
+    run_ddp("test", TEACHER, tmp_path / "test-ddp", data, f"--ckpt_path={last}")
+    test_cases = check_ranks_agree(tmp_path / "test-ddp", "test", "test")
+    run_one_process("test", TEACHER, tmp_path / "test", data, f"--ckpt_path={last}")
+    check_same_metrics(tmp_path / "test-ddp", tmp_path / "test", "test", "test", test_cases)
+    assert {"test/dice/RUNMC", "test/hd95/HK"} <= set(logged(tmp_path / "test", "test/"))
 
 
-def test_teacher_under_ddp_matches_one_process(teacher_checkpoint):
-    assert torch.load(teacher_checkpoint, weights_only=True)["global_step"] == 2  # both ranks stepped together
-
-
-def test_single_teacher_student_under_ddp_matches_one_process(synthetic_prostate_root, teacher_checkpoint, tmp_path):
-    """Each rank loads the teacher when fitting starts; the student's checkpoints hold no teacher."""
-    last = fit_then_compare(STUDENT, tmp_path, synthetic_prostate_root,
-                            f"--model.init_args.teacher_checkpoint={teacher_checkpoint}")
+def test_single_teacher_student_under_ddp_matches_one_process(synthetic_prostate_root, tmp_path):
+    """Every rank loads the teacher when fitting starts; the student's checkpoints hold no teacher.
+    (Its evaluation is the teacher's code, tested under DDP above for the test loop too.)"""
+    run_one_process("fit", TEACHER, tmp_path / "teacher", f"--data.init_args.data_root={synthetic_prostate_root}")
+    teacher = next((tmp_path / "teacher").rglob("last.ckpt"))
+    last = fit_and_validate(STUDENT, tmp_path / "student", f"--data.init_args.data_root={synthetic_prostate_root}",
+                            f"--model.init_args.teacher_checkpoint={teacher}")
     state = torch.load(last, weights_only=True)["state_dict"]
     assert state and not any(key.startswith("teachers.") for key in state)
