@@ -60,7 +60,8 @@ def test_volume_metrics_count_a_repeated_volume_once_in_any_order():
 
 def run_ddp(subcommand: str, config: Path, run_dir: Path, *extra: str) -> None:
     """``distill <subcommand>`` as 2 DDP processes on CPU (gloo), recording with the probe callback."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "WANDB_MODE": "disabled",
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = {**inherited, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "WANDB_MODE": "disabled",
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "distill.cli", subcommand, "--config", str(config), *TINY, *extra,
                f"--trainer.default_root_dir={run_dir}", "--trainer.strategy=ddp", "--trainer.devices=2",
