@@ -116,8 +116,13 @@ class SaveResolvedConfig(SaveConfigCallback):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # ``trainer.log_dir`` is a collective under DDP: every rank asks, rank 0 alone saves.
+        self.log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir = self.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         path = unique_path(log_dir / self.config_filename)
         self.parser.save(self.config, str(path), skip_none=False, multifile=False)

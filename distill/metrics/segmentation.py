@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 
@@ -40,11 +41,19 @@ def volume_dice_hd95(pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[
     return dice, hd95
 
 
+def volume_key(name: str) -> int:
+    """A stable signed 64-bit identity of a volume name (e.g. its image path), the same in every process."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little", signed=True)
+
+
 class PerGroupVolumeMetrics(Metric):
     """Mean Dice/HD95 over cases, overall and per group (site); DDP-safe (states are gathered).
 
-    ``update(dice, hd95, group)`` once per case; ``compute()`` returns
-    ``{"dice": m, "hd95": m, "dice/<GROUP>": m, "hd95/<GROUP>": m, ...}`` for the groups seen.
+    ``update(dice, hd95, group, volume)`` once per case, ``volume`` naming it (e.g. its image path);
+    ``compute()`` returns ``{"dice": m, "hd95": m, "dice/<GROUP>": m, "hd95/<GROUP>": m, ...}`` for
+    the groups seen. Every volume counts once: Lightning's distributed sampler repeats volumes to
+    give every rank as many, and the repeats are dropped after gathering (by ``volume``), so the
+    results do not depend on the number of processes.
     """
 
     full_state_update = False
@@ -55,15 +64,33 @@ class PerGroupVolumeMetrics(Metric):
         self.add_state("dice", default=[], dist_reduce_fx="cat")
         self.add_state("hd95", default=[], dist_reduce_fx="cat")
         self.add_state("group", default=[], dist_reduce_fx="cat")
+        self.add_state("volume", default=[], dist_reduce_fx="cat")
 
-    def update(self, dice: float, hd95: float, group: str) -> None:
+    def update(self, dice: float, hd95: float, group: str, volume: str) -> None:
         self.dice.append(torch.tensor([dice], dtype=torch.float64, device=self.device))
         self.hd95.append(torch.tensor([hd95], dtype=torch.float64, device=self.device))
         self.group.append(torch.tensor([self.groups.index(group)], device=self.device))
+        self.volume.append(torch.tensor([volume_key(volume)], dtype=torch.int64, device=self.device))
+
+    def _distinct_volumes(self) -> dict[str, torch.Tensor]:
+        """The current states, each volume once, in the order of :func:`volume_key` (independent of ranks)."""
+        cat = lambda state: torch.cat(state) if isinstance(state, list) else state  # noqa: E731
+        keys, order = torch.sort(cat(self.volume), stable=True)
+        first = torch.ones_like(keys, dtype=torch.bool)
+        first[1:] = keys[1:] != keys[:-1]
+        kept = order[first]
+        return {"volume": keys[first], "group": cat(self.group)[kept], "dice": cat(self.dice)[kept],
+                "hd95": cat(self.hd95)[kept]}
+
+    def per_volume(self) -> dict[str, torch.Tensor]:
+        """``{"volume": (N,) int64 volume_key, "group": (N,) index into groups, "dice": (N,), "hd95": (N,)}``
+        over the N distinct volumes of all ranks (a collective under DDP: call it on every rank)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn):
+            return self._distinct_volumes()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        cat = lambda state: torch.cat(state) if isinstance(state, list) else state  # noqa: E731
-        dice, hd95, group = cat(self.dice), cat(self.hd95), cat(self.group)
+        volumes = self._distinct_volumes()
+        dice, hd95, group = volumes["dice"], volumes["hd95"], volumes["group"]
         results = {"dice": dice.nanmean(), "hd95": hd95.nanmean()}
         for index, name in enumerate(self.groups):
             in_group = group == index

@@ -131,7 +131,7 @@ class SegmentationModule(DistillModuleBase):
         site = volume["site"]
         if site not in metrics.groups:
             raise DataError(f"{volume['image_path']}: site {site!r} is not in the model's report_sites {metrics.groups}")
-        metrics.update(dice, hd95, site)
+        metrics.update(dice, hd95, site, volume["image_path"])
 
     def validation_step(self, volume: Mapping, batch_idx: int) -> None:
         self._evaluate_volume(volume, self.val_metrics)
