@@ -17,7 +17,11 @@ DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate opti
 DEMO_TABLES = {
     "prostate": "experiments/prostate/tables/demo.yaml",
     "prostate-multi": "experiments/prostate/tables/demo_multi_teacher.yaml",
+    "surgical": "experiments/surgical/tables/demo.yaml",
 }
+# write_synthetic_surgical and extract_dataset_frames options of the surgical demo (5 fps holds the 1 fps frames too)
+DEMO_SURGICAL_DATA = {"num_videos": 10, "size": (96, 120), "duration_s": (20.0, 40.0)}
+DEMO_SURGICAL_FRAMES = {"fps": 5, "size": (56, 56)}
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -247,8 +251,9 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     teachers.set_defaults(func=run_teachers)
 
     demo = commands.add_parser("demo", help="synthetic data in the real format -> teacher -> students -> table")
-    demo.add_argument("task", choices=sorted(DEMO_TABLES), help="prostate: procedure 1; prostate-multi: procedure 2")
-    demo.add_argument("--out", default=None, help="output folder (default: runs/demo for prostate, runs/demo_<task>)")
+    demo.add_argument("task", choices=sorted(DEMO_TABLES), help="prostate: procedure 1; prostate-multi: procedure 2; surgical: MoCo v2 + distillation")
+    demo.add_argument("--out", default=None,
+                      help="output folder (default: runs/demo for prostate, runs/surgical_demo for surgical, runs/demo_<task>)")
     demo.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic data")
     demo.add_argument("--seeds", type=positive_int, default=None, help="training seeds per row (default: the spec's, 3)")
 
@@ -256,6 +261,9 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
         from data_modules.synth_prostate import write_synthetic_prostate
         from distill.tables import run_table
 
+        if args.task == "surgical":
+            run_surgical_demo(Path(args.out or "runs/surgical_demo"), args.seed, args.seeds)
+            return
         out = Path(args.out or ("runs/demo" if args.task == "prostate" else f"runs/demo_{args.task.replace('-', '_')}"))
         data_root = out / "data" / "prostate"
         if not data_root.exists():
@@ -264,6 +272,30 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
         run_table(REPO_ROOT / DEMO_TABLES[args.task], out, [f"--data.init_args.data_root={data_root}"], seeds=args.seeds)
 
     demo.set_defaults(func=run_demo)
+
+
+def run_surgical_demo(out: Path, data_seed: int, seeds: int | None) -> None:
+    """Synthetic Cholec80 videos and their frames under ``out/data`` (kept between runs), then the
+    surgical demo table in ``out`` (its YAMLs read the data from ``$SURGICAL_DEMO``).
+
+    Training uses one intra-op thread: the loader workers take the other core of a 2-core
+    machine, and on a shared machine two spinning OpenMP threads are several times slower."""
+    import os
+
+    import torch
+
+    from data_modules.surgical import extract_dataset_frames
+    from data_modules.synth_surgical import write_synthetic_surgical
+    from distill.tables import run_table
+
+    data = out / "data"
+    if not (data / "cholec80").exists():
+        print(f"writing synthetic Cholec80 videos to {data / 'cholec80'}", flush=True)
+        write_synthetic_surgical(data / "cholec80", "cholec80", seed=data_seed, **DEMO_SURGICAL_DATA)
+    extract_dataset_frames(data / "cholec80", data / "frames", "cholec80", **DEMO_SURGICAL_FRAMES)  # skips finished videos
+    os.environ["SURGICAL_DEMO"] = str(data)
+    torch.set_num_threads(1)
+    run_table(REPO_ROOT / DEMO_TABLES["surgical"], out, seeds=seeds)
 
 
 def add_profile_command(commands: argparse._SubParsersAction) -> None:

@@ -7,6 +7,7 @@ data, then tested), overrides applied to every run, the columns, and which runs 
     extends: other_spec.yaml          # optional: start from another spec, then update its keys
     overrides: ["--trainer.max_epochs=3"]
     seeds: 3                          # runs per row (seed_everything 0..N-1); --seeds overrides
+    notes: ["split: ...", "protocol: ..."]   # optional: the table's header notes (default: prostate split/protocol)
     columns:                          # default: Dice (per site and mean) and HD95
       - {metric: test/dice, label: Dice, groups: true}   # groups: one column per test/dice/<group>
       - {metric: test/hd95, label: HD95 mm, format: .2f}
@@ -40,7 +41,9 @@ the pre-training's ``test/probe_acc``); ``show: false`` keeps a run out of the t
 Each run trains in ``<out>/<run slug>/seed_<s>/`` and leaves ``result.json`` there when
 finished; a re-started table skips finished runs. The table (mean +- std over seeds; deltas
 as mean +- std of the per-seed differences) is printed and saved as ``results.md``,
-``results.csv``, ``results.json`` and ``site_dice.png`` (earlier files are never overwritten).
+``results.csv``, ``results.json``, ``site_dice.png`` (rows with per-site metrics) and
+``phase_ribbons_<video>.png`` (ground truth vs every row's test phase predictions, rows that write
+them, e.g. the TCN; first seed, three test videos); earlier files are never overwritten.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from distill.utils import write_text_atomic, unique_path
 RUN_KEYS = {"name", "config", "teacher", "teacher_index", "teachers", "overrides", "init_from", "features_from",
             "predict", "show"}
 CHAINED_KEYS = ("teacher", "teachers", "init_from", "features_from")
-SPEC_KEYS = {"title", "runs", "overrides", "compare", "columns", "seeds"}
+SPEC_KEYS = {"title", "runs", "overrides", "compare", "columns", "seeds", "notes"}
 DEFAULT_COLUMNS = [
     {"metric": "test/dice", "label": "Dice", "groups": True},
     {"metric": "test/hd95", "label": "HD95 mm", "format": ".2f"},
@@ -94,6 +97,7 @@ class TableSpec:
     compare: list[dict] = field(default_factory=list)
     columns: list[dict] = field(default_factory=lambda: [dict(c) for c in DEFAULT_COLUMNS])
     seeds: int = 1
+    notes: list[str] = field(default_factory=list)
 
 
 def load_table_spec(path: str | Path) -> TableSpec:
@@ -127,7 +131,8 @@ def load_table_spec(path: str | Path) -> TableSpec:
     if seeds < 1:
         raise DataError(f"{path}: seeds must be >= 1, got {seeds}")
     return TableSpec(title=raw.get("title", path.stem), runs=raw.get("runs", []), overrides=list(raw.get("overrides", [])),
-                     compare=compare, columns=list(raw.get("columns") or DEFAULT_COLUMNS), seeds=seeds)
+                     compare=compare, columns=list(raw.get("columns") or DEFAULT_COLUMNS), seeds=seeds,
+                     notes=list(raw.get("notes") or []))
 
 
 def slug(name: str) -> str:
@@ -357,11 +362,14 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
     write_text_atomic(unique_path(out_dir / "results.csv"), results_csv(results))
     write_text_atomic(unique_path(out_dir / "results.json"), json.dumps([asdict(r) for r in results], indent=2))
     save_site_chart(results, spec.columns[0], unique_path(out_dir / "site_dice.png"))
+    save_phase_ribbons(results, out_dir)
     return results
 
 
 def table_notes(spec: TableSpec, out_dir: Path) -> list[str]:
-    """Split and protocol, read from the first run's saved config."""
+    """The spec's ``notes``, else split and protocol read from the first run's saved config."""
+    if spec.notes:
+        return spec.notes
     configs = sorted(out_dir.rglob("config.yaml"))
     if not configs:
         return []
@@ -387,3 +395,32 @@ def save_site_chart(results: list[RunResult], column: dict, path: Path) -> None:
             table[name] = {g: (mean, 0.0 if math.isnan(std) else std) for g, (mean, std) in stats.items()}
     if table:
         save_figure(site_dice_bars(table, ylabel=column.get("label", key)), path)
+
+
+def save_phase_ribbons(results: list[RunResult], out_dir: Path, num_videos: int = 3) -> None:
+    """``phase_ribbons_<video>.png``: ground truth vs the test predictions of every row that wrote
+    ``phase_predictions/test/<video>-pred.txt`` (first seed; the first ``num_videos`` test videos)."""
+    import numpy as np
+
+    from data_modules.phases import VIDEO_FPS, phase_names, read_phase_file
+    from data_modules.surgical import phase_annotation_files
+    from distill.plotting import phase_ribbons, save_figure
+
+    first_seed = min((r.seed for r in results), default=0)
+    folders = {r.name: Path(r.log_dir) / "phase_predictions" / "test" for r in results if r.seed == first_seed}
+    folders = {name: folder for name, folder in folders.items() if folder.is_dir()}
+    if not folders:
+        return
+    data = yaml.safe_load((next(iter(folders.values())).parents[1] / "config.yaml").read_text())["data"]["init_args"]
+    annotations = phase_annotation_files(data["data_root"], data["dataset"])
+    predicted = {p.name.removesuffix("-pred.txt") for p in next(iter(folders.values())).glob("*-pred.txt")}
+    for video in [v for v in annotations if v in predicted][:num_videos]:
+        gt_frames, gt_labels = read_phase_file(annotations[video], data["dataset"])
+        sequences = {}
+        for name, folder in folders.items():
+            frames, labels = read_phase_file(folder / f"{video}-pred.txt", data["dataset"])
+            sequences.setdefault("ground truth", gt_labels[np.searchsorted(gt_frames, frames)])
+            sequences[name] = labels
+        step = int(frames[1] - frames[0]) if len(frames) > 1 else 1
+        figure = phase_ribbons(sequences, phase_names(data["dataset"]), fps=VIDEO_FPS / step, title=f"{video} (test)")
+        save_figure(figure, unique_path(out_dir / f"phase_ribbons_{video}.png"))

@@ -1,0 +1,98 @@
+"""The chained surgical table end to end at toy scale: pre-training (teacher, MoCo, MoCo +
+distillation) -> phase fine-tuning with feature export -> TCN -> relaxed metrics, rows and ribbons.
+
+The spec is the demo spec's pre-training runs and 25 % rows, with toy overrides (32 px, a 16-key
+queue, 2 training batches, 1-2 epochs) on 6 synthetic videos of 3-4 s."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data_modules.phases import read_phase_file
+from data_modules.surgical import extract_dataset_frames, split_videos
+from data_modules.synth_surgical import write_synthetic_surgical
+from distill.tables import run_table, slug
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_OVERRIDES = ["--data.init_args.image_size=32", "--data.init_args.resize_size=36", "--data.init_args.batch_size=8",
+                   "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
+MOCO_OVERRIDES = ["--model.init_args.queue_size=16", "--model.init_args.proj_hidden_dim=32", "--model.init_args.proj_dim=16"]
+COMMON_OVERRIDES = ["--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_spec(tmp_path: Path) -> Path:
+    """The demo spec reduced to its pre-training runs and the 25 % rows, with toy-scale overrides per run."""
+    spec = yaml.safe_load((REPO / "experiments/surgical/tables/demo.yaml").read_text())
+    runs = [run for run in spec["runs"] if "pretrain" in run["name"] or "25%" in run["name"]]
+    for run in runs:
+        config = Path(run["config"]).name
+        extra = ["--trainer.max_epochs=2"] if config == "tcn.yaml" else IMAGE_OVERRIDES
+        moco = MOCO_OVERRIDES if config.startswith("moco") else []
+        run["config"] = str(REPO / run["config"])
+        run["overrides"] = [*run.get("overrides", []), *extra, *moco, *COMMON_OVERRIDES]
+    spec.update(runs=runs, seeds=1, compare=[c for c in spec["compare"] if "25%" in c["baseline"]])
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_surgical_table_chains_pretraining_finetuning_and_tcn(tmp_path, monkeypatch, one_thread):
+    data = tmp_path / "data"
+    write_synthetic_surgical(data / "cholec80", "cholec80", num_videos=6, seed=0, size=(48, 56), duration_s=(3.0, 4.0))
+    extract_dataset_frames(data / "cholec80", data / "frames", "cholec80", fps=5, size=(40, 40), workers=1, progress=False)
+    monkeypatch.setenv("SURGICAL_DEMO", str(data))
+    out = tmp_path / "table"
+
+    results = run_table(toy_spec(tmp_path), out)
+
+    rows = ["ImageNet-supervised 25%", "MoCo v2 25%", "MoCo v2 + distillation 25%",
+            "teacher (ImageNet backbone + surgical MoCo head) 25%"]
+    assert [r.name for r in results] == rows  # 'show: false' keeps pre-training and fine-tuning out
+    table = (out / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| model"))
+    for label in ("Accuracy", "Precision", "Recall", "Jaccard", "probe acc (pre-training)"):
+        assert f"| {label} |" in header
+    assert "relaxed phase metrics" in table and "3D metrics" not in table  # the spec's notes, not prostate's
+    assert "MoCo v2 + distillation 25% vs MoCo v2 25%: Accuracy" in table
+    for result in results:
+        assert {"test/accuracy", "test/precision", "test/recall", "test/jaccard"} <= set(result.metrics)
+        assert 0 <= result.metrics["test/accuracy"] <= 100
+    probe = {r.name: r.metrics.get("test/probe_acc") for r in results}
+    assert probe["ImageNet-supervised 25%"] is None  # no pre-training run behind it
+    assert all(0 <= probe[name] <= 1 for name in rows[1:])  # the pre-training's probe, carried along the chain
+
+    # model selection on validation videos only, disjoint from the test videos the TCNs predict
+    videos = [p.name.removesuffix("-phase.txt") for p in sorted((data / "cholec80" / "phase_annotations").iterdir())]
+    split = split_videos(videos, "cholec80", "paper", 0.2)
+    assert split["val"] and not set(split["val"]) & set(split["test"])
+    for result in results:
+        assert result.monitor == "val/accuracy"
+        with open(Path(result.log_dir) / "metrics.csv") as stream:
+            val_scores = [float(row["val/accuracy"]) for row in csv.DictReader(stream) if row.get("val/accuracy")]
+        assert len(val_scores) == 2 and result.val_score == pytest.approx(max(val_scores))  # the best epoch on val
+        predictions = Path(result.log_dir) / "phase_predictions" / "test"
+        assert sorted(p.name for p in predictions.iterdir()) == [f"{v}-pred.txt" for v in split["test"]]
+        for video in split["test"]:
+            frames, _ = read_phase_file(predictions / f"{video}-pred.txt")
+            gt_frames, _ = read_phase_file(data / "cholec80" / "phase_annotations" / f"{video}-phase.txt")
+            assert frames.tolist() == gt_frames[::5].tolist()  # 5 fps features -> 5 fps predictions
+    hidden = {"teacher pretrain": "val/probe_acc", "distill pretrain": "val/probe_acc", "MoCo v2 25% finetune": "val/acc",
+              "ImageNet-supervised 25% finetune": "val/acc"}
+    for name, monitor in hidden.items():
+        assert json.loads((out / slug(name) / "seed_0" / "result.json").read_text())["monitor"] == monitor
+    assert sorted(p.name for p in out.glob("phase_ribbons_*.png")) == [f"phase_ribbons_{v}.png" for v in split["test"]]
