@@ -220,12 +220,14 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     table.add_argument("--out", required=True, help="directory for the runs and results.md")
     table.add_argument("--seeds", type=positive_int, default=None,
                        help="runs per row, seeds 0..N-1 (default: the spec's 'seeds', else 1)")
+    table.add_argument("--verbose", action="store_true", help="Lightning's logs, warnings and progress bars of every run "
+                       "instead of one progress display")
     table.epilog = "Any further --key=value arguments are LightningCLI overrides for every run, e.g. --trainer.max_epochs=5"
 
     def run_table_command(args: argparse.Namespace) -> None:
         from distill.tables import run_table
 
-        run_table(args.spec, args.out, args.lightning_overrides, seeds=args.seeds)
+        run_table(args.spec, args.out, args.lightning_overrides, seeds=args.seeds, verbose=args.verbose)
 
     table.set_defaults(func=run_table_command)
 
@@ -246,6 +248,7 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("task", choices=["prostate"])
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic data")
+    demo.add_argument("--verbose", action="store_true", help="Lightning's logs and warnings of every run")
 
     def run_demo(args: argparse.Namespace) -> None:
         from data_modules.synth_prostate import write_synthetic_prostate
@@ -255,7 +258,8 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
         if not data_root.exists():
             print(f"writing synthetic prostate data to {data_root}", flush=True)
             write_synthetic_prostate(data_root, **DEMO_PROSTATE_DATA, seed=args.seed)
-        run_table(REPO_ROOT / "experiments/prostate/tables/demo.yaml", args.out, [f"--data.init_args.data_root={data_root}"])
+        run_table(REPO_ROOT / "experiments/prostate/tables/demo.yaml", args.out, [f"--data.init_args.data_root={data_root}"],
+                  verbose=args.verbose)
 
     demo.set_defaults(func=run_demo)
 
