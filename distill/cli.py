@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TRAINING_COMMANDS = (*LIGHTNING_SUBCOMMANDS, "table", "teachers", "demo")  # may log to W&B: offline without a key
 DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate options of the demo
 
 
@@ -330,6 +331,10 @@ OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in TRAINING_COMMANDS:
+            from distill.wandb_logging import default_wandb_offline
+
+            default_wandb_offline()
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             from distill.lightning_cli import run_lightning_cli
 

@@ -147,18 +147,16 @@ def checkpoint_callback(trainer):
 
 
 def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str, seed: int = 0,
-                   predict: bool = False, callbacks: list | None = None) -> RunResult:
+                   predict: bool = False, callbacks: list | None = None, group: str | None = None) -> RunResult:
     """Fit ``config`` in ``root_dir``, test the checkpoint chosen on validation data, measure the network
     (``predict``: then predict with that checkpoint, the config's prediction writer recording).
-    ``callbacks`` are added to the config's (e.g. a progress display).
+    ``callbacks`` are added to the config's (e.g. a progress display). A W&B run (if the config logs
+    to W&B) is named ``<name>/seed_<seed>`` in the group ``group`` unless the config names them.
 
     Finished runs (``root_dir/result.json``) are read back instead of trained again.
     """
-    from lightning.pytorch.callbacks import BasePredictionWriter
-
-    from distill.benchmarking import latency_ms
     from distill.lightning_cli import DistillCLI
-    from distill.models import count_parameters
+    from distill.wandb_logging import finish_wandb_runs, label_wandb_runs
 
     done = root_dir / "result.json"
     if done.is_file():
@@ -170,6 +168,20 @@ def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str,
         cli = DistillCLI(args=["--config", config, *overrides, f"--seed_everything={seed}",
                                f"--trainer.default_root_dir={root_dir}"], run=False)
     cli.trainer.callbacks.extend(callbacks or [])
+    label_wandb_runs(cli.trainer, group or slug(name), f"{name}/seed_{seed}")
+    try:
+        return _fit_test_measure(cli, config, name, seed, predict, done)
+    finally:
+        finish_wandb_runs(cli.trainer)
+
+
+def _fit_test_measure(cli, config: str, name: str, seed: int, predict: bool, done: Path) -> RunResult:
+    """The body of :func:`run_experiment` once the run is configured."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    from distill.benchmarking import latency_ms
+    from distill.models import count_parameters
+
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     selector = checkpoint_callback(cli.trainer)
     if selector is None or not selector.best_model_path:
@@ -362,7 +374,7 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
                     continue
                 overrides += run_overrides(run, seed, done)
                 result = run_experiment(run["config"], overrides, run_dir, run["name"], seed, bool(run.get("predict")),
-                                        callbacks)
+                                        callbacks, group=slug(spec.title))
                 result.metrics = {**upstream_metrics(run, seed, done), **result.metrics}
                 done.setdefault(run["name"], {})[seed] = result
                 if run.get("show", True):
