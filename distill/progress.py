@@ -7,6 +7,7 @@ Lightning's per-run start-up logs, tips, model summaries, progress bars and warn
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -23,10 +24,10 @@ QUIET_TRAINER_OVERRIDES = ["--trainer.enable_progress_bar=false", "--trainer.ena
 
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """Inside the block: Lightning's loggers at ERROR and every warning ignored; restored after."""
+    """Inside the block: Lightning's loggers at ERROR, every warning ignored, W&B silent; restored after."""
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
     levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _environment(WANDB_SILENT=os.environ.get("WANDB_SILENT", "true")):
         warnings.simplefilter("ignore")
         for logger in loggers:
             logger.setLevel(logging.ERROR)
@@ -35,6 +36,21 @@ def quiet_lightning() -> Iterator[None]:
         finally:
             for logger, level in zip(loggers, levels):
                 logger.setLevel(level)
+
+
+@contextmanager
+def _environment(**variables: str) -> Iterator[None]:
+    """Environment variables set inside the block, restored after."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class TableProgress:
