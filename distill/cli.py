@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TRAINING_COMMANDS = (*LIGHTNING_SUBCOMMANDS, "table", "teachers", "demo")  # may log to W&B: offline without a key
 DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate options of the demo
 DEMO_TABLES = {
     "prostate": "experiments/prostate/tables/demo.yaml",
@@ -228,12 +229,14 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     table.add_argument("--out", required=True, help="directory for the runs and results.md")
     table.add_argument("--seeds", type=positive_int, default=None,
                        help="runs per row, seeds 0..N-1 (default: the spec's 'seeds', else 1)")
+    table.add_argument("--verbose", action="store_true", help="Lightning's logs, warnings and progress bars of every run "
+                       "instead of one progress display")
     table.epilog = "Any further --key=value arguments are LightningCLI overrides for every run, e.g. --trainer.max_epochs=5"
 
     def run_table_command(args: argparse.Namespace) -> None:
         from distill.tables import run_table
 
-        run_table(args.spec, args.out, args.lightning_overrides, seeds=args.seeds)
+        run_table(args.spec, args.out, args.lightning_overrides, seeds=args.seeds, verbose=args.verbose)
 
     table.set_defaults(func=run_table_command)
 
@@ -256,25 +259,27 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
                       help="output folder (default: runs/demo for prostate, runs/surgical_demo for surgical, runs/demo_<task>)")
     demo.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic data")
     demo.add_argument("--seeds", type=positive_int, default=None, help="training seeds per row (default: the spec's, 3)")
+    demo.add_argument("--verbose", action="store_true", help="Lightning's logs and warnings of every run")
 
     def run_demo(args: argparse.Namespace) -> None:
         from data_modules.synth_prostate import write_synthetic_prostate
         from distill.tables import run_table
 
         if args.task == "surgical":
-            run_surgical_demo(Path(args.out or "runs/surgical_demo"), args.seed, args.seeds)
+            run_surgical_demo(Path(args.out or "runs/surgical_demo"), args.seed, args.seeds, args.verbose)
             return
         out = Path(args.out or ("runs/demo" if args.task == "prostate" else f"runs/demo_{args.task.replace('-', '_')}"))
         data_root = out / "data" / "prostate"
         if not data_root.exists():
             print(f"writing synthetic prostate data to {data_root}", flush=True)
             write_synthetic_prostate(data_root, **DEMO_PROSTATE_DATA, seed=args.seed)
-        run_table(REPO_ROOT / DEMO_TABLES[args.task], out, [f"--data.init_args.data_root={data_root}"], seeds=args.seeds)
+        run_table(REPO_ROOT / DEMO_TABLES[args.task], out, [f"--data.init_args.data_root={data_root}"], seeds=args.seeds,
+                  verbose=args.verbose)
 
     demo.set_defaults(func=run_demo)
 
 
-def run_surgical_demo(out: Path, data_seed: int, seeds: int | None) -> None:
+def run_surgical_demo(out: Path, data_seed: int, seeds: int | None, verbose: bool = False) -> None:
     """Synthetic Cholec80 videos and their frames under ``out/data`` (kept between runs), then the
     surgical demo table in ``out`` (its YAMLs read the data from ``$SURGICAL_DEMO``).
 
@@ -295,7 +300,7 @@ def run_surgical_demo(out: Path, data_seed: int, seeds: int | None) -> None:
     extract_dataset_frames(data / "cholec80", data / "frames", "cholec80", **DEMO_SURGICAL_FRAMES)  # skips finished videos
     os.environ["SURGICAL_DEMO"] = str(data)
     torch.set_num_threads(1)
-    run_table(REPO_ROOT / DEMO_TABLES["surgical"], out, seeds=seeds)
+    run_table(REPO_ROOT / DEMO_TABLES["surgical"], out, seeds=seeds, verbose=verbose)
 
 
 def add_profile_command(commands: argparse._SubParsersAction) -> None:
@@ -364,6 +369,10 @@ OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in TRAINING_COMMANDS:
+            from distill.wandb_logging import default_wandb_offline
+
+            default_wandb_offline()
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             from distill.lightning_cli import run_lightning_cli
 

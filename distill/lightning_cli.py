@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from distill.callbacks import RandomStateCheckpoint
+from distill.wandb_logging import WandbResultPlots
 from distill.errors import DataError
 from distill.utils import atomic_write, unique_path
 
@@ -183,7 +184,8 @@ class DistillCLI(LightningCLI):
             parser_kwargs={"parser_mode": "omegaconf+"},
             seed_everything_default=0,
             auto_configure_optimizers=False,
-            trainer_defaults={"callbacks": [RandomStateCheckpoint()]},  # added to the config's callbacks
+            # added to the config's callbacks (result plots: only with a WandbLogger)
+            trainer_defaults={"callbacks": [RandomStateCheckpoint(), WandbResultPlots()]},
             args=args,
             run=run,
         )

@@ -87,7 +87,7 @@ def training_cases(config: str, overrides: list[str]) -> tuple[list[str], int]:
 
 def train_limit_trained_teachers(spec_path: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
                                  seed: int = 0, row_prefix: str = "limit-trained teacher",
-                                 final_overrides: list[str] | None = None) -> list:
+                                 final_overrides: list[str] | None = None, callbacks: list | None = None) -> list:
     """Train every teacher of a spec (finished ones are skipped) and write ``<out>/manifest.yaml``.
 
     Overrides apply in the order ``overrides`` (e.g. a table's), the spec's own, ``final_overrides``
@@ -105,7 +105,8 @@ def train_limit_trained_teachers(spec_path: str | Path, out_dir: str | Path, ove
     results, entries = [], []
     for name, cases in subsets.items():
         subset_args = [f"--data.init_args.train_cases=[{','.join(cases)}]"]
-        result = run_experiment(spec["config"], overrides + subset_args, out_dir / slug(name), f"{row_prefix}: {name}", seed)
+        result = run_experiment(spec["config"], overrides + subset_args, out_dir / slug(name), f"{row_prefix}: {name}", seed,
+                                callbacks=callbacks)
         result.manifest = str(manifest_path)
         results.append(result)
         checkpoint = Path(result.best_checkpoint)

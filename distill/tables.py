@@ -48,12 +48,14 @@ them, e.g. the TCN; first seed, three test videos); earlier files are never over
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import re
 import statistics
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -150,25 +152,41 @@ def checkpoint_callback(trainer):
 
 
 def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str, seed: int = 0,
-                   predict: bool = False) -> RunResult:
+                   predict: bool = False, callbacks: list | None = None, group: str | None = None) -> RunResult:
     """Fit ``config`` in ``root_dir``, test the checkpoint chosen on validation data, measure the network
     (``predict``: then predict with that checkpoint, the config's prediction writer recording).
+    ``callbacks`` are added to the config's (e.g. a progress display). A W&B run (if the config logs
+    to W&B) is named ``<name>/seed_<seed>`` in the group ``group`` unless the config names them.
 
     Finished runs (``root_dir/result.json``) are read back instead of trained again.
     """
-    from lightning.pytorch.callbacks import BasePredictionWriter
-
-    from distill.benchmarking import latency_ms
     from distill.lightning_cli import DistillCLI
-    from distill.models import count_parameters
+    from distill.wandb_logging import finish_wandb_runs, label_wandb_runs
 
     done = root_dir / "result.json"
     if done.is_file():
         return RunResult(**json.loads(done.read_text()))
     if not Path(config).is_file():
         raise DataError(f"{config}: experiment config not found")
-    cli = DistillCLI(args=["--config", config, *overrides, f"--seed_everything={seed}",
-                           f"--trainer.default_root_dir={root_dir}"], run=False)
+    with warnings.catch_warnings():  # the table passes ``args`` on purpose while ``sys.argv`` holds its own
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = DistillCLI(args=["--config", config, *overrides, f"--seed_everything={seed}",
+                               f"--trainer.default_root_dir={root_dir}"], run=False)
+    cli.trainer.callbacks.extend(callbacks or [])
+    label_wandb_runs(cli.trainer, group or slug(name), f"{name}/seed_{seed}")
+    try:
+        return _fit_test_measure(cli, config, name, seed, predict, done)
+    finally:
+        finish_wandb_runs(cli.trainer)
+
+
+def _fit_test_measure(cli, config: str, name: str, seed: int, predict: bool, done: Path) -> RunResult:
+    """The body of :func:`run_experiment` once the run is configured."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    from distill.benchmarking import latency_ms
+    from distill.models import count_parameters
+
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     selector = checkpoint_callback(cli.trainer)
     if selector is None or not selector.best_model_path:
@@ -328,32 +346,48 @@ def upstream_metrics(run: dict, seed: int, done: dict[str, dict[int, RunResult |
 
 
 def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[str] | None = None,
-              seeds: int | None = None) -> list[RunResult]:
-    """Train and test every run of a spec over seeds; print and save the table."""
+              seeds: int | None = None, verbose: bool = True) -> list[RunResult]:
+    """Train and test every run of a spec over seeds; print and save the table.
+
+    ``verbose=False``: one progress bar instead of Lightning's logs and warnings (:mod:`distill.progress`).
+    """
     from distill.limit_trained import train_limit_trained_teachers
+    from distill.progress import QUIET_TRAINER_OVERRIDES, TableProgress, quiet_lightning
 
     spec = load_table_spec(spec_path)
     out_dir = Path(out_dir)
     num_seeds = seeds or spec.seeds
     done: dict[str, dict[int, RunResult | list[RunResult]]] = {}
     results: list[RunResult] = []
-    for seed in range(num_seeds):
-        for run in spec.runs:
-            run_dir = out_dir / slug(run["name"]) / f"seed_{seed}"
-            overrides = spec.overrides + list(run.get("overrides", [])) + list(extra_overrides or [])
-            print(f"\n=== {run['name']} (seed {seed}) ===", flush=True)
-            if "config" not in run:  # limit-trained teachers: their spec's overrides before the command line's
-                teachers = train_limit_trained_teachers(run["teachers"], run_dir, spec.overrides + list(run.get("overrides", [])),
-                                                        seed, row_prefix=run["name"], final_overrides=extra_overrides)
-                done.setdefault(run["name"], {})[seed] = teachers
-                results += teachers
-                continue
-            overrides += run_overrides(run, seed, done)
-            result = run_experiment(run["config"], overrides, run_dir, run["name"], seed, bool(run.get("predict")))
-            result.metrics = {**upstream_metrics(run, seed, done), **result.metrics}
-            done.setdefault(run["name"], {})[seed] = result
-            if run.get("show", True):
-                results.append(result)
+    progress = TableProgress(num_seeds * len(spec.runs), enabled=not verbose)
+    with (contextlib.nullcontext() if verbose else quiet_lightning()):
+        for seed in range(num_seeds):
+            for run in spec.runs:
+                run_dir = out_dir / slug(run["name"]) / f"seed_{seed}"
+                overrides = ([] if verbose else QUIET_TRAINER_OVERRIDES) + spec.overrides + list(run.get("overrides", []))
+                overrides += list(extra_overrides or [])
+                if verbose:
+                    print(f"\n=== {run['name']} (seed {seed}) ===", flush=True)
+                progress.start_run(f"{run['name']} (seed {seed})")
+                callbacks = [] if verbose else [progress.callback()]
+                if "config" not in run:  # limit-trained teachers: their spec's overrides before the command line's
+                    quiet = [] if verbose else QUIET_TRAINER_OVERRIDES
+                    teachers = train_limit_trained_teachers(
+                        run["teachers"], run_dir, quiet + spec.overrides + list(run.get("overrides", [])), seed,
+                        row_prefix=run["name"], final_overrides=extra_overrides, callbacks=callbacks)
+                    done.setdefault(run["name"], {})[seed] = teachers
+                    results += teachers
+                    progress.finish_run()
+                    continue
+                overrides += run_overrides(run, seed, done)
+                result = run_experiment(run["config"], overrides, run_dir, run["name"], seed, bool(run.get("predict")),
+                                        callbacks, group=slug(spec.title))
+                result.metrics = {**upstream_metrics(run, seed, done), **result.metrics}
+                done.setdefault(run["name"], {})[seed] = result
+                if run.get("show", True):
+                    results.append(result)
+                progress.finish_run()
+    progress.close()
     notes = table_notes(spec, out_dir)
     table = format_table(spec, results, notes)
     print("\n" + table)

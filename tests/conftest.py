@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from data_modules.synth_prostate import write_synthetic_prostate
+
+os.environ["WANDB_MODE"] = "disabled"  # no test talks to W&B; a test wanting offline runs sets it itself
 
 
 @pytest.fixture(scope="session")

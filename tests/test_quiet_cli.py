@@ -1,0 +1,45 @@
+"""``distill table`` prints one progress display and the table; ``--verbose`` brings Lightning's logs back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--data.init_args.image_size=32",
+    "--data.init_args.num_workers=0",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.load_threads=1",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--model.init_args.network_kwargs.width=4",
+]
+CHATTER = ("LOCAL_RANK", "GPU available", "UserWarning", "`Trainer.fit` stopped", "Tip:", "Trainable params")
+
+
+def run_table_command(spec: Path, out: Path, data_root: Path, *extra: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", "distill.cli", "table", str(spec), "--out", str(out), *extra, *TINY,
+                           f"--data.init_args.data_root={data_root}"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_table_output_is_progress_and_table_unless_verbose(synthetic_prostate_root, tmp_path, verbose):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(f"title: Tiny table\nruns:\n  - {{name: student, config: {REPO / 'experiments/prostate/student_baseline.yaml'}}}\n")
+    output = run_table_command(spec, tmp_path / "out", synthetic_prostate_root, *(["--verbose"] if verbose else []))
+    assert "### Tiny table" in output and "| student | 0.12M |" in output
+    assert "args parameter" not in output  # the table passes args to LightningCLI on purpose, never a warning
+    if verbose:
+        assert "GPU available" in output and "`Trainer.fit` stopped" in output
+    else:
+        assert not [line for line in output.splitlines() if any(word in line for word in CHATTER)]
+        assert "1.0/1 runs" in output and "epoch 1/1" in output
