@@ -36,7 +36,9 @@ Chained runs (pre-training -> fine-tuning -> features -> temporal model)::
 prediction writer writes under the run); ``features_from: <run>`` passes that run's
 ``<prediction writer output_dir>/features`` as the data's ``features_dir``. A chained run's
 row also shows the metrics of the runs it came from that it does not compute itself (e.g.
-the pre-training's ``test/probe_acc``); ``show: false`` keeps a run out of the table and its files.
+the pre-training's ``test/probe_acc``); ``show: false`` keeps a run out of the table and its files;
+``train_once: true`` trains a run at seed 0 only and gives it to the dependents of every seed
+(e.g. one teacher for all student seeds: its row then has one seed).
 
 Each run trains in ``<out>/<run slug>/seed_<s>/`` and leaves ``result.json`` there when
 finished; a re-started table skips finished runs. The table (mean +- std over seeds; deltas
@@ -64,7 +66,7 @@ import yaml
 from distill.errors import DataError
 from distill.utils import write_text_atomic, unique_path
 
-RUN_KEYS = {"name", "config", "teacher", "teacher_index", "teachers", "overrides", "init_from", "features_from",
+RUN_KEYS = {"name", "config", "teacher", "teacher_index", "teachers", "overrides", "init_from", "features_from", "train_once",
             "predict", "show"}
 CHAINED_KEYS = ("teacher", "teachers", "init_from", "features_from")
 SPEC_KEYS = {"title", "runs", "overrides", "compare", "columns", "seeds", "notes"}
@@ -363,6 +365,10 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
     with (contextlib.nullcontext() if verbose else quiet_lightning()):
         for seed in range(num_seeds):
             for run in spec.runs:
+                if run.get("train_once") and seed > 0:  # trained at seed 0, reused by every seed's dependents
+                    done[run["name"]][seed] = done[run["name"]][0]
+                    progress.finish_run()
+                    continue
                 run_dir = out_dir / slug(run["name"]) / f"seed_{seed}"
                 overrides = ([] if verbose else QUIET_TRAINER_OVERRIDES) + spec.overrides + list(run.get("overrides", []))
                 overrides += list(extra_overrides or [])

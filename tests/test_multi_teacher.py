@@ -246,7 +246,7 @@ def test_limit_trained_teachers_and_multi_teacher_table_over_seeds(synthetic_pro
         "title": "toy procedure 2",
         "seeds": 2,
         "runs": [
-            {"name": "teachers", "teachers": str(teachers_spec)},
+            {"name": "teachers", "teachers": str(teachers_spec), "train_once": True},
             {"name": "student (no KD)", "config": student("student_baseline")},
             {"name": "student + 1 teacher", "config": student("student_kd"), "teacher": "teachers", "teacher_index": 1},
             {"name": "student + K (mean)", "config": student("student_multi_teacher"), "teachers": "teachers",
@@ -259,15 +259,16 @@ def test_limit_trained_teachers_and_multi_teacher_table_over_seeds(synthetic_pro
     overrides = [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", "--trainer.limit_val_batches=2"]
     results = run_table(spec, tmp_path / "out", overrides)
     assert sorted({(r.name, r.seed) for r in results}) == sorted(
-        (name, seed) for seed in (0, 1) for name in
-        ["teachers: RUNMC", "teachers: BMC", "student (no KD)", "student + 1 teacher", "student + K (mean)"])
-    manifest = yaml.safe_load((tmp_path / "out" / "teachers" / "seed_1" / "manifest.yaml").read_text())
+        [("teachers: RUNMC", 0), ("teachers: BMC", 0)]  # train_once: the seed-0 teachers serve every seed
+        + [(name, seed) for seed in (0, 1) for name in ["student (no KD)", "student + 1 teacher", "student + K (mean)"]])
+    assert not (tmp_path / "out" / "teachers" / "seed_1").exists()
+    manifest = yaml.safe_load((tmp_path / "out" / "teachers" / "seed_0" / "manifest.yaml").read_text())
     assert [t["name"] for t in manifest["teachers"]] == ["RUNMC", "BMC"]
     assert all(len(t["subset"]["train_cases"]) == 1 and t["subset"]["train_cases"][0].startswith(t["name"])
                for t in manifest["teachers"])
     one_teacher = next(r for r in results if r.name == "student + 1 teacher" and r.seed == 1)
     hparams = torch.load(one_teacher.best_checkpoint, weights_only=True)["hyper_parameters"]
-    assert hparams["teacher_sha256"] == manifest["teachers"][1]["sha256"]  # same seed, teacher index 1
+    assert hparams["teacher_sha256"] == manifest["teachers"][1]["sha256"]  # teacher index 1
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| student + K (mean) |" in table and " ± " in table and "seeds: 0, 1" in table
     assert "(best of the candidates on validation) vs student (no KD)" in table and "2 paired seeds" in table
