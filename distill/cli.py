@@ -162,20 +162,23 @@ def add_phase_evaluation_command(commands: argparse._SubParsersAction) -> None:
 def add_export_commands(commands: argparse._SubParsersAction) -> None:
     """``distill export CKPT`` and ``distill segment-nifti MODEL.onnx IN OUT``."""
     export = commands.add_parser(
-        "export", help="export a segmentation student to ONNX or TorchScript, checked against PyTorch",
-        description="Rebuilds the network from the checkpoint's hyper-parameters (no teacher needed), exports it "
-        "with a dynamic batch axis, compares the saved file with PyTorch on a sample input, prints size and latency.",
+        "export", help="export a segmentation student or a frame encoder / phase classifier to ONNX or TorchScript, "
+        "checked against PyTorch",
+        description="Rebuilds the network from the checkpoint's hyper-parameters and weights (no teacher or "
+        "pre-training file needed), exports it with a dynamic batch axis, compares the saved file with PyTorch on a "
+        "sample input, prints size and latency. Segmentation: image -> logits; phase classifier: ImageNet-normalised "
+        "frames -> logits, features.",
     )
-    export.add_argument("checkpoint", help="Lightning .ckpt of a segmentation model (or a run directory)")
+    export.add_argument("checkpoint", help="Lightning .ckpt of a segmentation or phase-classifier model (or a run directory)")
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True, help="file to write (must not exist)")
-    export.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |exported - pytorch| logit")
+    export.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |exported - pytorch| output")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset")
 
     def run_export(args: argparse.Namespace) -> None:
-        from distill.export import export_segmentation_student
+        from distill.export import export_student
 
-        report = export_segmentation_student(args.checkpoint, args.out, args.format, args.tolerance, args.opset)
+        report = export_student(args.checkpoint, args.out, args.format, args.tolerance, args.opset)
         print(report.format_lines())
 
     export.set_defaults(func=run_export)

@@ -1,14 +1,23 @@
-"""Deployment export of segmentation students: ONNX (for onnxruntime) or TorchScript.
+"""Deployment export of students: ONNX (for onnxruntime) or TorchScript.
 
 ``distill export CKPT --format onnx --out student.onnx`` rebuilds the network from the
-checkpoint's hyper-parameters (no teacher, no training code needed), exports it with a dynamic
-batch axis (the in-plane size is the checkpoint's ``image_size``, as the network was trained), runs the saved file next to PyTorch on a sample input and refuses the export when
-they differ by more than ``tolerance``, then reports the file size and the CPU latency of one
-slice stack. The preprocessing the network expects (:data:`PREPROCESSING_KEYS`: slices per input,
-in-plane size, intensity normalisation, largest-component post-processing, read from the
-checkpoint's data-module and model hyper-parameters) travels inside the file: ONNX metadata
-``distill.preprocessing`` (JSON), TorchScript extra file ``distill.json``. ``distill.infer_onnx``
-reads it to segment a NIfTI volume without PyTorch.
+checkpoint's hyper-parameters and weights (no teacher, no pre-training file, no training code
+needed), exports it with a dynamic batch axis (the spatial size is the checkpoint's
+``image_size``, as the network was trained), runs the saved file next to PyTorch on a sample input
+and refuses the export when any output differs by more than ``tolerance``, then reports the file
+size and the CPU latency of one input. The checkpoint's recorded ``network_family`` says what it
+holds:
+
+- ``"segmentation"`` students map (B, num_slices, S, S) slice stacks to (B, C, S, S) ``logits``.
+  The preprocessing (:data:`PREPROCESSING_KEYS`: slices per input, in-plane size, intensity
+  normalisation, largest-component post-processing, read from the checkpoint's data-module and
+  model hyper-parameters) lets ``distill.infer_onnx`` segment a NIfTI volume without PyTorch.
+- ``"phase_classifier"`` frame encoders / phase models
+  (:class:`distill.modules.PhaseClassifierModule`) map (B, 3, S, S) ImageNet-normalised frames to
+  (B, num_phases) ``logits`` and (B, D) pooled ``features`` (the input of the temporal model).
+
+The preprocessing travels inside the file: ONNX metadata ``distill.preprocessing`` (JSON),
+TorchScript extra file ``distill.json``.
 """
 
 from __future__ import annotations
@@ -29,26 +38,36 @@ from torch import nn
 
 from distill.errors import DataError
 from distill.infer_onnx import METADATA_KEY
-from distill.modules.checkpoints import load_segmentation_network, load_state, resolve_checkpoint
+from distill.models.backbones import IMAGENET_MEAN, IMAGENET_STD, FrameClassifier
+from distill.modules.checkpoints import (
+    checkpoint_family,
+    load_network,
+    load_state,
+    resolve_checkpoint,
+)
 
 Format = Literal["onnx", "torchscript"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript")
 PREPROCESSING_KEYS = ("num_slices", "image_size", "normalization", "num_classes", "largest_component")
 DEFAULT_IMAGE_SIZE = 384  # the DataModule's default, for checkpoints without data-module hyper-parameters
+# The surgical phase DataModule's evaluation transform (resize the shorter side, centre crop) defaults.
+DEFAULT_FRAME_SIZE, DEFAULT_FRAME_RESIZE = 224, 250
+OUTPUT_NAMES = {"segmentation": ("logits",), "phase_classifier": ("logits", "features")}
 
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What :func:`export_segmentation_student` wrote and measured.
+    """What :func:`export_student` wrote and measured.
 
     Attributes:
         path: the exported file.
         format: "onnx" or "torchscript".
-        max_abs_diff: largest |exported - PyTorch| logit on the sample inputs (batch 2 and 1).
+        max_abs_diff: largest |exported - PyTorch| output on the sample inputs (batch 2 and 1).
         size_bytes: file size.
-        latency_ms: median CPU latency of one (1, num_slices, image_size, image_size) forward pass
-            in the exported runtime (onnxruntime or TorchScript).
-        preprocessing: the metadata stored in the file (see :data:`PREPROCESSING_KEYS`).
+        latency_ms: median CPU latency of one ``input_shape`` forward pass in the exported
+            runtime (onnxruntime or TorchScript).
+        input_shape: (1, channels, S, S), the shape timed.
+        preprocessing: the metadata stored in the file.
     """
 
     path: Path
@@ -56,6 +75,7 @@ class ExportReport:
     max_abs_diff: float
     size_bytes: int
     latency_ms: float
+    input_shape: tuple[int, ...]
     preprocessing: dict
 
     def format_lines(self) -> str:
@@ -65,20 +85,46 @@ class ExportReport:
                 f"exported {self.path} ({self.format})",
                 f"max |{self.format} - pytorch| = {self.max_abs_diff:.2e} on sample inputs",
                 f"size {self.size_bytes / 1e6:.2f} MB",
-                f"latency {self.latency_ms:.2f} ms per (1, {self.preprocessing['num_slices']}, "
-                f"{self.preprocessing['image_size']}, {self.preprocessing['image_size']}) input on CPU (median)",
+                f"latency {self.latency_ms:.2f} ms per {self.input_shape} input on CPU (median)",
                 f"preprocessing {json.dumps(self.preprocessing)}",
             ]
         )
 
 
+class LogitsAndFeatures(nn.Module):
+    """A :class:`FrameClassifier` with both outputs: (B, 3, S, S) -> ((B, num_classes), (B, D))."""
+
+    def __init__(self, classifier: FrameClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.classifier.features(x)
+        return self.classifier.head(features), features
+
+
 def load_student(checkpoint: str | Path) -> tuple[nn.Module, dict]:
-    """The eval-mode network of a segmentation checkpoint and the preprocessing it was trained with."""
+    """The eval-mode network of a segmentation or phase-classifier checkpoint (phase: returning
+    logits and features) and the preprocessing it was trained with."""
     path = resolve_checkpoint(checkpoint)
-    net = load_segmentation_network(path)
     payload = load_state(path)
+    family = checkpoint_family(payload, path, None)
+    if family not in OUTPUT_NAMES:
+        raise DataError(f"{path}: holds a {family!r} network; export takes {' or '.join(map(repr, OUTPUT_NAMES))} checkpoints")
+    net = load_network(path, family=family)
     model = payload.get("hyper_parameters") or {}
     data = payload.get("datamodule_hyper_parameters") or {}
+    if family == "phase_classifier":
+        preprocessing = {
+            "task": "phase_recognition",
+            "image_size": int(data.get("image_size", DEFAULT_FRAME_SIZE)),
+            "resize_size": int(data.get("resize_size", DEFAULT_FRAME_RESIZE)),
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "num_classes": int(model.get("num_classes", 7)),
+            "num_features": int(net.backbone.num_features),
+            "outputs": list(OUTPUT_NAMES[family]),
+        }
+        return LogitsAndFeatures(net).eval(), preprocessing
     preprocessing = {
         "num_slices": int(model.get("in_channels", data.get("num_slices", 3))),
         "image_size": int(data.get("image_size", DEFAULT_IMAGE_SIZE)),
@@ -89,7 +135,7 @@ def load_student(checkpoint: str | Path) -> tuple[nn.Module, dict]:
     return net, preprocessing
 
 
-def export_segmentation_student(
+def export_student(
     checkpoint: str | Path,
     out: str | Path,
     format: Format = "onnx",
@@ -98,11 +144,12 @@ def export_segmentation_student(
     latency_repeats: int = 20,
     seed: int = 0,
 ) -> ExportReport:
-    """Export the network of ``checkpoint`` to ``out`` and check it against PyTorch.
+    """Export the network of ``checkpoint`` to ``out`` and check every output against PyTorch.
 
     Raises:
-        DataError: ``out`` exists, the format is unknown, the checkpoint is unusable, or the
-            exported file differs from PyTorch by more than ``tolerance`` (then nothing is written).
+        DataError: ``out`` exists, the format is unknown, the checkpoint is unusable or of another
+            family, or the exported file differs from PyTorch by more than ``tolerance`` (then
+            nothing is written).
     """
     out = Path(out)
     if format not in FORMATS:
@@ -112,15 +159,20 @@ def export_segmentation_student(
     net, preprocessing = load_student(checkpoint)
     size = preprocessing["image_size"]
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randn(2, preprocessing["num_slices"], size, size, generator=generator)
+    sample = torch.randn(2, preprocessing.get("num_slices", 3), size, size, generator=generator)
+    output_names = list(preprocessing.get("outputs", ["logits"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(handle)
     try:
         write = _write_onnx if format == "onnx" else _write_torchscript
-        run = write(net, sample, Path(temporary), preprocessing, opset)
+        run = write(net, sample, Path(temporary), preprocessing, opset, output_names)
         with torch.no_grad():
-            max_diff = max(float(np.abs(run(x.numpy()) - net(x).numpy()).max()) for x in (sample, sample[:1]))
+            max_diff = max(
+                float(np.abs(exported - expected.numpy()).max())
+                for x in (sample, sample[:1])
+                for exported, expected in zip(run(x.numpy()), _outputs(net(x)), strict=True)
+            )
         if not max_diff <= tolerance:
             raise DataError(
                 f"{out}: the {format} export differs from PyTorch by {max_diff:.2e} > tolerance {tolerance:g}; not written"
@@ -131,7 +183,12 @@ def export_segmentation_student(
         os.replace(temporary, out)
     finally:
         Path(temporary).unlink(missing_ok=True)
-    return ExportReport(out, format, max_diff, out.stat().st_size, latency, preprocessing)
+    return ExportReport(out, format, max_diff, out.stat().st_size, latency, tuple(sample[:1].shape), preprocessing)
+
+
+def _outputs(result: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A network's output as a tuple of tensors."""
+    return result if isinstance(result, tuple) else (result,)
 
 
 # Exporter chatter: constant folding of strided slices, TorchScript's deprecation notice, and the
@@ -140,9 +197,11 @@ def export_segmentation_student(
 _QUIET = ("Constant folding", "`torch.jit.", "Converting a tensor to a Python boolean")
 
 
-def _write_onnx(net: nn.Module, sample: torch.Tensor, path: Path, preprocessing: dict, opset: int) -> Callable:
+def _write_onnx(
+    net: nn.Module, sample: torch.Tensor, path: Path, preprocessing: dict, opset: int, output_names: list[str]
+) -> Callable:
     """Export with the TorchScript-based exporter (no onnxscript needed), batch axis dynamic;
-    returns a numpy -> numpy runner of the saved file under onnxruntime."""
+    returns a numpy -> list of numpy (one per output) runner of the saved file under onnxruntime."""
     import onnx
     import onnxruntime
 
@@ -150,20 +209,22 @@ def _write_onnx(net: nn.Module, sample: torch.Tensor, path: Path, preprocessing:
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=f".*{message}")
         torch.onnx.export(
-            net, (sample,), str(path), input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+            net, (sample,), str(path), input_names=["image"], output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in ["image", *output_names]}, opset_version=opset, dynamo=False,
         )
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(preprocessing)})
     onnx.save(model, str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"image": x})[0]
+    return lambda x: session.run(output_names, {"image": x})
 
 
-def _write_torchscript(net: nn.Module, sample: torch.Tensor, path: Path, preprocessing: dict, opset: int) -> Callable:
-    """Trace (the batch size is not baked in: convolutions only) and save with the metadata as an
-    extra file; returns a numpy -> numpy runner of the reloaded file."""
+def _write_torchscript(
+    net: nn.Module, sample: torch.Tensor, path: Path, preprocessing: dict, opset: int, output_names: list[str]
+) -> Callable:
+    """Trace (the batch size is not baked in) and save with the metadata as an extra file;
+    returns a numpy -> list of numpy (one per output) runner of the reloaded file."""
     with warnings.catch_warnings(), torch.no_grad():
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=f".*{message}")
@@ -171,9 +232,9 @@ def _write_torchscript(net: nn.Module, sample: torch.Tensor, path: Path, preproc
         torch.jit.save(traced, str(path), _extra_files={"distill.json": json.dumps(preprocessing)})
         loaded = torch.jit.load(str(path), map_location="cpu")
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():
-            return loaded(torch.from_numpy(x)).numpy()
+            return [output.numpy() for output in _outputs(loaded(torch.from_numpy(x)))]
 
     return run
 

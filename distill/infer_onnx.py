@@ -125,6 +125,9 @@ class OnnxSegmenter:
         if METADATA_KEY not in metadata:
             raise DataError(f"{model_path}: no {METADATA_KEY} metadata; export the model with `distill export`")
         self.preprocessing = json.loads(metadata[METADATA_KEY])
+        if "num_slices" not in self.preprocessing:
+            task = self.preprocessing.get("task", "non-segmentation")
+            raise DataError(f"{model_path}: a {task} model, not a segmentation student")
         self.input_name = self.session.get_inputs()[0].name
         self.batch_size = batch_size
 

@@ -1,12 +1,15 @@
-"""Deployment export: ONNX/TorchScript files match PyTorch, and the torch-free NIfTI entry point
-segments a volume exactly as the Lightning predict path does."""
+"""Deployment export: ONNX/TorchScript files of segmentation students and frame classifiers match
+PyTorch, and the torch-free NIfTI entry point segments a volume exactly as the Lightning predict
+path does."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
@@ -14,11 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from data_modules.prostate import ProstateDataModule
+from data_modules.surgical import SurgicalPhaseDataModule, extract_dataset_frames
+from data_modules.synth_surgical import write_synthetic_surgical
 from distill.cli import main
 from distill.errors import DataError
-from distill.export import export_segmentation_student, load_student
+from distill.export import export_student, load_student
 from distill.infer_onnx import OnnxSegmenter, resize_weights, segment_nifti
-from distill.modules import SegmentationModule
+from distill.modules import PhaseClassifierModule, SegmentationModule
 
 onnxruntime = pytest.importorskip("onnxruntime")
 
@@ -77,7 +82,7 @@ def test_onnx_export_matches_pytorch_under_onnxruntime(student_checkpoint, tmp_p
 
 
 def test_torchscript_export_matches_pytorch(student_checkpoint, tmp_path):
-    report = export_segmentation_student(student_checkpoint, tmp_path / "student.pt", "torchscript")
+    report = export_student(student_checkpoint, tmp_path / "student.pt", "torchscript")
     assert report.max_abs_diff <= 1e-4 and report.size_bytes == (tmp_path / "student.pt").stat().st_size
     loaded = torch.jit.load(str(report.path))
     net, _ = load_student(student_checkpoint)
@@ -88,7 +93,7 @@ def test_torchscript_export_matches_pytorch(student_checkpoint, tmp_path):
 
 def test_failed_numerical_check_writes_nothing(student_checkpoint, tmp_path):
     with pytest.raises(DataError, match="differs from PyTorch by .* > tolerance 0; not written"):
-        export_segmentation_student(student_checkpoint, tmp_path / "student.onnx", tolerance=0.0)
+        export_student(student_checkpoint, tmp_path / "student.onnx", tolerance=0.0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -104,7 +109,7 @@ def test_resize_weights_reproduce_torch_interpolate(sizes, antialias):
 
 def test_onnx_nifti_entry_point_equals_the_lightning_predict_path(student_checkpoint, synthetic_prostate_root, tmp_path):
     model = tmp_path / "student.onnx"
-    export_segmentation_student(student_checkpoint, model)
+    export_student(student_checkpoint, model)
     module = SegmentationModule.load_from_checkpoint(student_checkpoint, map_location="cpu", weights_only=True).eval()
     segmenter = OnnxSegmenter(model)
     volumes = predict_volumes(synthetic_prostate_root)
@@ -135,7 +140,7 @@ def test_onnx_nifti_entry_point_equals_the_lightning_predict_path(student_checkp
 
 def test_nifti_entry_point_runs_without_torch(student_checkpoint, synthetic_prostate_root, tmp_path):
     model = tmp_path / "student.onnx"
-    export_segmentation_student(student_checkpoint, model)
+    export_student(student_checkpoint, model)
     image = next((synthetic_prostate_root / "UCL").glob("Case*[0-9].nii.gz"))
     code = (
         "import sys, runpy; sys.argv = ['infer_onnx', *sys.argv[1:]]; runpy.run_module('distill.infer_onnx', run_name='__main__');"
@@ -145,3 +150,65 @@ def test_nifti_entry_point_runs_without_torch(student_checkpoint, synthetic_pros
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr + result.stdout
     assert nib.load(tmp_path / "mask.nii.gz").shape == nib.load(image).shape
+
+
+@pytest.fixture(scope="module")
+def phase_checkpoint(tmp_path_factory) -> Path:
+    """A tiny frame classifier (timm's test_efficientnet, 256 features, 32 px) after one step, saved by
+    a Trainer; its hyper-parameters name a MoCo pre-training file that no longer exists."""
+    base = tmp_path_factory.mktemp("phase")
+    write_synthetic_surgical(base / "cholec80", "cholec80", num_videos=3, seed=1, size=(48, 56), duration_s=(2.0, 2.0))
+    extract_dataset_frames(base / "cholec80", base / "frames", "cholec80", fps=1, workers=1, progress=False)
+    data = SurgicalPhaseDataModule(str(base / "frames"), str(base / "cholec80"), image_size=IMAGE_SIZE, resize_size=36,
+                                   batch_size=2, num_workers=0, fps=1, predict_fps=1)
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                        default_root_dir=base)
+    trainer.fit(PhaseClassifierModule(backbone="test_efficientnet"), datamodule=data)
+    path = base / "phase.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["pretrained_checkpoint"] = str(base / "deleted_moco.ckpt")
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_phase_classifier_onnx_gives_logits_and_features_of_pytorch_and_is_never_overwritten(phase_checkpoint, tmp_path,
+                                                                                             capsys):
+    assert torch.load(phase_checkpoint, weights_only=True)["network_family"] == "phase_classifier"
+    out = tmp_path / "frames.onnx"
+    main(["export", str(phase_checkpoint), "--format", "onnx", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "max |onnx - pytorch|" in printed and f"(1, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) input" in printed and "MB" in printed
+    module = PhaseClassifierModule.load_from_checkpoint(phase_checkpoint, map_location="cpu", weights_only=True).eval()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [output.name for output in session.get_outputs()] == ["logits", "features"]
+    preprocessing = json.loads(session.get_modelmeta().custom_metadata_map["distill.preprocessing"])
+    assert (preprocessing["image_size"], preprocessing["resize_size"], preprocessing["num_classes"]) == (IMAGE_SIZE, 36, 7)
+    for batch in (1, 3):  # the batch axis is dynamic
+        x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected_logits, expected_features = module(x).numpy(), module.features(x).numpy()
+        logits, features = session.run(None, {"image": x.numpy()})
+        assert logits.shape == (batch, 7) and features.shape == (batch, 256)
+        np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(features, expected_features, atol=1e-4, rtol=0)
+    written = out.read_bytes()
+    with pytest.raises(SystemExit, match="frames.onnx: already exists"):
+        main(["export", str(phase_checkpoint), "--format", "torchscript", "--out", str(out)])
+    assert out.read_bytes() == written
+    with pytest.raises(DataError, match="a phase_recognition model, not a segmentation student"):
+        OnnxSegmenter(out)
+
+
+def test_phase_classifier_torchscript_matches_pytorch_and_a_failed_check_writes_nothing(phase_checkpoint, tmp_path):
+    report = export_student(phase_checkpoint, tmp_path / "frames.pt", "torchscript")
+    loaded = torch.jit.load(str(report.path))
+    net, _ = load_student(phase_checkpoint)
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x), atol=1e-4, rtol=0)
+    with pytest.raises(DataError, match="differs from PyTorch by .* > tolerance 0; not written"):
+        export_student(phase_checkpoint, tmp_path / "frames.onnx", tolerance=0.0)
+    assert [path.name for path in tmp_path.iterdir()] == ["frames.pt"]

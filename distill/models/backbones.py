@@ -29,7 +29,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PUBLIC_DEFAULT",
+    "FrameClassifier",
     "build_backbone",
+    "build_frame_classifier",
     "load_pretrained_weights",
     "public_model_weights_path",
 ]
@@ -103,6 +105,36 @@ def build_backbone(
     if weights is not None:
         load_pretrained_weights(model, weights)
     return model
+
+
+class FrameClassifier(nn.Module):
+    """Backbone + linear head: (B, 3, H, W) ImageNet-normalised frames -> (B, num_classes) logits.
+
+    ``features(x)`` gives the (B, D) pooled backbone features (the frame encoder's output).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def features(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, D)."""
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, num_classes)."""
+        return self.head(self.backbone(x))
+
+
+def build_frame_classifier(
+    backbone: str,
+    num_classes: int,
+    weights: str | Path | None = None,
+    source: Literal["timm", "torchvision"] = "timm",
+) -> FrameClassifier:
+    """:func:`build_backbone` (``backbone``, ``weights``, ``source``) with a fresh linear head."""
+    net = build_backbone(backbone, weights=weights, source=source)
+    return FrameClassifier(net, nn.Linear(net.num_features, num_classes))
 
 
 def _strip_torchvision_classifier(model: nn.Module, keep: bool) -> None:

@@ -29,12 +29,25 @@ from data_modules.phases import VIDEO_FPS, write_phase_file
 from distill.errors import DataError
 from distill.losses.temporal import phase_segmentation_loss
 from distill.metrics.phase import evaluate_phases
-from distill.models.backbones import build_backbone
+from distill.models.backbones import FrameClassifier, build_frame_classifier
 from distill.models.temporal import MultiStageTCN, SingleStageTCN
 from distill.modules.base import DistillModuleBase
-from distill.modules.checkpoints import load_network
+from distill.modules.checkpoints import load_network, register_network_family
 from distill.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from distill.utils import unique_path
+
+
+def _build_phase_classifier_family(hparams: Mapping, overrides: Mapping) -> nn.Module:
+    """The frame classifier of a :class:`PhaseClassifierModule` checkpoint (``backbone``,
+    ``backbone_source``, ``num_classes``); its weights come from the checkpoint, not a teacher."""
+    options = {**hparams, **overrides}
+    if "backbone" not in options:
+        raise DataError("checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a phase classifier's checkpoint")
+    return build_frame_classifier(options["backbone"], int(options.get("num_classes", 7)),
+                                  source=options.get("backbone_source", "timm"))
+
+
+register_network_family("phase_classifier", _build_phase_classifier_family, prefix="")
 
 
 class PhaseClassifierModule(DistillModuleBase):
@@ -55,6 +68,7 @@ class PhaseClassifierModule(DistillModuleBase):
 
     loss_term_names = ("ce",)
     default_loss_weights = {"ce": 1.0}
+    network_family = "phase_classifier"
 
     def __init__(
         self,
@@ -76,10 +90,10 @@ class PhaseClassifierModule(DistillModuleBase):
                          warmup_steps=warmup_steps, channels_last=channels_last)
         self.save_hyperparameters(ignore=["optimizer"])
         weights = None if pretrained_checkpoint else backbone_weights
-        self.backbone = build_backbone(backbone, weights=weights, source=backbone_source)
+        classifier = build_frame_classifier(backbone, num_classes, weights=weights, source=backbone_source)
+        self.backbone, self.head = classifier.backbone, classifier.head
         if mode == "linear_probe":
             self.backbone.requires_grad_(False)
-        self.head = nn.Linear(self.backbone.num_features, num_classes)
         self.register_buffer("ce_weights", torch.ones(num_classes), persistent=False)
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
@@ -124,7 +138,7 @@ class PhaseClassifierModule(DistillModuleBase):
         return self.head(self.features(image))
 
     def deployable_network(self) -> nn.Module:
-        return nn.Sequential(self.backbone, self.head)
+        return FrameClassifier(self.backbone, self.head)
 
     def example_input_shape(self, datamodule) -> tuple[int, ...]:
         size = datamodule.hparams.image_size
