@@ -19,19 +19,26 @@ YAMLS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p.parent.nam
 
 def kind(path: Path) -> str:
     raw = yaml.safe_load(path.read_text())
-    return "run" if "model" in raw else "table" if "runs" in raw else "teachers" if "partition" in raw else "unknown"
+    if "model" in raw:
+        return "run"
+    if "trainer" in raw:
+        return "fragment"  # e.g. logging/wandb.yaml, given after a run config: --config X --config logging/wandb.yaml
+    return "table" if "runs" in raw else "teachers" if "partition" in raw else "unknown"
 
 
 @pytest.mark.parametrize("config", YAMLS, ids=[str(p.relative_to(REPO / "experiments")) for p in YAMLS])
 def test_experiment_yaml_is_usable_as_written(config, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     what = kind(config)
-    assert what != "unknown", f"{config}: neither a run config, a table spec nor a teachers spec"
-    if what == "run":
+    assert what != "unknown", f"{config}: neither a run config, a config fragment, a table spec nor a teachers spec"
+    if what in ("run", "fragment"):
         overrides = [f"--trainer.default_root_dir={tmp_path}"]
         if "${oc.env:RESNET50_WEIGHTS" in config.read_text():
             overrides.append("--model.init_args.backbone_weights=null")  # the user's weights file is not here
-        cli = DistillCLI(args=["--config", str(config), *overrides], run=False)
+        configs = ["--config", str(config)]
+        if what == "fragment":
+            configs = ["--config", str(REPO / "experiments/prostate/student_baseline.yaml"), *configs]
+        cli = DistillCLI(args=[*configs, *overrides], run=False)
         assert isinstance(cli.model, L.LightningModule) and isinstance(cli.datamodule, L.LightningDataModule)
         assert hasattr(cli.model, "deployable_network")  # a results table can measure it
     elif what == "table":
