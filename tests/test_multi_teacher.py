@@ -107,15 +107,19 @@ def write_manifest(path: Path, checkpoints: list[Path]) -> Path:
 def test_same_architecture_teachers_run_batched_and_match_one_by_one(tmp_path):
     paths = [save_teacher(tmp_path / f"t{k}.ckpt", seed=k) for k in range(3)]
     paths.append(save_teacher(tmp_path / "unet.ckpt", network="unet", width=8))  # a mixed architecture
-    batched, looped = FrozenTeachers(paths, "segmentation"), FrozenTeachers(paths, "segmentation", batched=False)
-    batched.load(), looped.load()
+    batched, looped = FrozenTeachers(paths, "segmentation", batched=True), FrozenTeachers(paths, "segmentation")
+    nhwc = FrozenTeachers(paths, "segmentation", channels_last=True)
+    batched.load(), looped.load(), nhwc.load()
     assert [len(group[0]) for group in batched._groups()] == [3, 1]  # one vmap-ed pass for the three slim U-Nets
+    assert [len(group[0]) for group in looped._groups()] == [1, 1, 1, 1]  # default on CPU: one by one (faster there)
+    assert nhwc.networks[0].conv_0.conv_0.conv.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32)
     (out_b, feat_b), (out_l, feat_l) = batched(x, ["down_2"]), looped(x, ["down_2"])
-    for a, b in zip(out_b, out_l):
-        assert torch.allclose(a, b, atol=1e-5)
-    for a, b in zip(feat_b, feat_l):
-        assert torch.allclose(a[0], b[0], atol=1e-5)
+    out_c, feat_c = nhwc(x.contiguous(memory_format=torch.channels_last), ["down_2"])
+    for a, b, c in zip(out_b, out_l, out_c):
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(c, b, atol=1e-5)
+    for a, b, c in zip(feat_b, feat_l, feat_c):
+        assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(c[0], b[0], atol=1e-5)
     assert not any(out.requires_grad for out in out_b)
     assert batched.state_dict() == {} and not batched.train().training
 

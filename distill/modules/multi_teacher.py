@@ -78,7 +78,7 @@ class MultiTeacherDistillModule(SegDistillBase):
         checkpoints, manifest_hashes = teacher_checkpoints(self.hparams.teachers)  # raises if teachers are gone
         if not self.teachers.checkpoints:
             self.teachers = FrozenTeachers(checkpoints, "segmentation", self.hparams.teacher_sha256 or manifest_hashes,
-                                           self.teachers.overrides, self.teachers.batched)
+                                           self.teachers.overrides, self.teachers.batched, self.channels_last)
         super().prepare_distillation()
         if self.weighting == "learned" and "gate" not in self.distill_heads:
             channels = self.hparams.in_channels + len(self.teachers) * self.hparams.num_classes

@@ -187,7 +187,8 @@ class SegDistillBase(SegmentationModule):
         teacher_cache: file of cached teacher logits (built on first use; a relative path is inside
             the run's ``trainer.default_root_dir``): teachers then run once per training slice
             instead of every step; see :mod:`distill.modules.teacher_cache`.
-        batched_teachers: run same-architecture teachers as one batched pass.
+        batched_teachers: run same-architecture teachers as one batched pass (default: on GPU only;
+            slower than one by one on CPU). Teachers follow the ``channels_last`` switch.
     """
 
     loss_term_names = ("dice", "lovasz", "ce", "kd", "feature")
@@ -204,12 +205,13 @@ class SegDistillBase(SegmentationModule):
         teacher_network: str | None = None,
         teacher_network_kwargs: NetworkKwargs | None = None,
         teacher_cache: str | None = None,
-        batched_teachers: bool = True,
+        batched_teachers: bool | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         overrides = {"network": teacher_network, "network_kwargs": teacher_network_kwargs or {}} if teacher_network else {}
-        self.teachers = FrozenTeachers(teacher_checkpoints, "segmentation", teacher_sha256, overrides, batched_teachers)
+        self.teachers = FrozenTeachers(teacher_checkpoints, "segmentation", teacher_sha256, overrides, batched_teachers,
+                                       self.channels_last)
         # The frozen teachers are in eval mode on purpose; Lightning would warn about it at every fit.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
         self.temperature = temperature
