@@ -38,7 +38,7 @@ from torch import nn
 
 from distill.errors import DataError
 from distill.infer_onnx import METADATA_KEY
-from distill.models.backbones import IMAGENET_MEAN, IMAGENET_STD, FrameClassifier
+from distill.models.backbones import IMAGENET_MEAN, IMAGENET_STD, FrameClassifier, feature_dim
 from distill.modules.checkpoints import (
     checkpoint_family,
     load_network,
@@ -121,7 +121,7 @@ def load_student(checkpoint: str | Path) -> tuple[nn.Module, dict]:
             "resize_size": int(data.get("resize_size", DEFAULT_FRAME_RESIZE)),
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "num_classes": int(model.get("num_classes", 7)),
-            "num_features": int(net.backbone.num_features),
+            "num_features": feature_dim(net.backbone),
             "outputs": list(OUTPUT_NAMES[family]),
         }
         return LogitsAndFeatures(net).eval(), preprocessing

@@ -14,6 +14,8 @@ from distill.models.backbones import (
     IMAGENET_STD,
     PUBLIC_DEFAULT,
     build_backbone,
+    build_frame_classifier,
+    feature_dim,
     load_pretrained_weights,
     public_model_weights_path,
 )
@@ -45,6 +47,18 @@ def test_public_weights_are_imagenet_trained():
     assert features.num_features == 1280
     assert pooled.shape == (2, 1280)
     torch.testing.assert_close(pooled, pre_logits)
+
+
+@pytest.mark.parametrize(("name", "source", "width"), [
+    ("mobilenetv3_small_050", "timm", 1024),  # 288 channels pooled, then a 1024-wide pre-logits layer
+    ("efficientnet_lite0", "timm", 1280),
+    ("resnet18", "torchvision", 512),
+])
+def test_feature_width_is_what_the_backbone_outputs(name, source, width):
+    classifier = build_frame_classifier(name, 7, source=source).eval()
+    with torch.no_grad():
+        features, logits = classifier.features(torch.zeros(2, 3, 48, 48)), classifier(torch.zeros(2, 3, 48, 48))
+    assert feature_dim(classifier.backbone) == features.shape[1] == width and logits.shape == (2, 7)
 
 
 def test_torchvision_file_loads_into_timm_and_torchvision_alike(tmp_path):

@@ -32,6 +32,7 @@ __all__ = [
     "FrameClassifier",
     "build_backbone",
     "build_frame_classifier",
+    "feature_dim",
     "load_pretrained_weights",
     "public_model_weights_path",
 ]
@@ -83,7 +84,7 @@ def build_backbone(
 
     Returns:
         a module mapping (B, 3, H, W) to pooled features (B, D) (or to (B, 1000) logits with
-        ``keep_classifier``), with ``num_features`` = D.
+        ``keep_classifier``); D is :func:`feature_dim`.
     """
     if weights == "public":
         if name != PUBLIC_DEFAULT or source != "timm":
@@ -105,6 +106,13 @@ def build_backbone(
     if weights is not None:
         load_pretrained_weights(model, weights)
     return model
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """D of a :func:`build_backbone` network's (B, D) output: timm's ``head_hidden_size`` where a
+    pre-logits layer follows the pooling (MobileNetV3: 288 channels pooled, 1024 out), else
+    ``num_features``."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
 class FrameClassifier(nn.Module):
@@ -134,7 +142,7 @@ def build_frame_classifier(
 ) -> FrameClassifier:
     """:func:`build_backbone` (``backbone``, ``weights``, ``source``) with a fresh linear head."""
     net = build_backbone(backbone, weights=weights, source=source)
-    return FrameClassifier(net, nn.Linear(net.num_features, num_classes))
+    return FrameClassifier(net, nn.Linear(feature_dim(net), num_classes))
 
 
 def _strip_torchvision_classifier(model: nn.Module, keep: bool) -> None:

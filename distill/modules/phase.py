@@ -186,7 +186,7 @@ class TCNPhaseModule(DistillModuleBase):
     ``phase_predictions/test`` folder of the run (never overwriting one).
 
     Args:
-        in_dim: feature dimension D (the frame classifier's ``num_features``).
+        in_dim: feature dimension D (the frame classifier's :func:`~distill.models.backbones.feature_dim`).
         num_stages: 1: the causal single-stage TCN of the reference; > 1: MS-TCN.
         num_layers, channels, dropout, causal: TCN shape (reference: 12, 64, 0.5, causal).
         smoothing_weight: weight of the smoothing term (MS-TCN: 0.15).

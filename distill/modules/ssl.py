@@ -34,7 +34,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import DataError
 from distill.losses.contrastive import contrastive_logits, info_nce_loss, similarity_distillation_loss
-from distill.models.backbones import build_backbone
+from distill.models.backbones import build_backbone, feature_dim
 from distill.models.ssl import (
     MemoryQueue,
     ProjectionHead,
@@ -72,7 +72,7 @@ class MoCoEncoder(nn.Module):
 def build_moco_encoder(backbone: str, backbone_source: str, proj_hidden_dim: int, proj_dim: int,
                        weights: BackboneWeights = None) -> MoCoEncoder:
     net = build_backbone(backbone, weights=weights, source=backbone_source)
-    return MoCoEncoder(net, ProjectionHead(net.num_features, proj_hidden_dim, proj_dim))
+    return MoCoEncoder(net, ProjectionHead(feature_dim(net), proj_hidden_dim, proj_dim))
 
 
 def _build_moco_family(hparams: Mapping, overrides: Mapping) -> nn.Module:
@@ -147,7 +147,7 @@ class MoCoModule(DistillModuleBase):
             self.encoder_q.backbone.requires_grad_(False)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MemoryQueue(proj_dim, queue_size)
-        self.probe = nn.Linear(self.encoder_q.backbone.num_features, num_classes)
+        self.probe = nn.Linear(feature_dim(self.encoder_q.backbone), num_classes)
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
         if channels_last:
