@@ -510,13 +510,22 @@ def load_video_features(features_dir: str | Path, video: str, mmap: bool = False
 
 
 class VideoFeatureDataset(Dataset):
-    """Item: ``{"features": (D, T) float32, "label": (T,) int64, "video": str, "frame": (T,) int64}``, one video."""
+    """Item: ``{"features": (D, T) float32, "label": (T,) int64, "video": str, "frame": (T,) int64}``, one video.
+
+    ``feature_dim`` is D, the same for every video (checked).
+    """
 
     def __init__(self, features_dir: str | Path, videos: Sequence[str], annotations: Mapping[str, Path], dataset: str) -> None:
         self.features_dir, self.videos = Path(features_dir), list(videos)
         self.frames, self.labels = [], []
+        self.feature_dim: int | None = None
         for video in self.videos:
-            _, frames = load_video_features(features_dir, video, mmap=True)
+            features, frames = load_video_features(features_dir, video, mmap=True)
+            if self.feature_dim is None:
+                self.feature_dim = features.shape[1]
+            elif features.shape[1] != self.feature_dim:
+                raise DataError(f"{self.features_dir / (video + '.npy')}: {features.shape[1]} features per frame, "
+                                f"{self.videos[0]}.npy has {self.feature_dim}")
             annotated, labels = read_phase_file(annotations[video], dataset)
             label_at = np.full(max(annotated.max(), frames.max()) + 1, -1, dtype=np.int64)
             label_at[annotated] = labels
@@ -765,3 +774,12 @@ class PhaseFeatureDataModule(SurgicalDataModule):
         for part in STAGE_PARTS[stage]:
             if part != "predict":
                 self.sets[part] = VideoFeatureDataset(self.features_dir, self.splits[part], self.annotations, self.dataset)
+
+    @property
+    def feature_dim(self) -> int:
+        """D of the feature arrays (after :meth:`setup`); the TCN's input width follows it."""
+        dims = {s.feature_dim for s in self.sets.values() if s.feature_dim is not None}
+        if len(dims) != 1:
+            raise DataError(f"{self.features_dir}: " + ("no feature arrays" if not dims else
+                                                         f"videos of different feature widths {sorted(dims)}"))
+        return dims.pop()

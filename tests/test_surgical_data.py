@@ -350,6 +350,11 @@ def test_feature_datamodule_gives_one_video_per_batch(cholec, tmp_path):
     assert batch["label"].dtype == torch.int64 and batch["label"][0].tolist() == labels.tolist()
     assert batch["frame"][0].tolist() == frames.tolist()
     assert [b["video"] for b in module.val_dataloader()] == [["video03"]]
+    assert module.feature_dim == 8
+
+    save_video_features(features_dir, "video05", np.zeros((len(frames), 4), np.float32), frames)
+    with pytest.raises(DataError, match=r"video05\.npy: 4 features per frame, video\d+\.npy has 8"):
+        PhaseFeatureDataModule(features_dir, cholec.root, num_workers=0).setup("test")
 
     (features_dir / "video05.npy").unlink()
     with pytest.raises(DataError, match=r"video05\.npy: feature file not found"):

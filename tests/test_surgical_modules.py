@@ -289,10 +289,12 @@ def features_dir(cholec, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("num_stages", [1, 2])
 def test_tcn_fits_and_writes_predictions_scored_with_the_relaxed_metrics(cholec, features_dir, tmp_path, num_stages):
     torch.manual_seed(7)
-    model = TCNPhaseModule(in_dim=256, num_stages=num_stages, num_layers=3, channels=8)
+    in_dim = None if num_stages == 1 else 256  # None: the width is read from the feature arrays
+    model = TCNPhaseModule(in_dim=in_dim, num_stages=num_stages, num_layers=3, channels=8)
     data = PhaseFeatureDataModule(features_dir, cholec.root, num_workers=0)
     run = trainer(tmp_path, max_epochs=2, limit_train_batches=None, limit_val_batches=None)
     run.fit(model, datamodule=data)
+    assert model.hparams.in_dim == 256
     assert "val/accuracy" in run.callback_metrics and "val/published/jaccard" in run.callback_metrics
     metrics = run.test(model, datamodule=data, verbose=False)[0]
     folder = tmp_path / "phase_predictions" / "test"
@@ -319,6 +321,13 @@ def test_teacher_with_another_projection_dim_or_queue_size_is_refused(teacher_ck
     with pytest.raises(DataError) as error:
         model.prepare_teacher()
     assert_one_line(error, str(teacher_ckpt), key)
+
+
+def test_tcn_width_other_than_the_features_is_refused(cholec, features_dir, tmp_path):
+    model = TCNPhaseModule(in_dim=128, num_layers=3, channels=8)
+    with pytest.raises(DataError) as error:
+        trainer(tmp_path).fit(model, datamodule=PhaseFeatureDataModule(features_dir, cholec.root, num_workers=0))
+    assert_one_line(error, str(features_dir), "256 features per frame", "in_dim is 128")
 
 
 def test_weights_file_of_another_backbone_lists_mismatched_keys(tmp_path):

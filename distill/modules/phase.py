@@ -186,7 +186,8 @@ class TCNPhaseModule(DistillModuleBase):
     ``phase_predictions/test`` folder of the run (never overwriting one).
 
     Args:
-        in_dim: feature dimension D (the frame classifier's :func:`~distill.models.backbones.feature_dim`).
+        in_dim: feature dimension D; ``None`` (default): read from the feature arrays when the
+            run starts (the DataModule's ``feature_dim``) and recorded in the hyper-parameters.
         num_stages: 1: the causal single-stage TCN of the reference; > 1: MS-TCN.
         num_layers, channels, dropout, causal: TCN shape (reference: 12, 64, 0.5, causal).
         smoothing_weight: weight of the smoothing term (MS-TCN: 0.15).
@@ -200,7 +201,7 @@ class TCNPhaseModule(DistillModuleBase):
 
     def __init__(
         self,
-        in_dim: PositiveInt = 2048,
+        in_dim: PositiveInt | None = None,
         num_classes: PositiveInt = 7,
         num_stages: PositiveInt = 1,
         num_layers: PositiveInt = 12,
@@ -220,12 +221,30 @@ class TCNPhaseModule(DistillModuleBase):
         self.save_hyperparameters(ignore=["optimizer"])
         if class_weights is not None and len(class_weights) != num_classes:
             raise DataError(f"model.class_weights: {len(class_weights)} weights for {num_classes} classes")
-        shape = {"num_layers": num_layers, "channels": channels, "dropout": dropout, "causal": causal}
-        self.tcn = (SingleStageTCN(in_dim, num_classes, **shape) if num_stages == 1
-                    else MultiStageTCN(in_dim, num_classes, num_stages=num_stages, **shape))
+        self.tcn: nn.Module | None = None if in_dim is None else self.build_tcn(in_dim)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("ce_weights", weights, persistent=False)
         self.videos: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def build_tcn(self, in_dim: int) -> nn.Module:
+        h = self.hparams
+        shape = {"num_layers": h.num_layers, "channels": h.channels, "dropout": h.dropout, "causal": h.causal}
+        return (SingleStageTCN(in_dim, h.num_classes, **shape) if h.num_stages == 1
+                else MultiStageTCN(in_dim, h.num_classes, num_stages=h.num_stages, **shape))
+
+    def setup(self, stage: str) -> None:
+        """The input width from the data: built here when ``in_dim`` is None, else checked."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "feature_dim") or stage == "predict":
+            if self.tcn is None:
+                raise DataError("model.in_dim: give the feature width, or run with a PhaseFeatureDataModule that reads it")
+            return
+        width = datamodule.feature_dim
+        if self.tcn is None:
+            self.tcn = self.build_tcn(width)
+            self.hparams["in_dim"] = width
+        elif width != self.hparams.in_dim:
+            raise DataError(f"{datamodule.features_dir}: {width} features per frame, model.in_dim is {self.hparams.in_dim}")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D, T) features -> (S, B, C, T) logits of every stage (S = 1 for a single stage)."""
