@@ -273,13 +273,26 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
             return
         out = Path(args.out or ("runs/demo" if args.task == "prostate" else f"runs/demo_{args.task.replace('-', '_')}"))
         data_root = out / "data" / "prostate"
-        if not data_root.exists():
-            print(f"writing synthetic prostate data to {data_root}", flush=True)
-            write_synthetic_prostate(data_root, **DEMO_PROSTATE_DATA, seed=args.seed)
+        write_demo_data_once(data_root, "synthetic prostate data",
+                             lambda folder: write_synthetic_prostate(folder, **DEMO_PROSTATE_DATA, seed=args.seed))
         run_table(REPO_ROOT / DEMO_TABLES[args.task], out, [f"--data.init_args.data_root={data_root}"], seeds=args.seeds,
                   verbose=args.verbose)
 
     demo.set_defaults(func=run_demo)
+
+
+def write_demo_data_once(folder: Path, what: str, write) -> None:
+    """``write(tmp)`` into a sibling ``<folder>.partial`` renamed to ``folder`` when complete, so an
+    interrupted demo never leaves a half-written dataset that a re-run would take as finished."""
+    import shutil
+
+    if folder.exists():
+        return
+    print(f"writing {what} to {folder}", flush=True)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+    write(partial)
+    partial.rename(folder)
 
 
 def run_surgical_demo(out: Path, data_seed: int, seeds: int | None, verbose: bool = False) -> None:
@@ -297,9 +310,8 @@ def run_surgical_demo(out: Path, data_seed: int, seeds: int | None, verbose: boo
     from distill.tables import run_table
 
     data = out / "data"
-    if not (data / "cholec80").exists():
-        print(f"writing synthetic Cholec80 videos to {data / 'cholec80'}", flush=True)
-        write_synthetic_surgical(data / "cholec80", "cholec80", seed=data_seed, **DEMO_SURGICAL_DATA)
+    write_demo_data_once(data / "cholec80", "synthetic Cholec80 videos",
+                         lambda folder: write_synthetic_surgical(folder, "cholec80", seed=data_seed, **DEMO_SURGICAL_DATA))
     extract_dataset_frames(data / "cholec80", data / "frames", "cholec80", **DEMO_SURGICAL_FRAMES)  # skips finished videos
     os.environ["SURGICAL_DEMO"] = str(data)
     torch.set_num_threads(1)

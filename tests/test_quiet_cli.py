@@ -43,3 +43,21 @@ def test_table_output_is_progress_and_table_unless_verbose(synthetic_prostate_ro
     else:
         assert not [line for line in output.splitlines() if any(word in line for word in CHATTER)]
         assert "1.0/1 runs" in output and "epoch 1/1" in output
+
+
+def test_interrupted_demo_data_is_rewritten_not_taken_as_finished(tmp_path, capsys):
+    from distill.cli import write_demo_data_once
+
+    target = tmp_path / "data" / "prostate"
+
+    def interrupted(folder: Path) -> None:
+        (folder / "BMC").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_demo_data_once(target, "test data", interrupted)
+    assert not target.exists()  # only the .partial folder, which the next run discards
+    write_demo_data_once(target, "test data", lambda folder: (folder / "RUNMC").mkdir(parents=True))
+    assert sorted(p.name for p in target.iterdir()) == ["RUNMC"] and not (tmp_path / "data" / "prostate.partial").exists()
+    write_demo_data_once(target, "test data", interrupted)  # finished data is kept as it is
+    assert "writing test data" in capsys.readouterr().out
