@@ -20,6 +20,7 @@ data, then tested), overrides applied to every run, the columns, and which runs 
     compare:
       - {baseline: student (no KD), candidate: student + KD}
       - {baseline: student (no KD), candidates: [A, B, C]}   # the best on validation is chosen
+      - {baseline: X, candidate: Y, metric: test/acc}         # default metric: the first column's
 
 ``teacher: <run>`` passes that run's best checkpoint (same seed) as ``teacher_checkpoint``;
 ``teachers: <run>`` passes a teachers run's manifest as ``teachers``. A ``teachers:`` entry
@@ -127,15 +128,18 @@ def load_table_spec(path: str | Path) -> TableSpec:
         names[run["name"]] = run
     compare = raw.get("compare") or []
     compare = [compare] if isinstance(compare, dict) else list(compare)
+    columns = list(raw.get("columns") or DEFAULT_COLUMNS)
     for entry in compare:
         for name in [entry.get("baseline"), entry.get("candidate"), *entry.get("candidates", [])]:
             if name is not None and name not in names:
                 raise DataError(f"{path}: compare names {name!r}, which is not a run")
+        if "metric" in entry and entry["metric"] not in {c["metric"] for c in columns}:
+            raise DataError(f"{path}: compare metric {entry['metric']!r} is not one of the columns")
     seeds = int(raw.get("seeds", 1))
     if seeds < 1:
         raise DataError(f"{path}: seeds must be >= 1, got {seeds}")
     return TableSpec(title=raw.get("title", path.stem), runs=raw.get("runs", []), overrides=list(raw.get("overrides", [])),
-                     compare=compare, columns=list(raw.get("columns") or DEFAULT_COLUMNS), seeds=seeds,
+                     compare=compare, columns=columns, seeds=seeds,
                      notes=list(raw.get("notes") or []))
 
 
@@ -265,9 +269,13 @@ def best_on_validation(rows: dict[str, list[RunResult]], names: list[str]) -> st
     return max(scored)[1]
 
 
-def comparison_lines(spec: TableSpec, rows: dict[str, list[RunResult]], metric: str, label: str) -> list[str]:
+def comparison_lines(spec: TableSpec, rows: dict[str, list[RunResult]]) -> list[str]:
+    """A delta line per ``compare`` entry, on its ``metric`` (default: the first column's)."""
+    labels = {c["metric"]: c.get("label", c["metric"]) for c in spec.columns}
     lines = []
     for entry in spec.compare:
+        metric = entry.get("metric", spec.columns[0]["metric"])
+        label = labels[metric]
         baseline = entry["baseline"]
         candidate = entry.get("candidate") or best_on_validation(rows, entry["candidates"])
         chosen = "" if "candidate" in entry else " (best of the candidates on validation)"
@@ -298,8 +306,7 @@ def format_table(spec: TableSpec, results: list[RunResult], header_notes: list[s
         cells += [format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt) for key, _, fmt in columns]
         cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
-    first = spec.columns[0]
-    deltas = comparison_lines(spec, rows, first["metric"], first.get("label", first["metric"]))
+    deltas = comparison_lines(spec, rows)
     if deltas:
         lines += ["", *deltas]
     return "\n".join(lines)

@@ -111,3 +111,20 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with atomic_write(target) as temporary:
         temporary.write_text("new")
     assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize(
+    "compare, expected",
+    [
+        ("{baseline: a, candidate: nope}", "compare names 'nope', which is not a run"),
+        ("{baseline: a, candidate: b, metric: test/acc}", "compare metric 'test/acc' is not one of the columns"),
+    ],
+)
+def test_table_spec_compare_mistakes_name_the_file(tmp_path, compare, expected):
+    spec = tmp_path / "table.yaml"
+    spec.write_text(
+        "columns: [{metric: test/dice}]\n"
+        f"runs: [{{name: a, config: {TEACHER}}}, {{name: b, config: {TEACHER}}}]\n"
+        f"compare: {compare}\n"
+    )
+    assert one_line_exit(["table", str(spec), "--out", str(tmp_path / "out")]) == f"error: {spec}: {expected}"

@@ -68,10 +68,11 @@ def test_surgical_table_chains_pretraining_finetuning_and_tcn(tmp_path, monkeypa
     results = results[3:]
     table = (out / "results.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| model"))
-    for label in ("Accuracy", "Precision", "Recall", "Jaccard", "probe acc (pre-training)"):
+    for label in ("Accuracy", "Precision", "Recall", "Jaccard", "frame acc (classifier)", "probe acc (pre-training)"):
         assert f"| {label} |" in header
     assert "relaxed phase metrics" in table and "3D metrics" not in table  # the spec's notes, not prostate's
     assert "MoCo v2 + distillation 25% vs MoCo v2 25%: Accuracy" in table
+    assert "MoCo v2 + distillation 25% vs MoCo v2 25%: frame acc (classifier)" in table  # compare entry's own metric
     for result in results:
         assert {"test/accuracy", "test/precision", "test/recall", "test/jaccard"} <= set(result.metrics)
         assert 0 <= result.metrics["test/accuracy"] <= 100
@@ -96,5 +97,8 @@ def test_surgical_table_chains_pretraining_finetuning_and_tcn(tmp_path, monkeypa
             assert frames.tolist() == gt_frames[::5].tolist()  # 5 fps features -> 5 fps predictions
     hidden = {"MoCo v2 25% finetune": "val/acc", "ImageNet-supervised 25% finetune": "val/acc"}
     for name, monitor in hidden.items():
-        assert json.loads((out / slug(name) / "seed_0" / "result.json").read_text())["monitor"] == monitor
+        finetune = json.loads((out / slug(name) / "seed_0" / "result.json").read_text())
+        assert finetune["monitor"] == monitor
+        tcn = next(r for r in results if r.name == name.removesuffix(" finetune"))
+        assert tcn.metrics["test/acc"] == finetune["metrics"]["test/acc"]  # the frame classifier's, carried along
     assert sorted(p.name for p in out.glob("phase_ribbons_*.png")) == [f"phase_ribbons_{v}.png" for v in split["test"]]
