@@ -3,13 +3,15 @@
 Same student (slim U-Net width 8, the paper-scale student) and batch in every configuration:
 no KD; one teacher live; K = 3 and 6 teachers live as the module runs them by default (one
 ``vmap``-ed pass on GPU, one by one on CPU), and K = 6 forced each way for comparison; K = 6 from
-the cache (teacher logits in the batch). Student and teachers in ``channels_last`` unless
-``--no-channels-last``. Teachers are of the student's
-size class (slim U-Net width 8) unless ``--teacher-width`` says otherwise; ``--teacher-width 64``
-is the paper-scale 31M U-Net teacher. Each configuration runs in its own subprocess, so its
-peak memory (CPU max RSS, or CUDA max allocated) is its own.
+the cache (teacher logits in the batch); K = 6 without folding batch norm into the teachers'
+convolutions. Student and teachers in ``channels_last`` unless ``--no-channels-last``. Teachers
+are of the student's size class (slim U-Net width 8) unless ``--teacher-width`` says otherwise;
+``--teacher-width 64`` is the paper-scale 31M U-Net teacher. Each configuration runs in its own
+subprocess, so its peak memory (CPU max RSS, or CUDA max allocated) is its own; the
+configurations run in turn ``--rounds`` times and each figure is the median over the rounds
+(of each round's median step), so a slow spell of the machine does not land on one row.
 
-    python benchmarks/bench_multi_teacher.py [--size 128] [--batch 8] [--steps 10] [--device cpu] [--no-channels-last]
+    python benchmarks/bench_multi_teacher.py [--size 128] [--batch 8] [--steps 10] [--rounds 3] [--device cpu] [--no-channels-last]
 
 Targets (issue): K = 6 live <= 2x the K = 1 step; K = 6 cached <= 1.2x the no-KD step.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,7 @@ CONFIGS = {
     "6 teachers live": {"teachers": 6},
     "6 teachers live (vmap forced)": {"teachers": 6, "batched": True},
     "6 teachers live (one by one forced)": {"teachers": 6, "batched": False},
+    "6 teachers live (batch norm not folded)": {"teachers": 6, "fold": False},
     "6 teachers cached": {"teachers": 6, "cached": True},
 }
 
@@ -68,6 +72,7 @@ def measure(config: dict, args: argparse.Namespace) -> dict:
             checkpoints = write_teachers(Path(tmp), config["teachers"], args.teacher_width)
             module = MultiTeacherDistillModule(teachers=checkpoints, **student, batched_teachers=config.get("batched"),
                                                loss_weights={"dice": 1.0, "lovasz": 1.0, "kd": 1.0})
+            module.teachers.fold_batch_norm = config.get("fold", True)
             module.prepare_distillation()
         module.to(device).train()
         optimizer = torch.optim.AdamW(module.parameter_groups(), lr=1e-3)
@@ -103,6 +108,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="times each configuration runs (in turn); median reported")
     parser.add_argument("--teacher-width", type=int, default=8, help="8: the student's size class; 64: the 31M U-Net")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
@@ -114,11 +120,16 @@ def main() -> None:
     import torch
 
     print(f"student slim U-Net w8, teachers slim U-Net w{args.teacher_width}, batch {args.batch} x 3 x {args.size}^2, "
-          f"{args.device}, {'channels_last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} threads, median of {args.steps} steps")
-    results = {}
-    for name in CONFIGS:
-        command = [sys.executable, __file__, "--config", name, *sys.argv[1:]]
-        results[name] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+          f"{args.device}, {'channels_last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} threads, "
+          f"median of {args.steps} steps, median of {args.rounds} rounds")
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    for _ in range(args.rounds):
+        for name in CONFIGS:
+            command = [sys.executable, __file__, "--config", name, *sys.argv[1:]]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[name].append(json.loads(output.splitlines()[-1]))
+    results = {name: {"seconds": statistics.median(r["seconds"] for r in rs), "peak_mib": max(r["peak_mib"] for r in rs)}
+               for name, rs in runs.items()}
     base, one = results["no KD"]["seconds"], results["1 teacher live"]["seconds"]
     print("\n| configuration | ms / step | vs no KD | vs 1 teacher | peak MiB |\n|---|---|---|---|---|")
     for name, r in results.items():

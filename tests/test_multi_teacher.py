@@ -91,6 +91,9 @@ def save_teacher(path: Path, network: str = "slim_unet", width: int = 4, num_cla
     """A Lightning-style teacher checkpoint: weights under ``net.`` and the architecture in hparams."""
     torch.manual_seed(seed)
     net = build_segmentation_network(network, 3, num_classes, width=width)
+    for module in net.modules():  # batch-norm statistics as training leaves them, not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0), module.bias.data.uniform_(-0.5, 0.5)
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
                 "hyper_parameters": {"network": network, "network_kwargs": {"width": width}, "in_channels": 3,
                                      "num_classes": num_classes},
@@ -109,17 +112,25 @@ def test_same_architecture_teachers_run_batched_and_match_one_by_one(tmp_path):
     paths.append(save_teacher(tmp_path / "unet.ckpt", network="unet", width=8))  # a mixed architecture
     batched, looped = FrozenTeachers(paths, "segmentation", batched=True), FrozenTeachers(paths, "segmentation")
     nhwc = FrozenTeachers(paths, "segmentation", channels_last=True)
-    batched.load(), looped.load(), nhwc.load()
+    unfolded = FrozenTeachers(paths, "segmentation", fold_batch_norm=False)
+    batched.load(), looped.load(), nhwc.load(), unfolded.load()
     assert [len(group[0]) for group in batched._groups()] == [3, 1]  # one vmap-ed pass for the three slim U-Nets
     assert [len(group[0]) for group in looped._groups()] == [1, 1, 1, 1]  # default on CPU: one by one (faster there)
     assert nhwc.networks[0].conv_0.conv_0.conv.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32)
     (out_b, feat_b), (out_l, feat_l) = batched(x, ["down_2"]), looped(x, ["down_2"])
     out_c, feat_c = nhwc(x.contiguous(memory_format=torch.channels_last), ["down_2"])
-    for a, b, c in zip(out_b, out_l, out_c):
-        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(c, b, atol=1e-5)
-    for a, b, c in zip(feat_b, feat_l, feat_c):
-        assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(c[0], b[0], atol=1e-5)
+    out_u, feat_u = unfolded(x, ["down_2"])
+    for a, b, c, u in zip(out_b, out_l, out_c, out_u):
+        assert torch.allclose(a, u, atol=1e-5) and torch.allclose(b, u, atol=1e-5) and torch.allclose(c, u, atol=1e-5)
+    for a, b, c, u in zip(feat_b, feat_l, feat_c, feat_u):
+        assert torch.allclose(a[0], u[0], atol=1e-5) and torch.allclose(b[0], u[0], atol=1e-5) and torch.allclose(c[0], u[0], atol=1e-5)
+    for teachers, folded in ((batched, True), (looped, True), (nhwc, True), (unfolded, False)):
+        norms = [m for m in teachers.networks.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert (not norms) == folded  # batch norm folded into the convolutions on the first pass
+    assert nhwc.networks[0].conv_0.conv_0.conv.weight.is_contiguous(memory_format=torch.channels_last)  # after folding too
+    with pytest.raises(RuntimeError, match="batch norm was folded in"):
+        looped(x, ["conv_0.conv_0.conv"])  # a convolution's own output, no longer what it was
     assert not any(out.requires_grad for out in out_b)
     assert batched.state_dict() == {} and not batched.train().training
 

@@ -7,6 +7,7 @@ from distill.models.backbones import (
     load_pretrained_weights,
     public_model_weights_path,
 )
+from distill.models.fusion import fold_batch_norms
 from distill.models.gating import TeacherGate
 from distill.models.hooks import FeatureTaps, resolve_module
 from distill.models.segmentation import (
@@ -44,6 +45,7 @@ __all__ = [
     "build_segmentation_network",
     "concat_all_gather",
     "cosine_momentum",
+    "fold_batch_norms",
     "count_parameters",
     "load_pretrained_weights",
     "public_model_weights_path",

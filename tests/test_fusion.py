@@ -1,0 +1,59 @@
+"""Batch norm folded into convolutions: the same outputs, module paths kept, refused when unsafe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distill.models import FeatureTaps, build_segmentation_network, fold_batch_norms
+
+
+def with_trained_statistics(net: nn.Module) -> nn.Module:
+    """Batch-norm statistics and affine parameters away from the identity, as training leaves them."""
+    generator = torch.Generator().manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            for tensor, low, high in ((module.running_mean, -1, 1), (module.running_var, 0.3, 3),
+                                      (module.weight.data, 0.5, 1.5), (module.bias.data, -0.5, 0.5)):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    return net.eval()
+
+
+def test_unet_folds_every_batch_norm_and_keeps_outputs_and_tapped_features():
+    torch.manual_seed(0)
+    net = with_trained_statistics(build_segmentation_network("slim_unet", 3, 2, width=4))
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    folded, convs = fold_batch_norms(net, torch.randn(1, 3, 32, 32))
+    assert len(convs) == norms == 18 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+    x = torch.randn(4, 3, 48, 48)
+    paths = ["down_2", "conv_0.conv_0.adn.N"]  # a block's output and a folded batch norm's path
+    taps, folded_taps = FeatureTaps(net, paths), FeatureTaps(folded, paths)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
+    for a, b in zip(folded_taps.pop(), taps.pop()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class ConvUsedTwice(nn.Module):
+    """``bn(conv(x)) + conv(x)``: the convolution's raw output is used beside the batch norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_folding_is_refused_when_outputs_would_change_and_for_kept_convolutions(caplog):
+    net = with_trained_statistics(ConvUsedTwice())
+    assert fold_batch_norms(net, torch.randn(1, 3, 8, 8)) == (net, [])
+    assert "outputs differ" in caplog.text
+    block = with_trained_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    folded, convs = fold_batch_norms(block, torch.randn(1, 3, 8, 8), keep=("0",))
+    assert convs == ["2"] and isinstance(folded[1], nn.BatchNorm2d) and isinstance(folded[3], nn.Identity)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(block.train(), torch.randn(1, 3, 8, 8))
