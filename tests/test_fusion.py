@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from distill.models import FeatureTaps, build_segmentation_network, fold_batch_norms
@@ -57,3 +59,13 @@ def test_folding_is_refused_when_outputs_would_change_and_for_kept_convolutions(
     assert convs == ["2"] and isinstance(folded[1], nn.BatchNorm2d) and isinstance(folded[3], nn.Identity)
     with pytest.raises(ValueError, match="eval mode"):
         fold_batch_norms(block.train(), torch.randn(1, 3, 8, 8))
+
+
+def test_timm_batchnorm_act_keeps_its_activation():
+    net = with_trained_statistics(timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0))
+    folded, convs = fold_batch_norms(net, torch.randn(1, 3, 64, 64))
+    assert len(convs) == sum(isinstance(m, BatchNormAct2d) for m in net.modules()) > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)

@@ -8,7 +8,9 @@ forward time on CPU) without changing what they compute.
 Which convolution feeds which batch norm is read from one forward pass (hooks), not from module
 order or names, so any architecture works; the folded copy is then checked against the
 original on a random input and discarded if they differ (e.g. a convolution whose output is
-also used without normalisation elsewhere).
+also used without normalisation elsewhere). Plain ``BatchNorm2d`` becomes ``nn.Identity``; timm's
+``BatchNormAct2d`` (batch norm + dropout + activation in one module) keeps its dropout and
+activation.
 """
 
 from __future__ import annotations
@@ -19,9 +21,19 @@ from collections import Counter
 
 import torch
 from torch import nn
+from timm.layers import BatchNormAct2d
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 log = logging.getLogger(__name__)
+
+
+def after_folding(norm: nn.BatchNorm2d) -> nn.Module | None:
+    """What replaces a folded batch-norm module (``None``: a kind this module does not fold)."""
+    if type(norm) is nn.BatchNorm2d:
+        return nn.Identity()
+    if type(norm) is BatchNormAct2d:
+        return nn.Sequential(norm.drop, norm.act)
+    return None
 
 
 @torch.no_grad()
@@ -53,7 +65,7 @@ def conv_batchnorm_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[st
     for path, module in net.named_modules():
         if type(module) is nn.Conv2d:
             handles.append(module.register_forward_hook(on_conv(path)))
-        elif type(module) is nn.BatchNorm2d:
+        elif after_folding(module) is not None:
             handles.append(module.register_forward_pre_hook(on_batchnorm(path)))
     try:
         net(example)
@@ -72,8 +84,9 @@ def conv_batchnorm_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[st
 def fold_batch_norms(net: nn.Module, example: torch.Tensor, keep: tuple[str, ...] = ()) -> tuple[nn.Module, list[str]]:
     """A copy of ``net`` with every eval-mode ``BatchNorm2d`` folded into the convolution before it.
 
-    Module paths stay valid: a folded batch norm becomes ``nn.Identity`` and its convolution
-    now outputs the normalised maps, so features tapped at the batch norm are unchanged.
+    Module paths stay valid: a folded batch norm becomes ``nn.Identity`` (or its own activation)
+    and its convolution now outputs the normalised maps, so features tapped at the batch norm are
+    unchanged.
 
     Args:
         net: a network in eval mode (batch norm uses its running statistics).
@@ -93,7 +106,7 @@ def fold_batch_norms(net: nn.Module, example: torch.Tensor, keep: tuple[str, ...
     folded = copy.deepcopy(net)
     for conv_path, bn_path in pairs:
         folded.set_submodule(conv_path, fuse_conv_bn_eval(folded.get_submodule(conv_path), folded.get_submodule(bn_path)))
-        folded.set_submodule(bn_path, nn.Identity())
+        folded.set_submodule(bn_path, after_folding(folded.get_submodule(bn_path)))
     probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
     try:
         torch.testing.assert_close(folded(probe), net(probe), rtol=1e-3, atol=1e-4)
