@@ -69,3 +69,10 @@ def test_timm_batchnorm_act_keeps_its_activation():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_folding_under_mixed_precision_checks_at_full_precision():
+    net = with_trained_statistics(build_segmentation_network("slim_unet", 3, 2, width=4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        folded, convs = fold_batch_norms(net, torch.randn(1, 3, 32, 32))
+    assert len(convs) == 18
