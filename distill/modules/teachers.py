@@ -166,11 +166,9 @@ class FrozenTeachers(nn.Module):
         if self._folded_convs is None:
             self._folded_convs = set()
             if self.fold_batch_norm:
-                for index, net in enumerate(self.networks):
+                for index, net in enumerate(self.networks):  # folded weights keep the memory format
                     self.networks[index], folded = fold_batch_norms(net, x[:1], keep=tuple(feature_paths))
                     self._folded_convs.update(folded)
-                if self.channels_last:
-                    self.networks.to(memory_format=torch.channels_last)
                 self._stacked = None
         tapped = self._folded_convs.intersection(feature_paths)
         if tapped:
