@@ -1,1 +1,1 @@
-"""LightningDataModules and readers/writers for the real dataset layouts (DESIGN.md section 2)."""
+"""LightningDataModules and readers/writers for the real dataset layouts (see each module's docstring)."""

@@ -1,4 +1,4 @@
-"""Surgical phase vocabularies and the ``Frame<TAB>Phase`` annotation format (DESIGN.md section 2.2).
+"""Surgical phase vocabularies and the ``Frame<TAB>Phase`` annotation format.
 
 Cholec80 phase files have a header ``Frame\tPhase`` and one ``<frame>\t<PhaseName>`` line per
 frame at 25 fps; M2CAI16 workflow files use the same two columns with 8 phases. Prediction

@@ -1,4 +1,4 @@
-"""Multi-site prostate T2 MRI (MS-Net/SAML release, DESIGN.md 2.1): reader, splits and DataModule.
+"""Multi-site prostate T2 MRI (MS-Net/SAML release): reader, splits and DataModule.
 
 Layout read::
 

@@ -1,4 +1,4 @@
-"""Cholec80 / M2CAI16 readers, video splits and the three surgical DataModules (DESIGN.md 1.2, 2.2).
+"""Cholec80 / M2CAI16 readers, video splits and the three surgical DataModules.
 
 Layouts read (names exactly as released)::
 

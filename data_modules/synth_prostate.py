@@ -1,4 +1,4 @@
-"""Synthetic multi-site prostate T2 MRI, written in the real MS-Net/SAML layout (DESIGN.md 2.1).
+"""Synthetic multi-site prostate T2 MRI, written in the real MS-Net/SAML layout.
 
 No prostate MRI can be downloaded here, so tests and the demo read this tree through the real
 loader. It has the release's names and quirks: six site folders, ``CaseXX.nii.gz`` images with

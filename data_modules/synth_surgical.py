@@ -1,4 +1,4 @@
-"""Synthetic laparoscopic cholecystectomy videos in the real Cholec80 / M2CAI16 layouts (DESIGN.md 2.2).
+"""Synthetic laparoscopic cholecystectomy videos in the real Cholec80 / M2CAI16 layouts.
 
 No surgical video can be downloaded here, so tests and the demo read these trees through the
 real readers. Layouts and annotation formats are exactly the releases':

@@ -1,4 +1,4 @@
-"""Relaxed-boundary phase metrics against hand-worked cases (DESIGN.md section 2.3).
+"""Relaxed-boundary phase metrics against hand-worked cases (M2CAI/Cholec80 MATLAB protocol).
 
 Labels are 0-based: Cholec80 id k (1-based, as in the MATLAB script) is label k-1.
 Most cases use fps=1, tolerance_s=3, so t = 3 frames.

@@ -1,6 +1,6 @@
 """Relaxed-boundary surgical phase metrics: a port of the M2CAI/Cholec80 MATLAB evaluation.
 
-The protocol (DESIGN.md section 2.3): per video, ``diff = pred - gt``; inside the first ``t``
+The protocol (the M2CAI/Cholec80 MATLAB evaluation script): per video, ``diff = pred - gt``; inside the first ``t``
 frames of a ground-truth segment a prediction still showing an earlier phase is forgiven (late
 transition), inside its last ``t`` frames one already showing a later phase is forgiven (early
 transition), with ``t = round(10 s x fps of the predictions)`` clipped to the segment length.

@@ -8,7 +8,7 @@
 - :class:`TCNPhaseModule` on :class:`data_modules.surgical.PhaseFeatureDataModule` batches
   ``{"features": (1, D, T), "label": (1, T), "video": [name], "frame": (1, T) 25 fps index}``:
   a causal single-stage TCN (the reference: 12 layers, 64 maps) or a multi-stage MS-TCN, scored
-  with the relaxed phase metrics (corrected and published evaluation, DESIGN of the MATLAB protocol).
+  with the relaxed phase metrics (corrected and published evaluation of the MATLAB protocol).
 """
 
 from __future__ import annotations
