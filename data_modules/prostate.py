@@ -32,7 +32,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
@@ -43,7 +42,7 @@ from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
 from distill.metrics.segmentation import PROSTATE_SITES
 from distill.types import ClosedUnitInterval, NonNegativeInt, PositiveInt
-from distill.utils import atomic_write
+from distill.utils import atomic_write, read_yaml
 
 SITES: tuple[str, ...] = PROSTATE_SITES
 SITE_ALIASES: dict[str, str] = {"ISBI": "RUNMC", "ISBI_1.5": "BMC"}
@@ -276,13 +275,8 @@ def _sorted(cases: list[ProstateCase]) -> list[ProstateCase]:
 def _read_case_list(path: str | Path, cases: list[ProstateCase]) -> dict[str, list[ProstateCase]]:
     """Splits from a YAML file ``{train: [SITE/CaseXX, ...], val: [...], test: [...]}``."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: case list not found")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from err
-    if not isinstance(spec, dict) or not spec or set(spec) - set(SPLITS):
+    spec = read_yaml(path, "case list")
+    if not spec or set(spec) - set(SPLITS):
         raise DataError(f"{path}: expected a mapping with keys {', '.join(SPLITS)}")
     known = {case.key: case for case in cases}
     splits: dict[str, list[ProstateCase]] = {}

@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -23,7 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from distill.callbacks import RandomStateCheckpoint
 from distill.wandb_logging import WandbResultPlots
 from distill.errors import DataError
-from distill.utils import atomic_write, unique_path
+from distill.utils import atomic_write, read_yaml, unique_path
 
 # Model options that define the network's shape: a checkpoint must agree with the config on them.
 ARCHITECTURE_KEYS = ("network", "network_kwargs", "in_channels", "num_classes", "backbone", "backbone_kwargs")
@@ -44,7 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def check_yaml_files(args: list[str]) -> None:
-    """Refuse a ``--config`` file that is missing or not valid YAML, in one line naming the file and line."""
+    """Refuse a ``--config`` file that is missing, not valid YAML or not a mapping, in one line naming the file (and line)."""
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args):
             path = Path(args[i + 1])
@@ -52,14 +51,7 @@ def check_yaml_files(args: list[str]) -> None:
             path = Path(arg.split("=", 1)[1])
         else:
             continue
-        if not path.is_file():
-            raise DataError(f"{path}: config file not found")
-        try:
-            yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise DataError(f"{path}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+        read_yaml(path, "config file")
 
 
 def load_checkpoint_for_cli(path: str | Path) -> dict[str, Any]:

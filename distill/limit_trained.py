@@ -26,7 +26,8 @@ import yaml
 
 from distill.errors import DataError
 from distill.modules.checkpoints import file_sha256
-from distill.utils import write_text_atomic
+from distill.runs import RunResult, run_experiment, slug
+from distill.utils import read_yaml, write_text_atomic
 
 SPEC_KEYS = {"config", "partition", "sites", "num_teachers", "case_lists", "max_cases", "overrides"}
 PARTITIONS = ("by_site", "random", "case_lists")
@@ -34,9 +35,7 @@ PARTITIONS = ("by_site", "random", "case_lists")
 
 def load_teachers_spec(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: teachers spec not found")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path, "teachers spec")
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise DataError(f"{path}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(SPEC_KEYS))})")
@@ -87,15 +86,13 @@ def training_cases(config: str, overrides: list[str]) -> tuple[list[str], int]:
 
 def train_limit_trained_teachers(spec_path: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
                                  seed: int = 0, row_prefix: str = "limit-trained teacher",
-                                 final_overrides: list[str] | None = None, callbacks: list | None = None) -> list:
+                                 final_overrides: list[str] | None = None, callbacks: list | None = None) -> list[RunResult]:
     """Train every teacher of a spec (finished ones are skipped) and write ``<out>/manifest.yaml``.
 
     Overrides apply in the order ``overrides`` (e.g. a table's), the spec's own, ``final_overrides``
-    (e.g. the command line's). Returns one :class:`distill.tables.RunResult` per teacher, each
+    (e.g. the command line's). Returns one :class:`distill.runs.RunResult` per teacher, each
     carrying the manifest path.
     """
-    from distill.tables import run_experiment, slug
-
     spec = load_teachers_spec(spec_path)
     out_dir = Path(out_dir)
     overrides = list(overrides or []) + list(spec.get("overrides", [])) + list(final_overrides or [])

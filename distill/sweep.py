@@ -5,8 +5,9 @@ The sweep file is the one ``wandb sweep`` reads (``program``, ``method``, ``metr
 (``create_sweep_command`` / ``create_sweep_command_args``: ``${program}``, ``${args}``, ...), so
 a point runs here exactly as ``wandb agent`` would run it, plus three overrides: its own run
 directory ``<out>/point-NNN``, a CSV logger there (whatever logger the command selects), and
-``WANDB_MODE=disabled``. Each point runs as a subprocess of the CLI; its metric is the last
-logged value of ``metric.name`` in its ``metrics.csv``. Every finished point is appended to
+``WANDB_MODE=disabled``. Each point runs as a subprocess of the CLI
+(:func:`distill.runs.run_cli_subprocess`); its metric is the last logged value of ``metric.name``
+in its ``metrics.csv``. Every finished point is appended to
 ``<out>/sweep.csv``, so an interrupted sweep resumes where it stopped (the points of ``grid`` and
 ``random`` sweeps are a fixed sequence; ``bayes`` replays the finished points into Optuna).
 
@@ -21,17 +22,15 @@ import csv
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from distill.errors import DataError
+from distill.runs import run_cli_subprocess
+from distill.utils import read_yaml
 
 METHODS = ("grid", "random", "bayes")
 DISTRIBUTIONS = ("uniform", "log_uniform_values", "int_uniform", "q_uniform", "normal")
@@ -62,9 +61,7 @@ class SweepSpec:
     def load(cls, path: str | Path) -> SweepSpec:
         """Read and check a sweep YAML; DataError naming the file and key otherwise."""
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: sweep file not found")
-        config = yaml.safe_load(path.read_text()) or {}
+        config = read_yaml(path, "sweep file")
         method = config.get("method")
         if method not in METHODS:
             raise DataError(f"{path}: method: expected one of {METHODS}, got {method!r}")
@@ -142,36 +139,6 @@ def build_argv(spec: SweepSpec, point: dict) -> list[str]:
     return argv
 
 
-def lightning_argv(argv: list[str], run_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
-    """``argv`` of ``distill <subcommand> ...`` as a subprocess of this interpreter, logging to a
-    CSV file under ``run_dir``, then ``overrides`` (appended arguments win over the command's own)."""
-    if not argv or Path(argv[0]).name != "distill":
-        raise DataError(f"command {argv[:3]}: the local runner runs `distill fit ...` commands (program: distill)")
-    return [sys.executable, "-m", "distill.cli", *argv[1:], f"--trainer.default_root_dir={run_dir}",
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={run_dir}",
-            *overrides]
-
-
-def last_logged(run_dir: Path, metric: str) -> float | None:
-    """Last value of ``metric`` in the newest ``metrics.csv`` under ``run_dir`` (None if never logged)."""
-    files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        return None
-    with open(files[-1], newline="") as stream:
-        values = [row[metric] for row in csv.DictReader(stream) if row.get(metric) not in (None, "")]
-    return float(values[-1]) if values else None
-
-
-def run_cli_point(argv: list[str], run_dir: Path, metric: str, overrides: Sequence[str] = ()) -> float | None:
-    """Run one point's CLI command (output in ``run_dir/output.log``); its metric, or None when
-    the run failed or never logged it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    with open(run_dir / "output.log", "w") as log:
-        result = subprocess.run(lightning_argv(argv, run_dir, overrides), env=env, stdout=log, stderr=subprocess.STDOUT)
-    return last_logged(run_dir, metric) if result.returncode == 0 else None
-
-
 @dataclass(frozen=True)
 class SweepResult:
     """One finished point: index, "finished" or "failed", metric (None if failed), parameters, run dir."""
@@ -218,7 +185,7 @@ Execute = Callable[[list[str], Path, str, Sequence[str]], "float | None"]
 
 
 def run_sweep(path: str | Path, out: str | Path, count: int | None = None, seed: int = 0,
-              overrides: Sequence[str] = (), execute: Execute = run_cli_point,
+              overrides: Sequence[str] = (), execute: Execute = run_cli_subprocess,
               log: Callable[[str], None] = print) -> list[SweepResult]:
     """Run the sweep file ``path`` locally into ``out``; returns every recorded point.
 

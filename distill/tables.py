@@ -7,7 +7,8 @@ data, then tested), overrides applied to every run, the columns, and which runs 
     extends: other_spec.yaml          # optional: start from another spec, then update its keys
     overrides: ["--trainer.max_epochs=3"]
     seeds: 3                          # runs per row (seed_everything 0..N-1); --seeds overrides
-    notes: ["split: ...", "protocol: ..."]   # optional: the table's header notes (default: prostate split/protocol)
+    notes: ["split: {data.init_args.split} by case", "protocol: ..."]   # optional header notes; {dotted.key}:
+                                      # that value of the first run's saved config
     columns:                          # default: Dice (per site and mean) and HD95
       - {metric: test/dice, label: Dice, groups: true}   # groups: one column per test/dice/<group>
       - {metric: test/hd95, label: HD95 mm, format: .2f}
@@ -41,31 +42,27 @@ the pre-training's ``test/probe_acc``); ``show: false`` keeps a run out of the t
 ``train_once: true`` trains a run at seed 0 only and gives it to the dependents of every seed
 (e.g. one teacher for all student seeds: its row then has one seed).
 
-Each run trains in ``<out>/<run slug>/seed_<s>/`` and leaves ``result.json`` there when
-finished; a re-started table skips finished runs. The table (mean +- std over seeds; deltas
+Each run trains in ``<out>/<run slug>/seed_<s>/`` (:func:`distill.runs.run_experiment`) and leaves
+``result.json`` there when finished; a re-started table skips finished runs. The table (mean +- std over seeds; deltas
 as mean +- std of the per-seed differences) is printed and saved as ``results.md``,
 ``results.csv``, ``results.json``, ``site_dice.png`` (rows with per-site metrics) and
 ``phase_ribbons_<video>.png`` (ground truth vs every row's test phase predictions, rows that write
-them, e.g. the TCN; first seed, three test videos); earlier files are never overwritten.
+them, e.g. the TCN; first seed, three test videos), all by :mod:`distill.report`; earlier files are
+never overwritten.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
-import math
-import re
-import statistics
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
+from distill import report
 from distill.errors import DataError
-from distill.utils import write_text_atomic, unique_path
+from distill.limit_trained import train_limit_trained_teachers
+from distill.progress import QUIET_TRAINER_OVERRIDES, TableProgress, quiet_lightning
+from distill.runs import RunResult, run_experiment, slug
+from distill.utils import read_yaml, unique_path, write_text_atomic
 
 RUN_KEYS = {"name", "config", "teacher", "teacher_index", "teachers", "overrides", "init_from", "features_from", "train_once",
             "predict", "show"}
@@ -78,24 +75,9 @@ DEFAULT_COLUMNS = [
 
 
 @dataclass
-class RunResult:
-    """One finished run (one row, one seed)."""
-
-    name: str
-    seed: int
-    metrics: dict[str, float]
-    monitor: str
-    val_score: float
-    parameters: int
-    ms_per_input: float
-    best_checkpoint: str
-    log_dir: str
-    manifest: str | None = None
-    predictions: str | None = None
-
-
-@dataclass
 class TableSpec:
+    """A parsed table spec (the keys of the module docstring; ``extends`` already applied)."""
+
     title: str
     runs: list[dict]
     overrides: list[str] = field(default_factory=list)
@@ -106,10 +88,9 @@ class TableSpec:
 
 
 def load_table_spec(path: str | Path) -> TableSpec:
+    """Read and check a table spec; a one-line DataError naming the file and the mistake otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: table spec not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "table spec")
     if "extends" in raw:
         base = load_table_spec(path.parent / raw.pop("extends"))
         raw = {**asdict(base), **raw, "overrides": base.overrides + list(raw.get("overrides", []))}
@@ -143,188 +124,6 @@ def load_table_spec(path: str | Path) -> TableSpec:
                      notes=list(raw.get("notes") or []))
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def checkpoint_callback(trainer):
-    """The run's checkpoint callback that monitors a validation metric (model selection)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.monitor:
-            return callback
-    return None
-
-
-def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str, seed: int = 0,
-                   predict: bool = False, callbacks: list | None = None, group: str | None = None) -> RunResult:
-    """Fit ``config`` in ``root_dir``, test the checkpoint chosen on validation data, measure the network
-    (``predict``: then predict with that checkpoint, the config's prediction writer recording).
-    ``callbacks`` are added to the config's (e.g. a progress display). A W&B run (if the config logs
-    to W&B) is named ``<name>/seed_<seed>`` in the group ``group`` unless the config names them.
-
-    Finished runs (``root_dir/result.json``) are read back instead of trained again.
-    """
-    from distill.lightning_cli import DistillCLI
-    from distill.wandb_logging import finish_wandb_runs, label_wandb_runs
-
-    done = root_dir / "result.json"
-    if done.is_file():
-        return RunResult(**json.loads(done.read_text()))
-    if not Path(config).is_file():
-        raise DataError(f"{config}: experiment config not found")
-    with warnings.catch_warnings():  # the table passes ``args`` on purpose while ``sys.argv`` holds its own
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = DistillCLI(args=["--config", config, *overrides, f"--seed_everything={seed}",
-                               f"--trainer.default_root_dir={root_dir}"], run=False)
-    cli.trainer.callbacks.extend(callbacks or [])
-    label_wandb_runs(cli.trainer, group or slug(name), f"{name}/seed_{seed}")
-    try:
-        return _fit_test_measure(cli, config, name, seed, predict, done)
-    finally:
-        finish_wandb_runs(cli.trainer)
-
-
-def _fit_test_measure(cli, config: str, name: str, seed: int, predict: bool, done: Path) -> RunResult:
-    """The body of :func:`run_experiment` once the run is configured."""
-    from lightning.pytorch.callbacks import BasePredictionWriter
-
-    from distill.benchmarking import latency_ms
-    from distill.models import count_parameters
-
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    selector = checkpoint_callback(cli.trainer)
-    if selector is None or not selector.best_model_path:
-        raise DataError(f"{config}: no checkpoint chosen on validation data; a table run needs a ModelCheckpoint with a monitor")
-    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, verbose=False)[0]
-    predictions = None
-    if predict:
-        cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, return_predictions=False)
-        writers = [c for c in cli.trainer.callbacks if isinstance(c, BasePredictionWriter)]
-        if not writers:
-            raise DataError(f"{config}: 'predict: true' needs a prediction writer callback in the config")
-        predictions = str(writers[0].output_dir)
-    net = cli.model.deployable_network()
-    result = RunResult(
-        name=name,
-        seed=seed,
-        metrics={k: float(v) for k, v in metrics.items()},
-        monitor=selector.monitor,
-        val_score=float(selector.best_model_score),
-        parameters=count_parameters(net),
-        ms_per_input=latency_ms(net, cli.model.example_input_shape(cli.datamodule)),
-        best_checkpoint=selector.best_model_path,
-        log_dir=str(cli.trainer.log_dir),
-        predictions=predictions,
-    )
-    write_text_atomic(done, json.dumps(asdict(result), indent=2))
-    return result
-
-
-# ------------------------------------------------------------------ statistics
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (N-1; NaN for one value), ignoring NaNs."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
-
-
-def format_mean_std(values: list[float], fmt: str = ".3f") -> str:
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:{fmt}}" if math.isnan(std) else f"{mean:{fmt}} ± {std:{fmt}}"
-
-
-def group_rows(results: list[RunResult]) -> dict[str, list[RunResult]]:
-    rows: dict[str, list[RunResult]] = {}
-    for result in results:
-        rows.setdefault(result.name, []).append(result)
-    return rows
-
-
-def metric_columns(columns: list[dict], results: list[RunResult]) -> list[tuple[str, str, str]]:
-    """(metric key, header, format) per table column, expanding ``groups`` into per-group columns."""
-    expanded = []
-    for column in columns:
-        key, label, fmt = column["metric"], column.get("label", column["metric"]), column.get("format", ".3f")
-        if column.get("groups"):
-            groups = sorted({k[len(key) + 1 :] for r in results for k in r.metrics if k.startswith(key + "/")})
-            expanded += [(f"{key}/{g}", f"{label} {g}", fmt) for g in groups]
-        expanded.append((key, f"{label} mean" if column.get("groups") else label, fmt))
-    return expanded
-
-
-def paired_delta(rows: dict[str, list[RunResult]], baseline: str, candidate: str, metric: str) -> list[float]:
-    """Per-seed differences candidate - baseline of ``metric`` (seeds both rows have)."""
-    base = {r.seed: r.metrics.get(metric, float("nan")) for r in rows.get(baseline, [])}
-    return [r.metrics.get(metric, float("nan")) - base[r.seed] for r in rows.get(candidate, []) if r.seed in base]
-
-
-def best_on_validation(rows: dict[str, list[RunResult]], names: list[str]) -> str:
-    """The row with the best mean validation score (its own monitor's direction: max for Dice)."""
-    scored = [(mean_std([r.val_score for r in rows[n]])[0], n) for n in names if n in rows]
-    return max(scored)[1]
-
-
-def comparison_lines(spec: TableSpec, rows: dict[str, list[RunResult]]) -> list[str]:
-    """A delta line per ``compare`` entry, on its ``metric`` (default: the first column's)."""
-    labels = {c["metric"]: c.get("label", c["metric"]) for c in spec.columns}
-    lines = []
-    for entry in spec.compare:
-        metric = entry.get("metric", spec.columns[0]["metric"])
-        label = labels[metric]
-        baseline = entry["baseline"]
-        candidate = entry.get("candidate") or best_on_validation(rows, entry["candidates"])
-        chosen = "" if "candidate" in entry else " (best of the candidates on validation)"
-        deltas = paired_delta(rows, baseline, candidate, metric)
-        if not deltas:
-            continue
-        base_mean = mean_std([r.metrics.get(metric) for r in rows[baseline]])[0]
-        mean, std = mean_std(deltas)
-        spread = "" if math.isnan(std) else f" ± {std:.3f}"
-        lines.append(f"- {candidate}{chosen} vs {baseline}: {label} {mean:+.3f}{spread} "
-                     f"({100 * mean / max(abs(base_mean), 1e-8):+.1f}% relative; {len(deltas)} paired seeds)")
-    return lines
-
-
-def format_table(spec: TableSpec, results: list[RunResult], header_notes: list[str] | None = None) -> str:
-    """Markdown: a row per run name, mean ± std over seeds per metric, parameters, latency, deltas."""
-    rows = group_rows(results)
-    columns = metric_columns(spec.columns, results)
-    seeds = sorted({r.seed for r in results})
-    header = ["model", "params", *[label for _, label, _ in columns], "CPU ms/input"]
-    lines = [f"### {spec.title}", ""]
-    lines += [f"- {note}" for note in header_notes or []]
-    lines += [f"- seeds: {', '.join(map(str, seeds))} (mean ± std over seeds, std with N-1); "
-              "checkpoints chosen on validation cases only", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, runs in rows.items():
-        cells = [name, f"{runs[0].parameters / 1e6:.2f}M"]
-        cells += [format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt) for key, _, fmt in columns]
-        cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
-        lines.append("| " + " | ".join(cells) + " |")
-    deltas = comparison_lines(spec, rows)
-    if deltas:
-        lines += ["", *deltas]
-    return "\n".join(lines)
-
-
-def results_csv(results: list[RunResult]) -> str:
-    """One line per run and seed, every metric a column."""
-    keys = sorted({k for r in results for k in r.metrics})
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["name", "seed", "parameters", "ms_per_input", "monitor", "val_score", *keys, "best_checkpoint"])
-    for r in results:
-        writer.writerow([r.name, r.seed, r.parameters, f"{r.ms_per_input:.3f}", r.monitor, r.val_score,
-                         *[r.metrics.get(k, "") for k in keys], r.best_checkpoint])
-    return buffer.getvalue()
-
-
-# --------------------------------------------------------------------- running
 def run_overrides(run: dict, seed: int, done: dict[str, dict[int, RunResult | list[RunResult]]]) -> list[str]:
     """Overrides that wire a run to the teacher runs it names (same seed)."""
     extra = []
@@ -360,9 +159,6 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
 
     ``verbose=False``: one progress bar instead of Lightning's logs and warnings (:mod:`distill.progress`).
     """
-    from distill.limit_trained import train_limit_trained_teachers
-    from distill.progress import QUIET_TRAINER_OVERRIDES, TableProgress, quiet_lightning
-
     spec = load_table_spec(spec_path)
     out_dir = Path(out_dir)
     num_seeds = seeds or spec.seeds
@@ -401,73 +197,12 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
                     results.append(result)
                 progress.finish_run()
     progress.close()
-    notes = table_notes(spec, out_dir)
-    table = format_table(spec, results, notes)
+    table = report.format_table(spec.title, spec.columns, spec.compare, results, report.fill_notes(spec.notes, results))
     print("\n" + table)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(unique_path(out_dir / "results.md"), table + "\n")
-    write_text_atomic(unique_path(out_dir / "results.csv"), results_csv(results))
-    write_text_atomic(unique_path(out_dir / "results.json"), json.dumps([asdict(r) for r in results], indent=2))
-    save_site_chart(results, spec.columns[0], unique_path(out_dir / "site_dice.png"))
-    save_phase_ribbons(results, out_dir)
+    write_text_atomic(unique_path(out_dir / "results.csv"), report.results_csv(results))
+    write_text_atomic(unique_path(out_dir / "results.json"), report.results_json(results))
+    report.save_site_chart(results, spec.columns[0], unique_path(out_dir / "site_dice.png"))
+    report.save_phase_ribbons(results, out_dir)
     return results
-
-
-def table_notes(spec: TableSpec, out_dir: Path) -> list[str]:
-    """The spec's ``notes``, else split and protocol read from the first run's saved config."""
-    if spec.notes:
-        return spec.notes
-    configs = sorted(out_dir.rglob("config.yaml"))
-    if not configs:
-        return []
-    data = (yaml.safe_load(configs[0].read_text()) or {}).get("data", {}).get("init_args", {})
-    split = data.get("split", "?")
-    detail = {"per_site": f"val {data.get('val_fraction')}, test {data.get('test_fraction')} of each site's cases",
-              "leave_one_site_out": f"held-out site {data.get('held_out_site')}",
-              "case_list": f"case list {data.get('case_list')}"}.get(split, "")
-    return [f"split: {split} by case ({detail}), data seed {data.get('seed')}",
-            "protocol: 3D metrics per test volume at the original resolution, averaged per site and overall"]
-
-
-def save_site_chart(results: list[RunResult], column: dict, path: Path) -> None:
-    """Per-group bar chart (mean ± std over seeds) of the first column's metric, if it has groups."""
-    from distill.plotting import save_figure, site_dice_bars
-
-    key = column["metric"]
-    table: dict[str, dict[str, tuple[float, float]]] = {}
-    for name, runs in group_rows(results).items():
-        groups = sorted({k[len(key) + 1 :] for r in runs for k in r.metrics if k.startswith(key + "/")})
-        if groups:
-            stats = {g: mean_std([r.metrics.get(f"{key}/{g}", float("nan")) for r in runs]) for g in groups}
-            table[name] = {g: (mean, 0.0 if math.isnan(std) else std) for g, (mean, std) in stats.items()}
-    if table:
-        save_figure(site_dice_bars(table, ylabel=column.get("label", key)), path)
-
-
-def save_phase_ribbons(results: list[RunResult], out_dir: Path, num_videos: int = 3) -> None:
-    """``phase_ribbons_<video>.png``: ground truth vs the test predictions of every row that wrote
-    ``phase_predictions/test/<video>-pred.txt`` (first seed; the first ``num_videos`` test videos)."""
-    import numpy as np
-
-    from data_modules.phases import VIDEO_FPS, phase_names, read_phase_file
-    from data_modules.surgical import phase_annotation_files
-    from distill.plotting import phase_ribbons, save_figure
-
-    first_seed = min((r.seed for r in results), default=0)
-    folders = {r.name: Path(r.log_dir) / "phase_predictions" / "test" for r in results if r.seed == first_seed}
-    folders = {name: folder for name, folder in folders.items() if folder.is_dir()}
-    if not folders:
-        return
-    data = yaml.safe_load((next(iter(folders.values())).parents[1] / "config.yaml").read_text())["data"]["init_args"]
-    annotations = phase_annotation_files(data["data_root"], data["dataset"])
-    predicted = {p.name.removesuffix("-pred.txt") for p in next(iter(folders.values())).glob("*-pred.txt")}
-    for video in [v for v in annotations if v in predicted][:num_videos]:
-        gt_frames, gt_labels = read_phase_file(annotations[video], data["dataset"])
-        sequences = {}
-        for name, folder in folders.items():
-            frames, labels = read_phase_file(folder / f"{video}-pred.txt", data["dataset"])
-            sequences.setdefault("ground truth", gt_labels[np.searchsorted(gt_frames, frames)])
-            sequences[name] = labels
-        step = int(frames[1] - frames[0]) if len(frames) > 1 else 1
-        figure = phase_ribbons(sequences, phase_names(data["dataset"]), fps=VIDEO_FPS / step, title=f"{video} (test)")
-        save_figure(figure, unique_path(out_dir / f"phase_ribbons_{video}.png"))

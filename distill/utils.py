@@ -1,11 +1,17 @@
-"""Small helpers shared by the entry points."""
+"""Small helpers shared by the entry points: unique and atomic file writes, the one YAML reader."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.errors import DataError
 
 
 def unique_path(path: str | Path) -> Path:
@@ -41,3 +47,35 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_write(path) as temporary:
         temporary.write_text(text)
     return Path(path)
+
+
+def read_yaml(path: str | Path, what: str, expect: type | None = dict, missing_hint: str = "") -> Any:
+    """The data of the YAML file ``path`` (a ``what``, e.g. "table spec"), read with ``yaml.safe_load``.
+
+    Every problem is a one-line :class:`DataError` naming the file: missing (then ``missing_hint``),
+    invalid YAML (line and column), a tag that builds Python objects (``!!python/...``: refused),
+    a top level that is not an ``expect`` (``None``: anything). An empty file reads as an empty ``expect``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found{missing_hint}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        tag = re.search(r"tag:yaml\.org,2002:(python/\S+?)'", problem)
+        if tag:
+            raise DataError(f"{path}: YAML tag !!{tag.group(1)}{where} refused: a {what} holds plain data, not Python objects") from None
+        raise DataError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None and expect is not None:
+        return expect()
+    if expect is not None and not isinstance(data, expect):
+        raise DataError(f"{path}: a {what} must be {_yaml_kind(expect)} at the top level, got {_yaml_kind(type(data))}")
+    return data
+
+
+def _yaml_kind(kind: type) -> str:
+    """How YAML calls a Python type read from it: "a mapping", "a list", ..."""
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(kind, f"a {kind.__name__}")

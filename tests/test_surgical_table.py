@@ -17,7 +17,8 @@ import yaml
 from data_modules.phases import read_phase_file
 from data_modules.surgical import extract_dataset_frames, split_videos
 from data_modules.synth_surgical import write_synthetic_surgical
-from distill.tables import run_table, slug
+from distill.runs import slug
+from distill.tables import run_table
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_OVERRIDES = ["--data.init_args.image_size=32", "--data.init_args.resize_size=36", "--data.init_args.batch_size=8",

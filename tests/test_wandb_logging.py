@@ -7,7 +7,7 @@ from pathlib import Path
 
 import wandb
 
-from distill.tables import run_experiment
+from distill.runs import run_experiment
 from distill.wandb_logging import default_wandb_offline
 
 REPO = Path(__file__).resolve().parents[1]

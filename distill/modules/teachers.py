@@ -30,6 +30,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from distill.errors import DataError
 from distill.models import FeatureTaps, fold_batch_norms
 from distill.modules.checkpoints import file_sha256, load_network, resolve_checkpoint
+from distill.utils import read_yaml
 
 
 @dataclass(frozen=True)
@@ -242,18 +243,9 @@ def read_teacher_manifest(path: str | Path) -> list[ManifestEntry]:
         teachers:
           - {name: BMC, checkpoint: BMC/.../best.ckpt, sha256: ..., subset: {train_sites: [BMC]}, val_metric: 0.81}
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: teacher manifest not found (train the teachers with `distill teachers` first)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise DataError(f"{path}:{where} malformed YAML") from None
-    entries = raw.get("teachers") if isinstance(raw, dict) else None
+    raw = read_yaml(path, "teacher manifest", missing_hint=" (train the teachers with `distill teachers` first)")
+    entries = raw.get("teachers")
     if not entries:
         raise DataError(f"{path}: a teacher manifest needs a non-empty 'teachers' list")
     result = []

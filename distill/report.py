@@ -1,0 +1,187 @@
+"""A results table's statistics and files: mean ± std over seeds, paired deltas, the Markdown
+table, CSV, JSON and figures (per-site bar chart, phase ribbons) of a list of :class:`RunResult`.
+
+Rows are run names; each row holds one :class:`RunResult` per seed. Standard deviations are
+sample ones (N-1); a delta is the mean ± std of the per-seed differences candidate - baseline.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+from distill.runs import RunResult, run_config
+from distill.utils import unique_path
+
+
+# ------------------------------------------------------------------ statistics
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (N-1; NaN for one value), ignoring NaNs."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def format_mean_std(values: list[float], fmt: str = ".3f") -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:{fmt}}" if math.isnan(std) else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def group_rows(results: list[RunResult]) -> dict[str, list[RunResult]]:
+    rows: dict[str, list[RunResult]] = {}
+    for result in results:
+        rows.setdefault(result.name, []).append(result)
+    return rows
+
+
+def metric_columns(columns: list[dict], results: list[RunResult]) -> list[tuple[str, str, str]]:
+    """(metric key, header, format) per table column, expanding ``groups`` into per-group columns."""
+    expanded = []
+    for column in columns:
+        key, label, fmt = column["metric"], column.get("label", column["metric"]), column.get("format", ".3f")
+        if column.get("groups"):
+            groups = sorted({k[len(key) + 1 :] for r in results for k in r.metrics if k.startswith(key + "/")})
+            expanded += [(f"{key}/{g}", f"{label} {g}", fmt) for g in groups]
+        expanded.append((key, f"{label} mean" if column.get("groups") else label, fmt))
+    return expanded
+
+
+def paired_delta(rows: dict[str, list[RunResult]], baseline: str, candidate: str, metric: str) -> list[float]:
+    """Per-seed differences candidate - baseline of ``metric`` (seeds both rows have)."""
+    base = {r.seed: r.metrics.get(metric, float("nan")) for r in rows.get(baseline, [])}
+    return [r.metrics.get(metric, float("nan")) - base[r.seed] for r in rows.get(candidate, []) if r.seed in base]
+
+
+def best_on_validation(rows: dict[str, list[RunResult]], names: list[str]) -> str:
+    """The row with the best mean validation score (its own monitor's direction: max for Dice)."""
+    scored = [(mean_std([r.val_score for r in rows[n]])[0], n) for n in names if n in rows]
+    return max(scored)[1]
+
+
+def comparison_lines(columns: list[dict], compare: list[dict], rows: dict[str, list[RunResult]]) -> list[str]:
+    """A delta line per ``compare`` entry, on its ``metric`` (default: the first column's)."""
+    labels = {c["metric"]: c.get("label", c["metric"]) for c in columns}
+    lines = []
+    for entry in compare:
+        metric = entry.get("metric", columns[0]["metric"])
+        label = labels[metric]
+        baseline = entry["baseline"]
+        candidate = entry.get("candidate") or best_on_validation(rows, entry["candidates"])
+        chosen = "" if "candidate" in entry else " (best of the candidates on validation)"
+        deltas = paired_delta(rows, baseline, candidate, metric)
+        if not deltas:
+            continue
+        base_mean = mean_std([r.metrics.get(metric) for r in rows[baseline]])[0]
+        mean, std = mean_std(deltas)
+        spread = "" if math.isnan(std) else f" ± {std:.3f}"
+        lines.append(f"- {candidate}{chosen} vs {baseline}: {label} {mean:+.3f}{spread} "
+                     f"({100 * mean / max(abs(base_mean), 1e-8):+.1f}% relative; {len(deltas)} paired seeds)")
+    return lines
+
+
+# ------------------------------------------------------------------ files
+def fill_notes(notes: list[str], results: list[RunResult]) -> list[str]:
+    """``notes`` with each ``{dotted.key}`` (e.g. ``{data.init_args.split}``) replaced by that value
+    of the first run's saved config ("?" where it has none)."""
+    config = run_config(results[0]) if results and any("{" in note for note in notes) else {}
+
+    def value(match: re.Match) -> str:
+        node = config
+        for key in match.group(1).split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return "?" if node is None else str(node)
+
+    return [re.sub(r"\{([A-Za-z_][\w.]*)\}", value, note) for note in notes]
+
+
+def format_table(title: str, columns: list[dict], compare: list[dict], results: list[RunResult],
+                 header_notes: list[str] | None = None) -> str:
+    """Markdown: a row per run name, mean ± std over seeds per metric, parameters, latency, deltas."""
+    rows = group_rows(results)
+    expanded = metric_columns(columns, results)
+    seeds = sorted({r.seed for r in results})
+    header = ["model", "params", *[label for _, label, _ in expanded], "CPU ms/input"]
+    lines = [f"### {title}", ""]
+    lines += [f"- {note}" for note in header_notes or []]
+    lines += [f"- seeds: {', '.join(map(str, seeds))} (mean ± std over seeds, std with N-1); "
+              "checkpoints chosen on validation cases only", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, runs in rows.items():
+        cells = [name, f"{runs[0].parameters / 1e6:.2f}M"]
+        cells += [format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt) for key, _, fmt in expanded]
+        cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    deltas = comparison_lines(columns, compare, rows)
+    if deltas:
+        lines += ["", *deltas]
+    return "\n".join(lines)
+
+
+def results_csv(results: list[RunResult]) -> str:
+    """One line per run and seed, every metric a column."""
+    keys = sorted({k for r in results for k in r.metrics})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["name", "seed", "parameters", "ms_per_input", "monitor", "val_score", *keys, "best_checkpoint"])
+    for r in results:
+        writer.writerow([r.name, r.seed, r.parameters, f"{r.ms_per_input:.3f}", r.monitor, r.val_score,
+                         *[r.metrics.get(k, "") for k in keys], r.best_checkpoint])
+    return buffer.getvalue()
+
+
+def results_json(results: list[RunResult]) -> str:
+    """Every run and seed as written to ``result.json`` (``distill profile --results`` reads it)."""
+    return json.dumps([asdict(r) for r in results], indent=2)
+
+
+def save_site_chart(results: list[RunResult], column: dict, path: Path) -> None:
+    """Per-group bar chart (mean ± std over seeds) of the first column's metric, if it has groups."""
+    from distill.plotting import save_figure, site_dice_bars
+
+    key = column["metric"]
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, runs in group_rows(results).items():
+        groups = sorted({k[len(key) + 1 :] for r in runs for k in r.metrics if k.startswith(key + "/")})
+        if groups:
+            stats = {g: mean_std([r.metrics.get(f"{key}/{g}", float("nan")) for r in runs]) for g in groups}
+            table[name] = {g: (mean, 0.0 if math.isnan(std) else std) for g, (mean, std) in stats.items()}
+    if table:
+        save_figure(site_dice_bars(table, ylabel=column.get("label", key)), path)
+
+
+def save_phase_ribbons(results: list[RunResult], out_dir: Path, num_videos: int = 3) -> None:
+    """``phase_ribbons_<video>.png``: ground truth vs the test predictions of every row that wrote
+    ``phase_predictions/test/<video>-pred.txt`` (first seed; the first ``num_videos`` test videos)."""
+    import numpy as np
+
+    from data_modules.phases import VIDEO_FPS, phase_names, read_phase_file
+    from data_modules.surgical import phase_annotation_files
+    from distill.plotting import phase_ribbons, save_figure
+
+    first_seed = min((r.seed for r in results), default=0)
+    writers = [r for r in results if r.seed == first_seed and (Path(r.log_dir) / "phase_predictions" / "test").is_dir()]
+    folders = {r.name: Path(r.log_dir) / "phase_predictions" / "test" for r in writers}
+    if not folders:
+        return
+    data = run_config(writers[0])["data"]["init_args"]
+    annotations = phase_annotation_files(data["data_root"], data["dataset"])
+    predicted = {p.name.removesuffix("-pred.txt") for p in next(iter(folders.values())).glob("*-pred.txt")}
+    for video in [v for v in annotations if v in predicted][:num_videos]:
+        gt_frames, gt_labels = read_phase_file(annotations[video], data["dataset"])
+        sequences = {}
+        for name, folder in folders.items():
+            frames, labels = read_phase_file(folder / f"{video}-pred.txt", data["dataset"])
+            sequences.setdefault("ground truth", gt_labels[np.searchsorted(gt_frames, frames)])
+            sequences[name] = labels
+        step = int(frames[1] - frames[0]) if len(frames) > 1 else 1
+        figure = phase_ribbons(sequences, phase_names(data["dataset"]), fps=VIDEO_FPS / step, title=f"{video} (test)")
+        save_figure(figure, unique_path(out_dir / f"phase_ribbons_{video}.png"))

@@ -1,0 +1,158 @@
+"""Run one experiment: what ``distill table``, ``distill teachers`` and ``distill sweep`` all call.
+
+:func:`run_experiment` fits an experiment YAML in its own folder, tests the checkpoint chosen on
+validation data, measures the deployable network (parameters, CPU latency) and leaves a
+:class:`RunResult` as ``result.json``, so a re-started table or teachers command skips finished
+runs. :func:`run_cli_subprocess` runs a ``distill <subcommand> ...`` command line as a child
+process instead (a sweep point: the command as ``wandb agent`` would run it, isolated from the
+parent) and reads its metric back from the CSV log.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from distill.errors import DataError
+from distill.utils import read_yaml, write_text_atomic
+
+
+@dataclass
+class RunResult:
+    """One finished run (one row, one seed)."""
+
+    name: str
+    seed: int
+    metrics: dict[str, float]
+    monitor: str
+    val_score: float
+    parameters: int
+    ms_per_input: float
+    best_checkpoint: str
+    log_dir: str
+    manifest: str | None = None
+    predictions: str | None = None
+
+
+def slug(name: str) -> str:
+    """A run name as a folder name: "student + KD" -> "student_kd"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def run_config(result: RunResult) -> dict:
+    """The configuration a finished run was trained with (its saved ``config.yaml``)."""
+    return read_yaml(Path(result.log_dir) / "config.yaml", "saved run config")
+
+
+def checkpoint_callback(trainer):
+    """The run's checkpoint callback that monitors a validation metric (model selection)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor:
+            return callback
+    return None
+
+
+def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str, seed: int = 0,
+                   predict: bool = False, callbacks: list | None = None, group: str | None = None) -> RunResult:
+    """Fit ``config`` in ``root_dir``, test the checkpoint chosen on validation data, measure the network
+    (``predict``: then predict with that checkpoint, the config's prediction writer recording).
+    ``callbacks`` are added to the config's (e.g. a progress display). A W&B run (if the config logs
+    to W&B) is named ``<name>/seed_<seed>`` in the group ``group`` unless the config names them.
+
+    Finished runs (``root_dir/result.json``) are read back instead of trained again.
+    """
+    from distill.lightning_cli import DistillCLI
+    from distill.wandb_logging import finish_wandb_runs, label_wandb_runs
+
+    done = root_dir / "result.json"
+    if done.is_file():
+        return RunResult(**json.loads(done.read_text()))
+    if not Path(config).is_file():
+        raise DataError(f"{config}: experiment config not found")
+    with warnings.catch_warnings():  # the caller passes ``args`` on purpose while ``sys.argv`` holds its own
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = DistillCLI(args=["--config", config, *overrides, f"--seed_everything={seed}",
+                               f"--trainer.default_root_dir={root_dir}"], run=False)
+    cli.trainer.callbacks.extend(callbacks or [])
+    label_wandb_runs(cli.trainer, group or slug(name), f"{name}/seed_{seed}")
+    try:
+        return _fit_test_measure(cli, config, name, seed, predict, done)
+    finally:
+        finish_wandb_runs(cli.trainer)
+
+
+def _fit_test_measure(cli, config: str, name: str, seed: int, predict: bool, done: Path) -> RunResult:
+    """The body of :func:`run_experiment` once the run is configured."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    from distill.benchmarking import latency_ms
+    from distill.models import count_parameters
+
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    selector = checkpoint_callback(cli.trainer)
+    if selector is None or not selector.best_model_path:
+        raise DataError(f"{config}: no checkpoint chosen on validation data; a table run needs a ModelCheckpoint with a monitor")
+    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, verbose=False)[0]
+    predictions = None
+    if predict:
+        cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, return_predictions=False)
+        writers = [c for c in cli.trainer.callbacks if isinstance(c, BasePredictionWriter)]
+        if not writers:
+            raise DataError(f"{config}: 'predict: true' needs a prediction writer callback in the config")
+        predictions = str(writers[0].output_dir)
+    net = cli.model.deployable_network()
+    result = RunResult(
+        name=name,
+        seed=seed,
+        metrics={k: float(v) for k, v in metrics.items()},
+        monitor=selector.monitor,
+        val_score=float(selector.best_model_score),
+        parameters=count_parameters(net),
+        ms_per_input=latency_ms(net, cli.model.example_input_shape(cli.datamodule)),
+        best_checkpoint=selector.best_model_path,
+        log_dir=str(cli.trainer.log_dir),
+        predictions=predictions,
+    )
+    write_text_atomic(done, json.dumps(asdict(result), indent=2))
+    return result
+
+
+# ------------------------------------------------------------ one command line in a child process
+def lightning_argv(argv: list[str], run_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
+    """``argv`` of ``distill <subcommand> ...`` as a subprocess of this interpreter, logging to a
+    CSV file under ``run_dir``, then ``overrides`` (appended arguments win over the command's own)."""
+    if not argv or Path(argv[0]).name != "distill":
+        raise DataError(f"command {argv[:3]}: the local runner runs `distill fit ...` commands (program: distill)")
+    return [sys.executable, "-m", "distill.cli", *argv[1:], f"--trainer.default_root_dir={run_dir}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={run_dir}",
+            *overrides]
+
+
+def last_logged(run_dir: Path, metric: str) -> float | None:
+    """Last value of ``metric`` in the newest ``metrics.csv`` under ``run_dir`` (None if never logged)."""
+    files = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return None
+    with open(files[-1], newline="") as stream:
+        values = [row[metric] for row in csv.DictReader(stream) if row.get(metric) not in (None, "")]
+    return float(values[-1]) if values else None
+
+
+def run_cli_subprocess(argv: list[str], run_dir: Path, metric: str, overrides: Sequence[str] = ()) -> float | None:
+    """Run a ``distill ...`` command line in a child process with W&B disabled (output in
+    ``run_dir/output.log``); its last logged ``metric``, or None when it failed or never logged it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    with open(run_dir / "output.log", "w") as log:
+        result = subprocess.run(lightning_argv(argv, run_dir, overrides), env=env, stdout=log, stderr=subprocess.STDOUT)
+    return last_logged(run_dir, metric) if result.returncode == 0 else None
