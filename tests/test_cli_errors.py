@@ -128,3 +128,36 @@ def test_table_spec_compare_mistakes_name_the_file(tmp_path, compare, expected):
         f"compare: {compare}\n"
     )
     assert one_line_exit(["table", str(spec), "--out", str(tmp_path / "out")]) == f"error: {spec}: {expected}"
+
+
+YAML_PROBLEMS = {  # file text -> the message after "<file>: " ({what}: the file's role)
+    "trainer:\n  max_epochs: 1\n   bad: [\n": "invalid YAML at line 3, column 7: mapping values are not allowed here",
+    "runs: !!python/object:argparse.Namespace {}\n":
+        "YAML tag !!python/object:argparse.Namespace at line 1, column 7 refused: a {what} holds plain data, not Python objects",
+    "- a\n- b\n": "a {what} must be a mapping at the top level, got a list",
+    None: "{what} not found",
+}
+
+
+@pytest.mark.parametrize("command, what", [("table", "table spec"), ("teachers", "teachers spec"), ("sweep", "sweep file")])
+@pytest.mark.parametrize("text", list(YAML_PROBLEMS), ids=["malformed", "python tag", "list", "missing"])
+def test_spec_yaml_problems_are_one_line_errors_naming_the_file(tmp_path, command, what, text):
+    spec = tmp_path / "spec.yaml"
+    if text is not None:
+        spec.write_text(text)
+    expected = YAML_PROBLEMS[text].format(what=what)
+    assert one_line_exit([command, str(spec), "--out", str(tmp_path / "out")]) == f"error: {spec}: {expected}"
+
+
+def test_yaml_problem_exits_without_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("a: !!python/object/apply:os.system [echo hacked]\n")
+    result = subprocess.run([sys.executable, "-m", "distill.cli", "table", str(spec), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=REPO)
+    assert result.returncode != 0 and "hacked" not in result.stdout
+    assert result.stderr.strip().splitlines() == [f"error: {spec}: YAML tag !!python/object/apply:os.system at line 1, "
+                                                  "column 4 refused: a table spec holds plain data, not Python objects"]
