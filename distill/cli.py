@@ -113,7 +113,7 @@ def add_surgical_data_commands(data_commands: argparse._SubParsersAction) -> Non
                          help="replace video folders finished with other settings (another fps, size or pattern)")
 
     def run_extract(args: argparse.Namespace) -> None:
-        from data_modules.surgical import extract_dataset_frames
+        from data_modules.surgical_layout import extract_dataset_frames
 
         done = extract_dataset_frames(args.root, args.out, args.dataset, fps=args.fps, size=tuple(args.size),
                                       frame_pattern=args.pattern, workers=args.workers,
@@ -305,7 +305,7 @@ def run_surgical_demo(out: Path, data_seed: int, seeds: int | None, verbose: boo
 
     import torch
 
-    from data_modules.surgical import extract_dataset_frames
+    from data_modules.surgical_layout import extract_dataset_frames
     from data_modules.synth_surgical import write_synthetic_surgical
     from distill.tables import run_table
 
