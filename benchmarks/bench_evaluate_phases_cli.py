@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_modules.phases import VIDEO_FPS, write_phase_file
+from distill.formats.phases import VIDEO_FPS, write_phase_file
 
 TARGET_S = 1.0
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from data_modules.surgical import SurgicalSSLDataModule, extract_dataset_frames
+from data_modules.surgical import SurgicalSSLDataModule
+from data_modules.surgical_layout import extract_dataset_frames
 from data_modules.synth_surgical import write_synthetic_surgical
 from distill.modules import MoCoDistillModule, MoCoModule
 

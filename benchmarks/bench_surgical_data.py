@@ -22,16 +22,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from data_modules.phases import read_phase_file
-from data_modules.surgical import (
-    PhaseFeatureDataModule,
-    SurgicalPhaseDataModule,
-    SurgicalSSLDataModule,
-    extract_dataset_frames,
-    phase_labels_at,
-    save_video_features,
-)
+from data_modules.surgical import PhaseFeatureDataModule, SurgicalPhaseDataModule, SurgicalSSLDataModule
+from data_modules.surgical_layout import extract_dataset_frames, phase_labels_at
 from data_modules.synth_surgical import write_synthetic_surgical
+from distill.formats.features import save_video_features
+from distill.formats.phases import read_phase_file
 
 SSL_TARGET_PAIRS_PER_S = 200.0
 

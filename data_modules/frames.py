@@ -31,21 +31,13 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_modules.phases import VIDEO_FPS
 from distill.errors import DataError
+from distill.formats.phases import frame_step, natural_sorted
 from distill.utils import write_text_atomic
 
 DEFAULT_FRAME_PATTERN = "{video}/{frame}.jpg"
 TECNO_FRAME_PATTERN = "{video}/{video}_{frame:06d}.png"
 COMPLETION_MARKER = ".complete.json"
-EXTRACTION_RATES = (1, 5, 25)  # frames per second that divide the 25 fps of the videos
-
-
-def frame_step(fps: int) -> int:
-    """Keep every ``frame_step(fps)``-th frame of a 25 fps video; ``fps`` must divide 25."""
-    if fps not in EXTRACTION_RATES:
-        raise DataError(f"fps={fps!r}: frame rate must be one of {EXTRACTION_RATES} (a divisor of {VIDEO_FPS})")
-    return VIDEO_FPS // fps
 
 
 @dataclass(frozen=True)
@@ -105,11 +97,6 @@ class FramePattern:
 def _file_names(folder: Path) -> list[str]:
     with os.scandir(folder) as entries:
         return [entry.name for entry in entries if entry.is_file()]
-
-
-def natural_sorted(names) -> list[str]:
-    """Sort names with their digit runs compared as numbers (``video9`` before ``video10``)."""
-    return sorted(names, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
 
 
 def crop_black_margin(frame: np.ndarray, threshold: int = 15, median_size: int = 19) -> np.ndarray:

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import re
 import threading
-import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,25 +33,23 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
-from nibabel.filebasedimages import ImageFileError
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.augment import SliceAugmentation
 from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
-from distill.metrics.segmentation import PROSTATE_SITES
+from distill.formats.nifti import NIFTI_READ_ERRORS
+from distill.formats.sites import PROSTATE_SITES, SITE_ALIASES
 from distill.types import ClosedUnitInterval, NonNegativeInt, PositiveInt
-from distill.utils import atomic_write, read_yaml
+from distill.utils import read_yaml
 
 SITES: tuple[str, ...] = PROSTATE_SITES
-SITE_ALIASES: dict[str, str] = {"ISBI": "RUNMC", "ISBI_1.5": "BMC"}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_METHODS: tuple[str, ...] = ("per_site", "leave_one_site_out", "case_list")
 MASK_SUFFIXES: tuple[str, ...] = ("_segmentation", "_Segmentation")
 _IMAGE_NAME = re.compile(r"^(Case(\d+))(\.nii(?:\.gz)?)$")
 _SITE_LOOKUP = {name.upper(): name for name in SITES} | {alias.upper(): site for alias, site in SITE_ALIASES.items()}
 _KNOWN_SITES = f"known sites: {', '.join(SITES)} (aliases: {', '.join(f'{a} = {s}' for a, s in SITE_ALIASES.items())})"
-_NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     try:
         nifti = nib.load(path)
         data = nifti.get_fdata(dtype=np.float32)
-    except _NIFTI_READ_ERRORS as err:
+    except NIFTI_READ_ERRORS as err:
         reason = " ".join(f"{type(err).__name__}: {err}".split())
         raise DataError(f"{path}: cannot read NIfTI ({reason})") from err
     if data.ndim == 4 and data.shape[3] == 1:
@@ -648,34 +645,3 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._volume_loader(self.hparams.predict_split)
-
-
-def save_mask_like(
-    mask: np.ndarray, reference_image_path: str | Path, out_path: str | Path, overwrite: bool = False
-) -> Path:
-    """Write a (S, H0, W0) mask as uint8 NIfTI aligned with ``reference_image_path``.
-
-    The array is transposed back to nibabel (X, Y, Z) and written with the reference's affine and
-    header, so viewers overlay it on the input volume. Refuses to replace an existing file
-    unless ``overwrite``.
-    """
-    reference_path, out_path = Path(reference_image_path), Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise DataError(f"{out_path}: already exists; pass overwrite=True to replace it")
-    try:
-        reference = nib.load(reference_path)
-    except _NIFTI_READ_ERRORS as err:
-        raise DataError(f"{reference_path}: cannot read NIfTI ({' '.join(str(err).split())})") from err
-    volume = np.ascontiguousarray(np.asarray(mask).transpose(1, 2, 0), dtype=np.uint8)
-    if volume.shape != tuple(reference.shape[:3]):
-        raise DataError(
-            f"{out_path}: mask of shape {np.shape(mask)} (S, H0, W0) does not fit "
-            f"{reference_path} of shape {reference.shape[:3]} (X, Y, Z)"
-        )
-    header = reference.header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_slope_inter(1, 0)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out_path) as temporary:  # a kill never leaves a truncated prediction
-        nib.save(nib.Nifti1Image(volume, reference.affine, header), temporary)
-    return out_path

@@ -32,8 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data_modules.phases import CHOLEC80_TOOLS, VIDEO_FPS, phase_names, write_phase_file
 from distill.errors import DataError
+from distill.formats.phases import CHOLEC80_TOOLS, VIDEO_FPS, phase_names, write_phase_file
 
 # Relative mean durations (Cholec80: long Calot triangle dissection and gallbladder dissection).
 PHASE_WEIGHTS = {

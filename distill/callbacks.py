@@ -72,7 +72,7 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.overwrite = overwrite
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module, prediction: dict, batch_indices, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        from data_modules.prostate import save_mask_like
+        from distill.formats.nifti import save_mask_like
 
         out = self.output_dir / prediction["site"] / f"{prediction['case']}_prediction.nii.gz"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ class PhaseFeatureWriter(BasePredictionWriter):
     """Writes what ``distill predict`` of a :class:`~distill.modules.phase.PhaseClassifierModule` gives.
 
     Per video: ``<output_dir>/features/<video>.npy`` (T, D) and ``<video>_frames.npy`` (T,) (the
-    :func:`~data_modules.surgical.save_video_features` format, read by ``PhaseFeatureDataModule``),
+    :func:`~distill.formats.features.save_video_features` format, read by ``PhaseFeatureDataModule``),
     and ``<output_dir>/predictions/<video>-pred.txt`` (``Frame<TAB>Phase``) at ``prediction_fps``
     (default: every predicted frame). Batches arrive in video and frame order (the predict
     loader does not shuffle); a video is written once complete, each file through a temporary
@@ -124,9 +124,9 @@ class PhaseFeatureWriter(BasePredictionWriter):
         import numpy as np
         import torch
 
-        from data_modules.frames import frame_step
-        from data_modules.surgical import save_video_features
         from distill.errors import DataError
+        from distill.formats.features import save_video_features
+        from distill.formats.phases import frame_step
         from distill.modules.phase import write_phase_file_atomic
 
         if self.current is None:

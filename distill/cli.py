@@ -8,9 +8,10 @@ are plain tools (argparse).
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 from pathlib import Path
+
+from distill.argparse_tools import ToolParser, one_line_errors
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRAINING_COMMANDS = (*LIGHTNING_SUBCOMMANDS, "table", "teachers", "demo")  # may log to W&B: offline without a key
@@ -23,16 +24,6 @@ DEMO_TABLES = {
 # write_synthetic_surgical and extract_dataset_frames options of the surgical demo (5 fps holds the 1 fps frames too)
 DEMO_SURGICAL_DATA = {"num_videos": 10, "size": (96, 120), "duration_s": (20.0, 40.0)}
 DEMO_SURGICAL_FRAMES = {"fps": 5, "size": (56, 56)}
-
-
-class ToolParser(argparse.ArgumentParser):
-    """argparse with whole option names only (``--size`` never matches ``--size-x``) and one-line errors."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
-
-    def error(self, message: str):
-        sys.exit(f"error: {self.prog}: {message} (see `{self.prog} --help`)")
 
 
 def number_type(kind: type, minimum: float, inclusive: bool = True):
@@ -113,7 +104,7 @@ def add_surgical_data_commands(data_commands: argparse._SubParsersAction) -> Non
                          help="replace video folders finished with other settings (another fps, size or pattern)")
 
     def run_extract(args: argparse.Namespace) -> None:
-        from data_modules.surgical import extract_dataset_frames
+        from data_modules.surgical_layout import extract_dataset_frames
 
         done = extract_dataset_frames(args.root, args.out, args.dataset, fps=args.fps, size=tuple(args.size),
                                       frame_pattern=args.pattern, workers=args.workers,
@@ -183,22 +174,8 @@ def add_export_commands(commands: argparse._SubParsersAction) -> None:
 
     export.set_defaults(func=run_export)
 
-    segment = commands.add_parser(
-        "segment-nifti", help="segment a NIfTI volume with an exported ONNX student (onnxruntime, no PyTorch)",
-        description="Preprocessing as the prostate DataModule's evaluation path, settings read from the model; "
-        "the mask is written on the input's grid and affine (see distill/infer_onnx.py).",
-    )
-
-    def run_segment(args: argparse.Namespace) -> None:
-        from distill.infer_onnx import segment_nifti
-
-        print(segment_nifti(args.model, args.image, args.out, args.batch_size))
-
-    segment.add_argument("model", help="ONNX student written by `distill export --format onnx`")
-    segment.add_argument("image", help="input volume (.nii or .nii.gz)")
-    segment.add_argument("out", help="mask to write (.nii.gz; must not exist)")
-    segment.add_argument("--batch-size", type=int, default=32, help="slice stacks per onnxruntime call")
-    segment.set_defaults(func=run_segment)
+    # Listed for `distill --help` only: main hands the command to distill.infer_onnx's own parser.
+    commands.add_parser("segment-nifti", help="segment a NIfTI volume with an exported ONNX student (onnxruntime, no PyTorch)")
 
 
 def add_sweep_command(commands: argparse._SubParsersAction) -> None:
@@ -305,7 +282,7 @@ def run_surgical_demo(out: Path, data_seed: int, seeds: int | None, verbose: boo
 
     import torch
 
-    from data_modules.surgical import extract_dataset_frames
+    from data_modules.surgical_layout import extract_dataset_frames
     from data_modules.synth_surgical import write_synthetic_surgical
     from distill.tables import run_table
 
@@ -365,25 +342,9 @@ def build_tool_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data_error_in_chain(err: BaseException):
-    """The :class:`DataError` behind ``err`` (jsonargparse wraps errors raised while instantiating)."""
-    from distill.errors import DataError
-
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, DataError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
-OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+    with one_line_errors():
         if argv and argv[0] in TRAINING_COMMANDS:
             from distill.wandb_logging import default_wandb_offline
 
@@ -393,19 +354,17 @@ def main(argv: list[str] | None = None) -> None:
 
             run_lightning_cli(argv)
             return
+        if argv and argv[0] == "segment-nifti":  # torch-free, with its own parser
+            from distill.infer_onnx import main as segment_nifti_main
+
+            segment_nifti_main(argv[1:], prog="distill segment-nifti")
+            return
         parser = build_tool_parser()
         args, unknown = parser.parse_known_args(argv)
         if unknown and args.command not in ("table", "teachers", "sweep"):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.lightning_overrides = unknown
         args.func(args)
-    except Exception as err:
-        data_error = _data_error_in_chain(err)
-        if data_error is not None:
-            sys.exit(f"error: {data_error}")
-        if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:  # full disk, read-only or forbidden folder
-            sys.exit(f"error: {err.filename or ''}: {err.strerror}".replace("error: : ", "error: "))
-        raise
 
 
 if __name__ == "__main__":

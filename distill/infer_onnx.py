@@ -26,7 +26,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from distill.argparse_tools import ToolParser, one_line_errors
 from distill.errors import DataError
+from distill.formats.nifti import write_mask_like
 
 METADATA_KEY = "distill.preprocessing"  # ONNX metadata key of the settings below, JSON
 
@@ -170,20 +172,6 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     return np.ascontiguousarray(data.transpose(2, 0, 1)), nifti
 
 
-def write_mask_like(mask: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path) -> Path:
-    """Write a (S, H0, W0) mask as uint8 (X, Y, Z) NIfTI with ``reference``'s affine and header; never overwrites."""
-    out_path = Path(out_path)
-    if out_path.exists():
-        raise DataError(f"{out_path}: already exists; refusing to overwrite")
-    header = reference.header.copy()
-    header.set_data_dtype(np.uint8)
-    header.set_slope_inter(1, 0)
-    volume = np.ascontiguousarray(mask.transpose(1, 2, 0), dtype=np.uint8)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(volume, reference.affine, header), out_path)
-    return out_path
-
-
 def segment_nifti(model_path: str | Path, image_path: str | Path, out_path: str | Path, batch_size: int = 32) -> Path:
     """Segment ``image_path`` with the ONNX student ``model_path``; the mask goes to ``out_path``
     (which must not exist) on the input's grid and affine."""
@@ -194,13 +182,26 @@ def segment_nifti(model_path: str | Path, image_path: str | Path, out_path: str 
     return write_mask_like(segmenter.predict(image), nifti, out_path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m distill.infer_onnx MODEL IN OUT``: the ``distill segment-nifti`` command."""
-    import sys
+def build_parser(prog: str) -> ToolParser:
+    """Arguments of ``MODEL IN OUT [--batch-size N]``."""
+    parser = ToolParser(
+        prog=prog,
+        description="Segment a NIfTI volume with an exported ONNX student (onnxruntime, no PyTorch). Preprocessing as "
+        "the prostate DataModule's evaluation path, settings read from the model; the mask is written on the input's "
+        "grid and affine (see distill/infer_onnx.py).",
+    )
+    parser.add_argument("model", help="ONNX student written by `distill export --format onnx`")
+    parser.add_argument("image", help="input volume (.nii or .nii.gz)")
+    parser.add_argument("out", help="mask to write (.nii.gz; must not exist)")
+    parser.add_argument("--batch-size", type=int, default=32, help="slice stacks per onnxruntime call")
+    return parser
 
-    from distill.cli import main as cli_main
 
-    cli_main(["segment-nifti", *(sys.argv[1:] if argv is None else argv)])
+def main(argv: list[str] | None = None, prog: str = "python -m distill.infer_onnx") -> None:
+    """``python -m distill.infer_onnx MODEL IN OUT``, also run as ``distill segment-nifti``; prints the mask's path."""
+    args = build_parser(prog).parse_args(argv)
+    with one_line_errors():
+        print(segment_nifti(args.model, args.image, args.out, args.batch_size))
 
 
 if __name__ == "__main__":

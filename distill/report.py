@@ -163,8 +163,7 @@ def save_phase_ribbons(results: list[RunResult], out_dir: Path, num_videos: int 
     ``phase_predictions/test/<video>-pred.txt`` (first seed; the first ``num_videos`` test videos)."""
     import numpy as np
 
-    from data_modules.phases import VIDEO_FPS, phase_names, read_phase_file
-    from data_modules.surgical import phase_annotation_files
+    from distill.formats.phases import VIDEO_FPS, phase_annotation_files, phase_names, read_phase_file
     from distill.plotting import phase_ribbons, save_figure
 
     first_seed = min((r.seed for r in results), default=0)

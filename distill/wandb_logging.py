@@ -93,7 +93,7 @@ class WandbResultPlots(Callback):
             figures["test/dice_per_site"] = site_dice_bars({pl_module.__class__.__name__: sites})
         videos = getattr(pl_module, "videos", None)
         if isinstance(videos, dict) and videos:
-            from data_modules.phases import phase_names
+            from distill.formats.phases import phase_names
 
             names = phase_names(pl_module.hparams.get("dataset", "cholec80"))
             for video, (_, truth, prediction) in sorted(videos.items())[: self.max_videos]:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from data_modules.prostate import ProstateDataModule
-from data_modules.surgical import SurgicalPhaseDataModule, extract_dataset_frames
+from data_modules.surgical import SurgicalPhaseDataModule
+from data_modules.surgical_layout import extract_dataset_frames
 from data_modules.synth_surgical import write_synthetic_surgical
 from distill.cli import main
 from distill.errors import DataError

@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from data_modules.phases import read_phase_file, write_phase_file
 from distill.cli import main
 from distill.errors import DataError
+from distill.formats.phases import read_phase_file, write_phase_file
 from distill.metrics import evaluate_phase_dirs, evaluate_phases, evaluate_video, relaxed_correct
 
 T, F = True, False

@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_modules.prostate import (
-    SITES,
-    ProstateCase,
-    ProstateDataModule,
-    discover_cases,
-    save_mask_like,
-    split_cases,
-)
+from data_modules.prostate import SITES, ProstateCase, ProstateDataModule, discover_cases, split_cases
 from data_modules.synth_prostate import write_synthetic_prostate
 from distill.errors import DataError
+from distill.formats.nifti import save_mask_like
 
 
 def module(root, **kwargs) -> ProstateDataModule:

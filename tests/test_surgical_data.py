@@ -19,31 +19,25 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from data_modules.frames import COMPLETION_MARKER, TECNO_FRAME_PATTERN, FramePattern, crop_black_margin
-from data_modules.phases import CHOLEC80_TOOLS, read_phase_file, write_phase_file
-from data_modules.surgical import (
+from data_modules.surgical import PhaseFeatureDataModule, SurgicalPhaseDataModule, SurgicalSSLDataModule
+from data_modules.surgical_layout import extract_dataset_frames, first_videos, phase_labels_at, read_tool_file, split_videos
+from data_modules.synth_surgical import write_synthetic_surgical
+from data_modules.video_transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     OpenCVColorJitter,
     OpenCVGaussianBlur,
     OpenCVRandomResizedCrop,
-    PhaseFeatureDataModule,
-    SurgicalPhaseDataModule,
-    SurgicalSSLDataModule,
     adjust_brightness_opencv,
     adjust_contrast_opencv,
     adjust_hue_opencv,
     adjust_saturation_opencv,
-    extract_dataset_frames,
-    first_videos,
-    phase_labels_at,
     read_frame,
-    read_tool_file,
-    save_video_features,
-    split_videos,
 )
-from data_modules.synth_surgical import write_synthetic_surgical
 from distill.cli import main
 from distill.errors import DataError
+from distill.formats.features import save_video_features
+from distill.formats.phases import CHOLEC80_TOOLS, read_phase_file, write_phase_file
 
 SIZE = (64, 80)  # (H, W) of the synthetic videos
 NUM_CHOLEC80 = 6

@@ -16,17 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from data_modules.phases import read_phase_file
-from data_modules.surgical import (
-    PhaseFeatureDataModule,
-    SurgicalPhaseDataModule,
-    SurgicalSSLDataModule,
-    extract_dataset_frames,
-    load_video_features,
-)
+from data_modules.surgical import PhaseFeatureDataModule, SurgicalPhaseDataModule, SurgicalSSLDataModule
+from data_modules.surgical_layout import extract_dataset_frames
 from data_modules.synth_surgical import write_synthetic_surgical
 from distill.callbacks import PhaseFeatureWriter
 from distill.errors import DataError
+from distill.formats.features import load_video_features
+from distill.formats.phases import read_phase_file
 from distill.lightning_cli import DistillCLI
 from distill.metrics.phase import evaluate_phases
 from distill.modules import MoCoDistillModule, MoCoModule, PhaseClassifierModule, TCNPhaseModule

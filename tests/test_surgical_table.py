@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from data_modules.phases import read_phase_file
-from data_modules.surgical import extract_dataset_frames, split_videos
+from data_modules.surgical_layout import extract_dataset_frames, split_videos
 from data_modules.synth_surgical import write_synthetic_surgical
+from distill.formats.phases import read_phase_file
 from distill.runs import slug
 from distill.tables import run_table
 

@@ -24,7 +24,7 @@ segment. ``"published"`` reproduces the MATLAB indexing slip
 whenever frame ``L-t+i`` matches the end rule, and the last ``t`` frames get no end rule; use it
 to compare with published numbers.
 
-Labels are 0-based phase indices everywhere (as :func:`data_modules.phases.read_phase_file`
+Labels are 0-based phase indices everywhere (as :func:`distill.formats.phases.read_phase_file`
 returns them); ``diff`` does not depend on the offset.
 """
 
@@ -39,8 +39,8 @@ from typing import Literal
 
 import numpy as np
 
-from data_modules.phases import VIDEO_FPS, phase_names, read_phase_file
 from distill.errors import DataError
+from distill.formats.phases import VIDEO_FPS, phase_names, read_phase_file
 
 Mode = Literal["corrected", "published"]
 MODES: tuple[str, ...] = ("corrected", "published")

@@ -10,9 +10,6 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from torchmetrics import Metric
 
-#: The six sites of the multi-site prostate T2 MRI release, in their usual order.
-PROSTATE_SITES: tuple[str, ...] = ("RUNMC", "BMC", "I2CVB", "UCL", "BIDMC", "HK")
-
 
 def volume_dice_hd95(pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float]) -> tuple[float, float]:
     """3D Dice and 95th-percentile Hausdorff distance of one binary volume (MONAI).

@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from data_modules.phases import VIDEO_FPS, write_phase_file
 from distill.errors import DataError
+from distill.formats.phases import VIDEO_FPS, write_phase_file
 from distill.losses.temporal import phase_segmentation_loss
 from distill.metrics.phase import evaluate_phases
 from distill.models.backbones import FrameClassifier, build_frame_classifier
@@ -168,7 +168,7 @@ class PhaseClassifierModule(DistillModuleBase):
 
 
 def write_phase_file_atomic(path: Path, frames: np.ndarray, labels: np.ndarray, dataset: str) -> None:
-    """:func:`~data_modules.phases.write_phase_file` through a temporary file and a rename."""
+    """:func:`~distill.formats.phases.write_phase_file` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     write_phase_file(tmp, frames, labels, dataset)
     os.replace(tmp, path)

@@ -21,9 +21,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from distill.errors import DataError
+from distill.formats.sites import PROSTATE_SITES
 from distill.losses import AttentionTransferLoss, DiceLoss, FeatureMSELoss, LovaszLoss
 from distill.losses.multi_teacher import combine_soft_targets, soft_target_kl, teacher_weights
-from distill.metrics.segmentation import PROSTATE_SITES, PerGroupVolumeMetrics, volume_dice_hd95
+from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_dice_hd95
 from distill.models import FeatureTaps, build_segmentation_network
 from distill.modules.base import DistillModuleBase
 from distill.modules.teacher_cache import attach_teacher_cache

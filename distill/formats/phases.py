@@ -1,12 +1,21 @@
-"""Surgical phase vocabularies and the ``Frame<TAB>Phase`` annotation format.
+"""Surgical phase vocabularies, the ``Frame<TAB>Phase`` annotation format and where the datasets keep it.
 
 Cholec80 phase files have a header ``Frame\tPhase`` and one ``<frame>\t<PhaseName>`` line per
 frame at 25 fps; M2CAI16 workflow files use the same two columns with 8 phases. Prediction
 files use the same format at any frame rate (the frame numbers say which frames are covered).
+
+A frame is named by its **25 fps frame index** whatever rate it was sampled at (frame ``125`` is
+the frame at 5 s in every frame folder, label file and feature file); a rate of ``fps`` keeps the
+indices divisible by :func:`frame_step`.
+
+Phase files as released: ``<root>/phase_annotations/videoXX-phase.txt`` (Cholec80), and
+``[test_]workflow_video_XX.txt`` anywhere under the root (M2CAI16, next to its video, so the
+flat layouts of some mirrors work too).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +35,20 @@ M2CAI16_PHASES: tuple[str, ...] = ("TrocarPlacement",) + CHOLEC80_PHASES
 PHASES: dict[str, tuple[str, ...]] = {"cholec80": CHOLEC80_PHASES, "m2cai16": M2CAI16_PHASES}
 CHOLEC80_TOOLS: tuple[str, ...] = ("Grasper", "Bipolar", "Hook", "Scissors", "Clipper", "Irrigator", "SpecimenBag")
 VIDEO_FPS = 25
+EXTRACTION_RATES = (1, 5, 25)  # frames per second that divide the 25 fps of the videos
+M2CAI16_NAME = re.compile(r"(test_)?workflow_video_\d+")
+
+
+def frame_step(fps: int) -> int:
+    """Keep every ``frame_step(fps)``-th frame of a 25 fps video; ``fps`` must divide 25."""
+    if fps not in EXTRACTION_RATES:
+        raise DataError(f"fps={fps!r}: frame rate must be one of {EXTRACTION_RATES} (a divisor of {VIDEO_FPS})")
+    return VIDEO_FPS // fps
+
+
+def natural_sorted(names) -> list[str]:
+    """Sort names with their digit runs compared as numbers (``video9`` before ``video10``)."""
+    return sorted(names, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
 
 
 def phase_names(dataset: str) -> tuple[str, ...]:
@@ -34,6 +57,27 @@ def phase_names(dataset: str) -> tuple[str, ...]:
         return PHASES[dataset.lower()]
     except KeyError:
         raise DataError(f"unknown dataset {dataset!r}; expected one of {sorted(PHASES)}") from None
+
+
+def check_dataset(dataset: str) -> str:
+    """``dataset`` lower-cased; DataError unless it is 'cholec80' or 'm2cai16'."""
+    phase_names(dataset)
+    return dataset.lower()
+
+
+def phase_annotation_files(root: str | Path, dataset: str) -> dict[str, Path]:
+    """``{video name: phase annotation path}`` of every annotated video under ``root``, sorted."""
+    root = Path(root)
+    dataset = check_dataset(dataset)
+    if dataset == "cholec80":
+        paths = {p.name.removesuffix("-phase.txt"): p for p in root.glob("phase_annotations/*-phase.txt")}
+        expected = "phase_annotations/videoXX-phase.txt"
+    else:
+        paths = {p.stem: p for p in root.rglob("*workflow_video_*.txt") if M2CAI16_NAME.fullmatch(p.stem)}
+        expected = "[test_]workflow_video_XX.txt"
+    if not paths:
+        raise DataError(f"{root}: no {dataset} phase annotations found (expected {expected})")
+    return {name: paths[name] for name in natural_sorted(paths)}
 
 
 def read_phase_file(path: str | Path, dataset: str = "cholec80") -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,56 @@
+"""Masks written as NIfTI on a reference volume's grid: what ``distill predict`` and ``distill segment-nifti`` write.
+
+Arrays are slices first, (S, H0, W0) = nibabel's (Z, X, Y); a mask is transposed back to
+(X, Y, Z) and written as uint8 with the reference's affine and header, so viewers overlay it on
+the input volume.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from distill.errors import DataError
+from distill.utils import atomic_write
+
+NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)  # what nibabel raises on a bad file
+
+
+def write_mask_like(mask: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path, overwrite: bool = False) -> Path:
+    """Write a (S, H0, W0) mask as uint8 (X, Y, Z) NIfTI with ``reference``'s affine and header.
+
+    Written atomically (a kill never leaves a truncated file); refuses to replace an existing
+    file unless ``overwrite``.
+    """
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise DataError(f"{out_path}: already exists; pass overwrite=True to replace it")
+    volume = np.ascontiguousarray(np.asarray(mask).transpose(1, 2, 0), dtype=np.uint8)
+    if volume.shape != tuple(reference.shape[:3]):
+        raise DataError(
+            f"{out_path}: mask of shape {np.shape(mask)} (S, H0, W0) does not fit "
+            f"{reference.get_filename() or 'the reference'} of shape {reference.shape[:3]} (X, Y, Z)"
+        )
+    header = reference.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1, 0)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_path) as temporary:
+        nib.save(nib.Nifti1Image(volume, reference.affine, header), temporary)
+    return out_path
+
+
+def save_mask_like(mask: np.ndarray, reference_image_path: str | Path, out_path: str | Path, overwrite: bool = False) -> Path:
+    """:func:`write_mask_like` on the grid of the NIfTI file ``reference_image_path``."""
+    reference_path, out_path = Path(reference_image_path), Path(out_path)
+    if out_path.exists() and not overwrite:  # before reading the reference
+        raise DataError(f"{out_path}: already exists; pass overwrite=True to replace it")
+    try:
+        reference = nib.load(reference_path)
+    except NIFTI_READ_ERRORS as err:
+        raise DataError(f"{reference_path}: cannot read NIfTI ({' '.join(str(err).split())})") from err
+    return write_mask_like(mask, reference, out_path, overwrite)
