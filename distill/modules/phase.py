@@ -32,22 +32,9 @@ from distill.metrics.phase import evaluate_phases
 from distill.models.backbones import FrameClassifier, build_frame_classifier
 from distill.models.temporal import MultiStageTCN, SingleStageTCN
 from distill.modules.base import DistillModuleBase
-from distill.modules.checkpoints import load_network, register_network_family
+from distill.modules.checkpoints import load_network
 from distill.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from distill.utils import unique_path
-
-
-def _build_phase_classifier_family(hparams: Mapping, overrides: Mapping) -> nn.Module:
-    """The frame classifier of a :class:`PhaseClassifierModule` checkpoint (``backbone``,
-    ``backbone_source``, ``num_classes``); its weights come from the checkpoint, not a teacher."""
-    options = {**hparams, **overrides}
-    if "backbone" not in options:
-        raise DataError("checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a phase classifier's checkpoint")
-    return build_frame_classifier(options["backbone"], int(options.get("num_classes", 7)),
-                                  source=options.get("backbone_source", "timm"))
-
-
-register_network_family("phase_classifier", _build_phase_classifier_family, prefix="")
 
 
 class PhaseClassifierModule(DistillModuleBase):

@@ -34,57 +34,24 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import DataError
 from distill.losses.contrastive import contrastive_logits, info_nce_loss, similarity_distillation_loss
-from distill.models.backbones import build_backbone, feature_dim
+from distill.models.backbones import feature_dim
 from distill.models.ssl import (
     MemoryQueue,
-    ProjectionHead,
+    MoCoEncoder,
     batch_shuffle_ddp,
     batch_unshuffle_ddp,
+    build_moco_encoder,
     cosine_momentum,
     update_momentum,
 )
 from distill.modules.base import DistillModuleBase
-from distill.modules.checkpoints import load_state, register_network_family
+from distill.modules.checkpoints import load_state
 from distill.modules.teachers import FrozenTeachers, TeacherRecord
 from distill.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 BackboneWeights = str | None  # None (random init), "public", or a weights file
 
-
-class MoCoEncoder(nn.Module):
-    """Backbone + projection head: (B, 3, H, W) -> (B, proj_dim) unit-norm embeddings.
-
-    ``features(x)`` gives the (B, D) pooled backbone features (linear probe, downstream tasks).
-    """
-
-    def __init__(self, backbone: nn.Module, head: ProjectionHead) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, D) backbone features -> (B, proj_dim) unit-norm projections."""
-        return F.normalize(self.head(features), dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.backbone(x))
-
-
-def build_moco_encoder(backbone: str, backbone_source: str, proj_hidden_dim: int, proj_dim: int,
-                       weights: BackboneWeights = None) -> MoCoEncoder:
-    net = build_backbone(backbone, weights=weights, source=backbone_source)
-    return MoCoEncoder(net, ProjectionHead(feature_dim(net), proj_hidden_dim, proj_dim))
-
-
-def _build_moco_family(hparams: Mapping, overrides: Mapping) -> nn.Module:
-    """The query encoder of a MoCo checkpoint (``backbone``, ``backbone_source``, ``proj_*`` options)."""
-    options = {**hparams, **overrides}
-    if "backbone" not in options:
-        raise DataError("checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a MoCo run's checkpoint")
-    return build_moco_encoder(options["backbone"], options.get("backbone_source", "timm"),
-                              int(options.get("proj_hidden_dim", 2048)), int(options.get("proj_dim", 128)))
-
-
-register_network_family("moco", _build_moco_family, prefix="encoder_q.")
+__all__ = ["MoCoDistillModule", "MoCoEncoder", "MoCoModule"]
 
 
 class MoCoModule(DistillModuleBase):
