@@ -99,6 +99,8 @@ def choose_loss(config: LossConfig, registry: Mapping[str, LossEntry], where: st
     """
     options = dict(config) if isinstance(config, Mapping) else {"name": config}
     name = options.pop("name", None)
+    if name is None:
+        raise DataError(f"{where}: give the loss's name; known: {', '.join(sorted(registry))}")
     if name not in registry:
         raise DataError(f"{where}: unknown loss {name!r}; known: {', '.join(sorted(registry))}")
     entry = registry[name]
