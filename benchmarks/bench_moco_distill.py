@@ -95,7 +95,7 @@ def main() -> None:
                    teacher_path)
         moco = MoCoModule(**options)
         distill = MoCoDistillModule(teacher_checkpoint=str(teacher_path), **options)
-        distill.prepare_teacher()
+        distill.prepare_distillation()
         moco_rate, moco_peak = train_rate(moco, batches, device)
         distill_rate, distill_peak = train_rate(distill, batches, device)
 

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from distill.errors import DataError
 from distill.losses import (
+    FEATURE_LOSSES,
+    LOGIT_LOSSES,
     AttentionTransferLoss,
     ChannelWiseKDLoss,
     DiceLoss,
@@ -19,13 +21,16 @@ from distill.losses import (
     attention_transfer_loss,
     channel_wise_divergence,
     check_loss_weights,
+    choose_loss,
     lovasz_grad,
     lovasz_hinge,
     lovasz_softmax,
     pixel_kl_divergence,
     region_affinity_loss,
+    soft_target_kl,
     weighted_sum,
 )
+from distill.losses.registry import build_feature_loss, logit_loss
 
 LN3 = math.log(3.0)
 
@@ -410,3 +415,53 @@ def test_weighted_sum_and_check_name_unknown_terms():
     with pytest.raises(DataError, match=message):
         check_loss_weights({"dice": 1.0, "lovaz": 1.0}, ["dice", "lovasz"], "SegKD")
     check_loss_weights({"dice": 1.0}, ["dice", "lovasz"], "SegKD")
+
+
+# --- losses chosen by name -----------------------------------------------------------------------
+
+FEATURE_CONFIGS = {"attention": "attention", "mse": {"name": "mse"}, "channel_wise": {"name": "channel_wise", "temperature": 2},
+                   "region_affinity": "region_affinity"}
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_LOSSES))
+def test_every_feature_loss_builds_from_config_and_trains(name):
+    choice = choose_loss(FEATURE_CONFIGS[name], FEATURE_LOSSES, "feature_loss")
+    loss_fn = build_feature_loss(choice, [2], [3])
+    student = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    params = [student, *loss_fn.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    loss = loss_fn([student], [torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(8))], LABELS)
+    loss.backward()
+    optimizer.step()
+    assert loss.shape == () and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(LOGIT_LOSSES))
+def test_every_logit_loss_builds_from_config_and_trains(name):
+    choice = choose_loss({"name": name}, LOGIT_LOSSES, "logit_loss")
+    student = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    teachers = torch.stack([TEACHER, TEACHER.flip(1)])
+    weights = torch.full((2, 2, 4, 4), 0.5)
+    logit_loss(choice, student, teachers, weights, 2.0).backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    # one teacher of weight 1: the single-teacher loss
+    single = logit_loss(choice, student, TEACHER[None], torch.ones(1, 2, 4, 4), 2.0)
+    reference = pixel_kl_divergence if name == "kd" else channel_wise_divergence
+    assert single.item() == pytest.approx(reference(student, TEACHER, 2.0).item(), rel=1e-5)
+
+
+def test_loss_config_errors_are_one_line():
+    with pytest.raises(DataError, match=r"^feature_loss: unknown loss 'atention'; known: attention, channel_wise, mse, region_affinity$"):
+        choose_loss("atention", FEATURE_LOSSES, "feature_loss")
+    with pytest.raises(DataError, match=r"^logit_loss: give the loss's name; known: channel_wise, kd$"):
+        choose_loss({"temperature": 2}, LOGIT_LOSSES, "logit_loss")
+    with pytest.raises(DataError, match=r"^feature_loss: loss 'mse' has no option 'p'; its options: none$"):
+        choose_loss({"name": "mse", "p": 2}, FEATURE_LOSSES, "feature_loss")
+    with pytest.raises(DataError, match=r"^feature_loss.temperature must be a number > 0, got -1$"):
+        choose_loss({"name": "channel_wise", "temperature": -1}, FEATURE_LOSSES, "feature_loss")
+    assert choose_loss("attention", FEATURE_LOSSES, "feature_loss").options == {"p": 2.0}
+
+
+def test_shape_errors_are_data_errors_in_every_loss_file():
+    with pytest.raises(DataError, match="soft_target_kl: student logits"):
+        soft_target_kl(torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 3, 3))

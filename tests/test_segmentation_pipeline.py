@@ -98,6 +98,28 @@ def distill_module(teacher_file: Path, **kwargs) -> SegDistillModule:
     return module
 
 
+@pytest.mark.parametrize("feature_loss, logit_loss", [
+    ("attention", "kd"), ({"name": "attention", "p": 4}, {"name": "channel_wise"}), ({"name": "mse"}, "kd"),
+    ({"name": "channel_wise", "temperature": 2}, "kd"), ({"name": "region_affinity"}, "kd"),
+])
+def test_distillation_losses_chosen_by_name_train_a_step(teacher_file, feature_loss, logit_loss):
+    module = distill_module(teacher_file, feature_loss=feature_loss, logit_loss=logit_loss)
+    module.train()
+    optimizer = module.optimizer_factory(module.parameter_groups())
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(2, 3, 32, 32, generator=generator), "label": torch.randint(0, 2, (2, 32, 32), generator=generator)}
+    terms = module.loss_terms(batch, module.training_outputs(batch))
+    assert set(terms) == {"dice", "lovasz", "kd", "feature"} and all(torch.isfinite(t) for t in terms.values())
+    sum(terms.values()).backward()
+    optimizer.step()
+
+
+def test_unknown_distillation_loss_is_a_one_line_error(teacher_file):
+    with pytest.raises(DataError, match=r"^feature_loss: unknown loss 'cosine'; known: attention, channel_wise, mse, region_affinity$"):
+        SegDistillModule(teacher_checkpoint=str(teacher_file), feature_loss="cosine",
+                         feature_pairs=[{"student": "down_2", "teacher": "down_2"}])
+
+
 def test_teacher_is_frozen_in_eval_mode_and_left_out_of_checkpoints(teacher_file):
     module = distill_module(teacher_file, feature_loss="mse")
     module.train()

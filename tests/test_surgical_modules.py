@@ -143,7 +143,7 @@ def test_distillation_fits_with_a_frozen_teacher_kept_out_of_checkpoints(cholec,
 def test_distillation_loss_matches_a_hand_computation(teacher_ckpt):
     torch.manual_seed(2)
     model = MoCoDistillModule(teacher_checkpoint=str(teacher_ckpt), **TINY)
-    model.prepare_teacher()
+    model.prepare_distillation()
     tau = model.hparams.temperature
     for step in range(5):  # the queues fill at 4 rows per step and wrap after 4 steps
         batch = views(step)
@@ -169,7 +169,7 @@ def test_distillation_loss_matches_a_hand_computation(teacher_ckpt):
 def test_teacher_and_student_queues_hold_the_same_samples_in_the_same_rows(teacher_ckpt):
     torch.manual_seed(3)
     model = MoCoDistillModule(teacher_checkpoint=str(teacher_ckpt), **TINY)
-    model.prepare_teacher()
+    model.prepare_distillation()
     student_keys, teacher_keys = [], []
     for step in range(5):  # 20 keys into 16 rows: the fifth batch wraps onto rows 0-3
         batch = views(10 + step)
@@ -204,7 +204,7 @@ def _ddp_worker(rank: int, port: int, state_path: str, teacher: str, out: str) -
     try:
         model = MoCoDistillModule(teacher_checkpoint=teacher, **{**TINY, "backbone": "test_efficientnet_gn"})
         model.load_state_dict(torch.load(state_path, weights_only=True))
-        model.prepare_teacher()
+        model.prepare_distillation()
         for step in range(2):
             batch = views(20 + step, batch=4)
             half = {"views": [v[2 * rank:2 * rank + 2] for v in batch["views"]], "label": batch["label"][2 * rank:2 * rank + 2]}
@@ -227,7 +227,7 @@ def test_two_process_ddp_step_gathers_queues_and_matches_one_process(teacher_ckp
     state_path, out = tmp_path / "state.pt", tmp_path / "ddp.pt"
     torch.save(model.state_dict(), state_path)
     mp.spawn(_ddp_worker, args=(_free_port(), str(state_path), str(teacher_ckpt), str(out)), nprocs=2)
-    model.prepare_teacher()
+    model.prepare_distillation()
     for step in range(2):
         terms = _one_distill_step(model, views(20 + step, batch=4))
     result = torch.load(out, weights_only=True)
@@ -317,7 +317,7 @@ def assert_one_line(error: pytest.ExceptionInfo, *names: str) -> None:
 def test_teacher_with_another_projection_dim_or_queue_size_is_refused(teacher_ckpt, change, key):
     model = MoCoDistillModule(teacher_checkpoint=str(teacher_ckpt), **{**TINY, **change})
     with pytest.raises(DataError) as error:
-        model.prepare_teacher()
+        model.prepare_distillation()
     assert_one_line(error, str(teacher_ckpt), key)
 
 

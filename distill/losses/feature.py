@@ -1,7 +1,8 @@
 """Feature-based distillation on intermediate feature maps.
 
 Each module takes lists of student and teacher feature maps (one pair per distilled layer,
-e.g. captured with forward hooks) and returns the mean loss over the pairs.
+e.g. captured with forward hooks) and the batch's labels (only region affinity reads them),
+and returns the mean loss over the pairs: ``loss(student_feats, teacher_feats, labels)``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import DataError
+from distill.losses.kd import channel_wise_divergence
 
 __all__ = [
+    "AdaptedFeatureLoss",
     "AttentionTransferLoss",
+    "ChannelWiseFeatureLoss",
     "FeatureMSELoss",
     "RegionAffinityLoss",
     "attention_map",
@@ -81,16 +85,16 @@ class AttentionTransferLoss(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
-        """Lists of (B, Cs_i, Hs_i, Ws_i) and (B, Ct_i, Ht_i, Wt_i) features -> scalar."""
+    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        """Lists of (B, Cs_i, Hs_i, Ws_i) and (B, Ct_i, Ht_i, Wt_i) features -> scalar (labels unused)."""
         _check_pair_count(student_feats, teacher_feats, "AttentionTransferLoss")
         pairs = zip(student_feats, teacher_feats)
         losses = [attention_transfer_loss(s, t, self.p) for s, t in pairs]
         return sum(losses) / len(losses)
 
 
-class FeatureMSELoss(nn.Module):
-    """MSE between teacher features and 1x1-conv-adapted student features (FitNets style).
+class AdaptedFeatureLoss(nn.Module):
+    """A distance between teacher features and 1x1-conv-adapted student features (FitNets style).
 
     One trainable 1x1 convolution per pair maps the student's channels to the teacher's; it
     is optimised together with the student. Adapted student features are bilinearly resized
@@ -99,13 +103,16 @@ class FeatureMSELoss(nn.Module):
     Args:
         student_channels: channels of each student feature map.
         teacher_channels: channels of the matching teacher feature maps.
+
+    Subclasses give the :meth:`distance` of one pair.
     """
 
     def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int]) -> None:
         super().__init__()
+        owner = type(self).__name__
         if len(student_channels) != len(teacher_channels) or not student_channels:
             raise DataError(
-                f"FeatureMSELoss: student_channels {list(student_channels)} and teacher_channels "
+                f"{owner}: student_channels {list(student_channels)} and teacher_channels "
                 f"{list(teacher_channels)} need the same length, at least one"
             )
         self.student_channels = list(student_channels)
@@ -114,12 +121,17 @@ class FeatureMSELoss(nn.Module):
             nn.Conv2d(s, t, kernel_size=1) for s, t in zip(student_channels, teacher_channels)
         )
 
-    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
-        """Lists of (B, Cs_i, Hs_i, Ws_i) and (B, Ct_i, Ht_i, Wt_i) features -> scalar."""
-        _check_pair_count(student_feats, teacher_feats, "FeatureMSELoss")
+    def distance(self, adapted: Tensor, teacher: Tensor) -> Tensor:
+        """(B, Ct, Ht, Wt) adapted student and teacher features -> scalar."""
+        raise NotImplementedError
+
+    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        """Lists of (B, Cs_i, Hs_i, Ws_i) and (B, Ct_i, Ht_i, Wt_i) features -> scalar (labels unused)."""
+        owner = type(self).__name__
+        _check_pair_count(student_feats, teacher_feats, owner)
         if len(student_feats) != len(self.adapters):
             raise DataError(
-                f"FeatureMSELoss: got {len(student_feats)} feature pairs but was built for "
+                f"{owner}: got {len(student_feats)} feature pairs but was built for "
                 f"{len(self.adapters)} (student_channels={self.student_channels})"
             )
         losses = []
@@ -127,7 +139,7 @@ class FeatureMSELoss(nn.Module):
         for index, (adapter, student, teacher) in enumerate(pairs):
             if student.shape[1] != adapter.in_channels or teacher.shape[1] != adapter.out_channels:
                 raise DataError(
-                    f"FeatureMSELoss: pair {index} has {student.shape[1]} student and "
+                    f"{owner}: pair {index} has {student.shape[1]} student and "
                     f"{teacher.shape[1]} teacher channels, expected {adapter.in_channels} and "
                     f"{adapter.out_channels}"
                 )
@@ -136,8 +148,38 @@ class FeatureMSELoss(nn.Module):
                 adapted = F.interpolate(
                     adapted, size=teacher.shape[-2:], mode="bilinear", align_corners=False
                 )
-            losses.append(F.mse_loss(adapted, teacher))
+            losses.append(self.distance(adapted, teacher))
         return sum(losses) / len(losses)
+
+
+class FeatureMSELoss(AdaptedFeatureLoss):
+    """MSE between teacher features and 1x1-conv-adapted student features (FitNets style).
+
+    Args:
+        student_channels: channels of each student feature map.
+        teacher_channels: channels of the matching teacher feature maps.
+    """
+
+    def distance(self, adapted: Tensor, teacher: Tensor) -> Tensor:
+        return F.mse_loss(adapted, teacher)
+
+
+class ChannelWiseFeatureLoss(AdaptedFeatureLoss):
+    """Channel-wise distillation (Shu et al., ICCV 2021) of 1x1-conv-adapted student features:
+    :func:`~distill.losses.kd.channel_wise_divergence` per pair, as the paper aligns channels.
+
+    Args:
+        student_channels: channels of each student feature map.
+        teacher_channels: channels of the matching teacher feature maps.
+        temperature: softening temperature T of the per-channel spatial distributions.
+    """
+
+    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int], temperature: float = 4.0) -> None:
+        super().__init__(student_channels, teacher_channels)
+        self.temperature = temperature
+
+    def distance(self, adapted: Tensor, teacher: Tensor) -> Tensor:
+        return channel_wise_divergence(adapted, teacher, self.temperature)
 
 
 def _region_affinity(features: Tensor, labels: Tensor) -> Tensor:

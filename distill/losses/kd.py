@@ -1,5 +1,6 @@
-"""Logit distillation: one temperature-scaled soft KL, used by pixel-wise Hinton KD and
-channel-wise distillation here and by the similarity-distribution KL of self-supervised
+"""Logit distillation: one temperature-scaled soft KL (:func:`soft_target_kl`), used by
+pixel-wise Hinton KD and channel-wise distillation here, by the multi-teacher mixture target
+(``distill.losses.multi_teacher``) and by the similarity-distribution KL of self-supervised
 distillation (``distill.losses.contrastive``).
 
 Teacher logits are the target distribution; pass them detached (or computed under
@@ -21,6 +22,7 @@ __all__ = [
     "channel_wise_divergence",
     "pixel_kl_divergence",
     "soft_kl_divergence",
+    "soft_target_kl",
 ]
 
 
@@ -35,6 +37,35 @@ def _check_pair(student: Tensor, teacher: Tensor, temperature: float, owner: str
         raise DataError(f"{owner}: temperature must be > 0, got {temperature}")
 
 
+def soft_target_kl(
+    student_logits: Tensor,
+    target_probs: Tensor,
+    temperature: float = 1.0,
+    dim: int = 1,
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """``T^2 * KL(target || softmax(s / T))`` with the distributions along ``dim``: the one KL.
+
+    The ``T^2`` factor (Hinton et al.) keeps the gradient scale independent of T; at T = 1 this
+    is the plain KL divergence.
+
+    Args:
+        student_logits: any shape, e.g. (B, C, H, W) class maps or (B, 1 + K) similarities.
+        target_probs: same shape, a distribution along ``dim`` (e.g. a teacher's softened
+            prediction, or a mixture of several teachers').
+        temperature: softening temperature T > 0 of the student.
+        dim: the axis that holds each distribution.
+        reduction: "mean" averages the KL over all other positions (batch, pixels, ...; for
+            (B, N) logits that is the batch mean); "none" returns it per position (``dim`` removed).
+    """
+    _check_pair(student_logits, target_probs, temperature, "soft_target_kl")
+    if reduction not in ("mean", "none"):
+        raise DataError(f"soft_target_kl: reduction must be 'mean' or 'none', got {reduction!r}")
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=dim)
+    divergence = F.kl_div(student_log_probs, target_probs, reduction="none").sum(dim) * temperature**2
+    return divergence.mean() if reduction == "mean" else divergence
+
+
 def soft_kl_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -42,27 +73,15 @@ def soft_kl_divergence(
     dim: int = 1,
     reduction: Literal["mean", "none"] = "mean",
 ) -> Tensor:
-    """``T^2 * KL(softmax(t / T) || softmax(s / T))`` with the distributions along ``dim``.
-
-    The ``T^2`` factor (Hinton et al.) keeps the gradient scale independent of T; at T = 1 this
-    is the plain KL divergence.
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))``: :func:`soft_target_kl` to a teacher's logits.
 
     Args:
         student_logits: any shape, e.g. (B, C, H, W) class maps or (B, 1 + K) similarities.
         teacher_logits: same shape.
-        temperature: softening temperature T > 0.
-        dim: the axis that holds each distribution.
-        reduction: "mean" averages the KL over all other positions (batch, pixels, ...; for
-            (B, N) logits that is the batch mean); "none" returns it per position (``dim`` removed).
+        temperature, dim, reduction: as in :func:`soft_target_kl`.
     """
     _check_pair(student_logits, teacher_logits, temperature, "soft_kl_divergence")
-    if reduction not in ("mean", "none"):
-        raise DataError(f"soft_kl_divergence: reduction must be 'mean' or 'none', got {reduction!r}")
-    student_log_probs = F.log_softmax(student_logits / temperature, dim=dim)
-    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=dim)
-    divergence = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
-    divergence = divergence.sum(dim) * temperature**2
-    return divergence.mean() if reduction == "mean" else divergence
+    return soft_target_kl(student_logits, F.softmax(teacher_logits / temperature, dim=dim), temperature, dim, reduction)
 
 
 def pixel_kl_divergence(

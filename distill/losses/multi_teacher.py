@@ -6,6 +6,9 @@ over K; the target is the weighted mixture of the teachers' softened distributio
 
     p_target = sum_k w_k * softmax(z_k / T)
 
+and the student learns it through the one ``T^2``-scaled KL,
+:func:`distill.losses.kd.soft_target_kl` (re-exported here).
+
 Rules:
 - ``mean``: ``w_k = 1 / K``.
 - ``confidence``: ``w = softmax_k(-H_k)``, with ``H_k`` the entropy of teacher k's (T = 1)
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.errors import DataError
+from distill.losses.kd import soft_target_kl
 
 __all__ = [
     "WEIGHTING_RULES",
@@ -91,23 +95,6 @@ def combine_soft_targets(teacher_logits: Tensor, weights: Tensor, temperature: f
     """``sum_k w_k softmax(z_k / T)``: (K, B, C, H, W) logits, (K, B, H, W) weights -> (B, C, H, W)."""
     probs = torch.softmax(teacher_logits.float() / temperature, dim=2)
     return (weights.unsqueeze(2) * probs).sum(dim=0)
-
-
-def soft_target_kl(student_logits: Tensor, target_probs: Tensor, temperature: float) -> Tensor:
-    """``T^2 * KL(target || softmax(s / T))`` over classes, mean over batch and pixels.
-
-    With a single teacher's ``softmax(t / T)`` as target this is Hinton KD
-    (:func:`distill.losses.pixel_kl_divergence`).
-
-    Args:
-        student_logits: (B, C, H, W).
-        target_probs: (B, C, H, W), a distribution over C at every pixel.
-    """
-    if student_logits.shape != target_probs.shape:
-        raise ValueError(f"soft_target_kl: student {tuple(student_logits.shape)} vs target {tuple(target_probs.shape)}")
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)
-    per_pixel = F.kl_div(student_log_probs, target_probs, reduction="none").sum(1)
-    return per_pixel.mean() * temperature**2
 
 
 def gate_nll_loss(teacher_logits: Tensor, weights: Tensor, label: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Small pieces of momentum-contrast self-supervision (MoCo v2): queue, head, EMA, shuffle-BN.
+"""Small pieces of momentum-contrast self-supervision (MoCo v2): encoder, queue, head, EMA, shuffle-BN.
 
 Each piece works in one process and under DDP: cross-process steps (queue gathering, batch
 shuffling) run only when ``torch.distributed`` is initialised with more than one process, and
@@ -12,14 +12,18 @@ import math
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from distill.errors import DataError
+from distill.models.backbones import build_backbone, feature_dim
 
 __all__ = [
     "MemoryQueue",
+    "MoCoEncoder",
     "ProjectionHead",
     "batch_shuffle_ddp",
     "batch_unshuffle_ddp",
+    "build_moco_encoder",
     "concat_all_gather",
     "cosine_momentum",
     "update_momentum",
@@ -160,3 +164,28 @@ def batch_unshuffle_ddp(outputs: Tensor, unshuffle: Tensor) -> Tensor:
     if world_size == 1:
         return outputs[unshuffle]
     return concat_all_gather(outputs)[unshuffle.view(world_size, -1)[rank]]
+
+
+class MoCoEncoder(nn.Module):
+    """Backbone + projection head: (B, 3, H, W) -> (B, proj_dim) unit-norm embeddings.
+
+    ``backbone(x)`` gives the (B, D) pooled backbone features (linear probe, downstream tasks).
+    """
+
+    def __init__(self, backbone: nn.Module, head: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def embed(self, features: Tensor) -> Tensor:
+        """(B, D) backbone features -> (B, proj_dim) unit-norm projections."""
+        return F.normalize(self.head(features), dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed(self.backbone(x))
+
+
+def build_moco_encoder(backbone: str, backbone_source: str, proj_hidden_dim: int, proj_dim: int,
+                       weights: str | None = None) -> MoCoEncoder:
+    """A MoCo encoder on a timm/torchvision backbone; ``weights``: None (random), "public" or a file."""
+    net = build_backbone(backbone, weights=weights, source=backbone_source)
+    return MoCoEncoder(net, ProjectionHead(feature_dim(net), proj_hidden_dim, proj_dim))

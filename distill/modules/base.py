@@ -1,22 +1,32 @@
-"""Shared base of every LightningModule here: the training-step template, named weighted loss
-terms, optimiser injection with parameter groups, the LR schedule and ``channels_last``.
+"""Shared base of every LightningModule here: the training-step and evaluation templates, named
+weighted loss terms, optimiser injection with parameter groups, the LR schedule, ``channels_last``
+and the hyper-parameters.
 
-A method subclasses :class:`DistillModuleBase` and fills in three hooks::
+A method subclasses :class:`DistillModuleBase` and fills in its hooks::
 
     class MyMethod(DistillModuleBase):
         loss_term_names = ("ce", "kd")             # what loss_weights may name
         default_loss_weights = {"ce": 1.0, "kd": 1.0}
+        progress_bar_metrics = ("acc",)
+
+        def __init__(self, num_classes: int = 7, **kwargs):  # shared options: DistillModuleBase's
+            super().__init__(**kwargs)
+            self.init_evaluation_metrics(lambda: MetricCollection({"acc": MulticlassAccuracy(num_classes)}))
 
         def training_outputs(self, batch): ...     # the method's forward pass on a batch
         def loss_terms(self, batch, outputs): ...  # {"ce": scalar, "kd": scalar}
+        def evaluation_outputs(self, batch): ...   # (logits, labels): the metric's update arguments
 
-and inherits ``training_step`` (weighted sum + logging of every term as ``train/<name>``).
+and inherits ``training_step`` (weighted sum + logging of every term as ``train/<name>``),
+``validation_step`` / ``test_step`` (the metric's results logged as ``val/<name>`` and
+``test/<name>`` alike) and ``save_hyperparameters`` over every constructor argument but the
+optimiser.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -25,11 +35,11 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from distill.losses import check_loss_weights, weighted_sum
-from distill.types import NonNegativeInt
+from distill.types import NonNegativeFloat, NonNegativeInt
 
 
 class DistillModuleBase(L.LightningModule):
-    """Owns what every method configures the same way.
+    """Owns what every method configures the same way; subclasses take these as ``**kwargs``.
 
     Args:
         loss_weights: weight per named loss term (``None``: the class's ``default_loss_weights``);
@@ -51,16 +61,19 @@ class DistillModuleBase(L.LightningModule):
     #: Family of :meth:`deployable_network` in :mod:`distill.modules.checkpoints`, recorded in
     #: every checkpoint so ``load_network`` can rebuild it without the experiment's config.
     network_family: ClassVar[str | None] = None
+    #: Results of the evaluation metric also shown in the progress bar.
+    progress_bar_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
-        loss_weights: Mapping[str, float] | None = None,
+        loss_weights: Mapping[str, NonNegativeFloat] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         warmup_steps: NonNegativeInt = 0,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])  # collects the arguments of every subclass too
         self.loss_weights = dict(loss_weights if loss_weights is not None else self.default_loss_weights)
         check_loss_weights(self.loss_weights, self.loss_term_names, owner=type(self).__name__)
         self.optimizer_factory = optimizer
@@ -98,7 +111,17 @@ class DistillModuleBase(L.LightningModule):
         excluded = {id(p) for m in exclude for p in m.parameters()}
         return [p for p in module.parameters() if p.requires_grad and id(p) not in excluded]
 
-    # ------------------------------------------------------------ the template
+    def evaluation_outputs(self, batch: Any) -> tuple:
+        """The method's forward pass on a validation/test batch: the arguments of its metric's ``update``."""
+        raise NotImplementedError
+
+    def init_evaluation_metrics(self, build: Callable[[], nn.Module]) -> None:
+        """``val_metrics`` and ``test_metrics``: two fresh metrics from ``build``, each with
+        ``update(*evaluation_outputs(batch))``, ``compute() -> {name: value}`` and ``reset()``
+        (e.g. a torchmetrics ``MetricCollection``; under DDP ``compute`` gathers every rank)."""
+        self.val_metrics, self.test_metrics = build(), build()
+
+    # ------------------------------------------------------------ the templates
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         outputs = self.training_outputs(batch)
         terms = self.loss_terms(batch, outputs)
@@ -107,6 +130,24 @@ class DistillModuleBase(L.LightningModule):
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=batch_size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.val_metrics.update(*self.evaluation_outputs(batch))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.test_metrics.update(*self.evaluation_outputs(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation("test", self.test_metrics)
+
+    def log_evaluation(self, stage: str, metrics: nn.Module) -> None:
+        """Log every result of ``metrics`` as ``<stage>/<name>``, then reset it for the next epoch."""
+        for name, value in metrics.compute().items():
+            self.log(f"{stage}/{name}", torch.as_tensor(value).float(), prog_bar=name in self.progress_bar_metrics)
+        metrics.reset()
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([group for group in self.parameter_groups() if group["params"]])

@@ -1,45 +1,21 @@
 """Loading trained networks from checkpoints safely (``weights_only=True`` / safetensors).
 
-Each network family (segmentation networks, self-supervised encoders, ...) registers a build
-function that rebuilds its architecture from a checkpoint's hyper-parameters; a Lightning
-module records its family in the checkpoint (``checkpoint["network_family"]``), so
-:func:`load_network` can rebuild any trained network without the experiment's config.
+A Lightning module records its network family in the checkpoint (``checkpoint["network_family"]``);
+:func:`load_network` rebuilds the architecture with that family's build function (every family
+is listed in :mod:`distill.modules.families`) without the experiment's config.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from distill.errors import DataError
-from distill.models import build_segmentation_network
-
-
-@dataclass(frozen=True)
-class NetworkFamily:
-    """How to rebuild one family of networks from a checkpoint.
-
-    Attributes:
-        build: ``(hparams, overrides) -> nn.Module``; ``hparams`` are the checkpoint's
-            hyper-parameters, ``overrides`` what the caller states for plain state dicts.
-        prefix: key prefix of the network's weights in a Lightning ``state_dict`` (``"net."``).
-    """
-
-    build: Callable[[Mapping, Mapping], nn.Module]
-    prefix: str
-
-
-NETWORK_FAMILIES: dict[str, NetworkFamily] = {}
-
-
-def register_network_family(name: str, build: Callable[[Mapping, Mapping], nn.Module], prefix: str) -> None:
-    """Make ``load_network(..., family=name)`` (and checkpoints recording ``name``) rebuildable."""
-    NETWORK_FAMILIES[name] = NetworkFamily(build=build, prefix=prefix)
+from distill.modules.families import NETWORK_FAMILIES
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -123,20 +99,6 @@ def load_network(path: str | Path, family: str | None = None, overrides: Mapping
         summary = " ".join(str(err).split())[:300]
         raise DataError(f"{path}: checkpoint does not match the {name} network {dict(overrides or {})}: {summary}") from None
     return net.eval().requires_grad_(False)
-
-
-def _build_segmentation(hparams: Mapping, overrides: Mapping) -> nn.Module:
-    """Segmentation networks: ``network``, ``network_kwargs``, ``in_channels``, ``num_classes``."""
-    name = overrides.get("network") or hparams.get("network")
-    if name is None:
-        raise DataError("checkpoint records no network architecture; set teacher_network in the config")
-    kwargs = dict((overrides.get("network_kwargs") if "network" in overrides else hparams.get("network_kwargs")) or {})
-    in_channels = kwargs.pop("in_channels", hparams.get("in_channels", 3))
-    num_classes = kwargs.pop("num_classes", hparams.get("num_classes", 2))
-    return build_segmentation_network(name, in_channels=in_channels, num_classes=num_classes, **kwargs)
-
-
-register_network_family("segmentation", _build_segmentation, prefix="net.")
 
 
 def load_segmentation_network(

@@ -10,27 +10,16 @@ of every teacher is logged as ``train/teacher_weight/<k>``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 
 from distill.errors import DataError
-from distill.losses.multi_teacher import gate_nll_loss, teacher_weights
+from distill.losses.multi_teacher import WEIGHTING_RULES, gate_nll_loss, teacher_weights
 from distill.models import TeacherGate
 from distill.modules.segmentation import SegDistillBase
-from distill.modules.teachers import FrozenTeachers, read_teacher_manifest
 from distill.types import PositiveInt
-
-
-def teacher_checkpoints(teachers: str | Sequence[str]) -> tuple[list[str], list[str | None]]:
-    """Checkpoints and expected hashes from a manifest path or a list of checkpoints."""
-    if isinstance(teachers, (str, Path)) and Path(teachers).suffix in (".yaml", ".yml"):
-        entries = read_teacher_manifest(teachers)
-        return [e.checkpoint for e in entries], [e.sha256 for e in entries]
-    listed = [teachers] if isinstance(teachers, (str, Path)) else list(teachers)
-    return [str(c) for c in listed], [None] * len(listed)
 
 
 class MultiTeacherDistillModule(SegDistillBase):
@@ -50,23 +39,15 @@ class MultiTeacherDistillModule(SegDistillBase):
 
     def __init__(
         self,
-        teachers: str | list[str],
-        teacher_sha256: list[str] | None = None,
         weighting: Literal["mean", "confidence", "performance", "learned"] = "mean",
         granularity: Literal["pixel", "sample"] = "pixel",
         gate_width: PositiveInt = 16,
         network: str = "slim_unet",
         **kwargs,
     ) -> None:
-        try:
-            checkpoints, manifest_hashes = teacher_checkpoints(teachers)
-        except DataError:  # teachers gone: fine for test/predict; fitting reports it (prepare_distillation)
-            checkpoints, manifest_hashes = [], None
-        expected = (teacher_sha256 or manifest_hashes) if checkpoints else None
-        super().__init__(teacher_checkpoints=checkpoints, teacher_sha256=expected, network=network, **kwargs)
-        if weighting not in ("mean", "confidence", "performance", "learned"):
-            raise DataError(f"weighting: unknown teacher weighting rule {weighting!r}; "
-                            "available: mean, confidence, performance, learned")
+        super().__init__(network=network, **kwargs)
+        if weighting not in WEIGHTING_RULES:
+            raise DataError(f"weighting: unknown teacher weighting rule {weighting!r}; available: {', '.join(WEIGHTING_RULES)}")
         if (weighting == "learned") != ("gate" in self.loss_weights):
             raise DataError("loss_weights: the 'gate' term trains the gate of weighting 'learned'; "
                             "give it with that rule and only with it")
@@ -75,10 +56,6 @@ class MultiTeacherDistillModule(SegDistillBase):
         self.gate_width = gate_width
 
     def prepare_distillation(self) -> None:
-        checkpoints, manifest_hashes = teacher_checkpoints(self.hparams.teachers)  # raises if teachers are gone
-        if not self.teachers.checkpoints:
-            self.teachers = FrozenTeachers(checkpoints, "segmentation", self.hparams.teacher_sha256 or manifest_hashes,
-                                           self.teachers.overrides, self.teachers.batched, self.channels_last)
         super().prepare_distillation()
         if self.weighting == "learned" and "gate" not in self.distill_heads:
             channels = self.hparams.in_channels + len(self.teachers) * self.hparams.num_classes

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.nn import functional as F
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import DataError
@@ -32,22 +33,9 @@ from distill.metrics.phase import evaluate_phases
 from distill.models.backbones import FrameClassifier, build_frame_classifier
 from distill.models.temporal import MultiStageTCN, SingleStageTCN
 from distill.modules.base import DistillModuleBase
-from distill.modules.checkpoints import load_network, register_network_family
-from distill.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from distill.modules.checkpoints import load_network
+from distill.types import NonNegativeFloat, PositiveFloat, PositiveInt
 from distill.utils import unique_path
-
-
-def _build_phase_classifier_family(hparams: Mapping, overrides: Mapping) -> nn.Module:
-    """The frame classifier of a :class:`PhaseClassifierModule` checkpoint (``backbone``,
-    ``backbone_source``, ``num_classes``); its weights come from the checkpoint, not a teacher."""
-    options = {**hparams, **overrides}
-    if "backbone" not in options:
-        raise DataError("checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a phase classifier's checkpoint")
-    return build_frame_classifier(options["backbone"], int(options.get("num_classes", 7)),
-                                  source=options.get("backbone_source", "timm"))
-
-
-register_network_family("phase_classifier", _build_phase_classifier_family, prefix="")
 
 
 class PhaseClassifierModule(DistillModuleBase):
@@ -64,11 +52,15 @@ class PhaseClassifierModule(DistillModuleBase):
         class_weights: weight the cross-entropy by the training labels' median frequency
             (the DataModule's ``class_weights()``).
         head_lr: learning rate of the head (its own parameter group); None: the optimiser's.
+        optimizer: default Adam; it and the other shared options: see :class:`DistillModuleBase`.
+
+    Frame accuracy is logged as ``val/acc`` and ``test/acc``.
     """
 
     loss_term_names = ("ce",)
     default_loss_weights = {"ce": 1.0}
     network_family = "phase_classifier"
+    progress_bar_metrics = ("acc",)
 
     def __init__(
         self,
@@ -80,23 +72,17 @@ class PhaseClassifierModule(DistillModuleBase):
         num_classes: PositiveInt = 7,
         class_weights: bool = False,
         head_lr: PositiveFloat | None = None,
-        loss_weights: Mapping[str, NonNegativeFloat] | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_schedule: Literal["cosine", "constant"] = "cosine",
-        warmup_steps: NonNegativeInt = 0,
-        channels_last: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(loss_weights=loss_weights, optimizer=optimizer, lr_schedule=lr_schedule,
-                         warmup_steps=warmup_steps, channels_last=channels_last)
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(optimizer=optimizer, **kwargs)
         weights = None if pretrained_checkpoint else backbone_weights
         classifier = build_frame_classifier(backbone, num_classes, weights=weights, source=backbone_source)
         self.backbone, self.head = classifier.backbone, classifier.head
         if mode == "linear_probe":
             self.backbone.requires_grad_(False)
         self.register_buffer("ce_weights", torch.ones(num_classes), persistent=False)
-        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.init_evaluation_metrics(lambda: MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}))
         self.train()  # Lightning keeps the modes set here: a probed backbone starts in eval mode
 
     def train(self, mode: bool = True) -> PhaseClassifierModule:
@@ -150,15 +136,9 @@ class PhaseClassifierModule(DistillModuleBase):
     def loss_terms(self, batch: Mapping, outputs: Mapping) -> dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(outputs["logits"], batch["label"], weight=self.ce_weights)}
 
-    def _evaluate(self, batch: Mapping, metric: MulticlassAccuracy, name: str) -> None:
-        metric.update(self(batch["image"]), batch["label"])
-        self.log(name, metric, prog_bar=True, batch_size=int(batch["label"].shape[0]))
-
-    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_accuracy, "val/acc")
-
-    def test_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_accuracy, "test/acc")
+    def evaluation_outputs(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, num_classes) logits and (B,) labels."""
+        return self(batch["image"]), batch["label"]
 
     def predict_step(self, batch: Mapping, batch_idx: int) -> dict:
         """``{"features": (B, D), "prediction": (B,) int64, "video": list[str], "frame": (B,)}`` on the CPU."""
@@ -172,6 +152,38 @@ def write_phase_file_atomic(path: Path, frames: np.ndarray, labels: np.ndarray, 
     tmp = path.with_name(f".{path.name}.tmp")
     write_phase_file(tmp, frames, labels, dataset)
     os.replace(tmp, path)
+
+
+class RelaxedPhaseMetrics(nn.Module):
+    """Per-video predictions of one evaluation epoch, scored with the relaxed phase metrics.
+
+    ``compute()``: ``{accuracy, precision, recall, jaccard}`` (corrected protocol) and the same
+    under ``published/`` (the published MATLAB script's behaviour); empty before any video.
+    """
+
+    def __init__(self, dataset: str, tolerance_s: float) -> None:
+        super().__init__()
+        self.dataset, self.tolerance_s = dataset, tolerance_s
+        self.videos: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def update(self, video: str, frames: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> None:
+        """One video's (T,) 25 fps frame indices, ground-truth and predicted phases."""
+        self.videos[video] = (frames, label, prediction)
+
+    def compute(self) -> dict[str, float]:
+        if not self.videos:
+            return {}
+        rates = {name: VIDEO_FPS / (np.diff(frames)[0] if len(frames) > 1 else 1) for name, (frames, _, _) in self.videos.items()}
+        pairs = {name: (gt, pred) for name, (_, gt, pred) in self.videos.items()}
+        results = {}
+        for mode, prefix in (("corrected", ""), ("published", "published/")):
+            report = evaluate_phases(pairs, rates, self.dataset, mode, self.tolerance_s)
+            values = {"accuracy": report.accuracy, **{m: report.mean(m) for m in ("precision", "recall", "jaccard")}}
+            results.update({f"{prefix}{name}": float(value) for name, value in values.items()})
+        return results
+
+    def reset(self) -> None:
+        self.videos = {}
 
 
 class TCNPhaseModule(DistillModuleBase):
@@ -194,10 +206,13 @@ class TCNPhaseModule(DistillModuleBase):
         class_weights: optional per-phase cross-entropy weights.
         dataset: ``"cholec80"`` or ``"m2cai16"`` (phase names and the relaxed-boundary rules).
         tolerance_s: relaxed boundary in seconds (10 s, converted with the predictions' real rate).
+        optimizer, lr_schedule: default Adam, constant; these and the other shared options: see
+            :class:`DistillModuleBase`.
     """
 
     loss_term_names = ("phase",)
     default_loss_weights = {"phase": 1.0}
+    progress_bar_metrics = ("accuracy", "precision", "recall", "jaccard")
 
     def __init__(
         self,
@@ -212,19 +227,17 @@ class TCNPhaseModule(DistillModuleBase):
         class_weights: Sequence[float] | None = None,
         dataset: str = "cholec80",
         tolerance_s: PositiveFloat = 10.0,
-        loss_weights: Mapping[str, NonNegativeFloat] | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_schedule: Literal["cosine", "constant"] = "constant",
-        warmup_steps: NonNegativeInt = 0,
+        **kwargs,
     ) -> None:
-        super().__init__(loss_weights=loss_weights, optimizer=optimizer, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(optimizer=optimizer, lr_schedule=lr_schedule, **kwargs)
         if class_weights is not None and len(class_weights) != num_classes:
             raise DataError(f"model.class_weights: {len(class_weights)} weights for {num_classes} classes")
         self.tcn: nn.Module | None = None if in_dim is None else self.build_tcn(in_dim)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("ce_weights", weights, persistent=False)
-        self.videos: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.init_evaluation_metrics(lambda: RelaxedPhaseMetrics(dataset, tolerance_s))
 
     def build_tcn(self, in_dim: int) -> nn.Module:
         h = self.hparams
@@ -268,41 +281,19 @@ class TCNPhaseModule(DistillModuleBase):
                                                  class_weights=self.ce_weights)}
 
     # -------------------------------------------------------------- evaluation
-    def _predict_video(self, batch: Mapping) -> None:
+    def evaluation_outputs(self, batch: Mapping) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+        """One video -> its name, (T,) frame indices, labels and predicted phases (:class:`RelaxedPhaseMetrics`)."""
         if batch["features"].shape[0] != 1:
             raise DataError(f"TCNPhaseModule evaluates one video per batch, got {batch['features'].shape[0]}")
         prediction = self(batch["features"])[-1, 0].argmax(0)
-        self.videos[batch["video"][0]] = (batch["frame"][0].cpu().numpy(), batch["label"][0].cpu().numpy(),
-                                          prediction.cpu().numpy())
-
-    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._predict_video(batch)
-
-    def test_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._predict_video(batch)
-
-    def on_validation_epoch_start(self) -> None:
-        self.videos = {}
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def _log_relaxed_metrics(self, prefix: str) -> None:
-        if not self.videos:
-            return
-        rates = {name: VIDEO_FPS / (np.diff(frames)[0] if len(frames) > 1 else 1) for name, (frames, _, _) in self.videos.items()}
-        pairs = {name: (gt, pred) for name, (_, gt, pred) in self.videos.items()}
-        for mode, key in (("corrected", prefix), ("published", f"{prefix}/published")):
-            report = evaluate_phases(pairs, rates, self.hparams.dataset, mode, self.hparams.tolerance_s)
-            values = {"accuracy": report.accuracy, **{m: report.mean(m) for m in ("precision", "recall", "jaccard")}}
-            self.log_dict({f"{key}/{name}": float(value) for name, value in values.items()}, prog_bar=mode == "corrected")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_relaxed_metrics("val")
+        return (batch["video"][0], batch["frame"][0].cpu().numpy(), batch["label"][0].cpu().numpy(),
+                prediction.cpu().numpy())
 
     def on_test_epoch_end(self) -> None:
-        self._log_relaxed_metrics("test")
+        """Logs the metrics and writes the predictions into a new folder of the run."""
         root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder = unique_path(root / "phase_predictions" / "test")
         folder.mkdir(parents=True)
-        for name, (frames, _, pred) in self.videos.items():
+        for name, (frames, _, pred) in self.test_metrics.videos.items():
             write_phase_file_atomic(folder / f"{name}-pred.txt", frames, pred, self.hparams.dataset)
+        super().on_test_epoch_end()

@@ -9,27 +9,26 @@ resolution.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Union
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 from torch.nn import functional as F
 
 from distill.errors import DataError
 from distill.formats.sites import PROSTATE_SITES
-from distill.losses import AttentionTransferLoss, DiceLoss, FeatureMSELoss, LovaszLoss
-from distill.losses.multi_teacher import combine_soft_targets, soft_target_kl, teacher_weights
+from distill.losses import DiceLoss, LovaszLoss
+from distill.losses.multi_teacher import teacher_weights
+from distill.losses.registry import FEATURE_LOSSES, LOGIT_LOSSES, LossConfig, build_feature_loss, choose_loss, logit_loss
 from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_dice_hd95
 from distill.models import FeatureTaps, build_segmentation_network
 from distill.modules.base import DistillModuleBase
 from distill.modules.teacher_cache import attach_teacher_cache
-from distill.modules.teachers import FrozenTeachers, TeacherRecord
-from distill.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from distill.modules.teachers import FrozenTeachers, TeacherStudent
+from distill.types import PositiveFloat, PositiveInt
 
 # Network options as typed values, so command-line overrides such as ``width=16`` arrive as numbers.
 NetworkKwargs = dict[str, Union[int, float, bool, str, list[int]]]
@@ -43,6 +42,7 @@ class SegmentationModule(DistillModuleBase):
         in_channels: adjacent slices per input (link it to the data: ``${data.init_args.num_slices}``).
         num_classes: 2 for the binary gland task (softmax over background/gland).
         loss_weights: weight per named term; terms here: ``dice``, ``lovasz``, ``ce``.
+            It and the optimiser, schedule and ``channels_last``: see :class:`DistillModuleBase`.
         lovasz_mode: ``"softmax"`` (multi-class Lovasz-softmax) or ``"hinge"`` (binary).
         report_sites: groups for per-site test metrics (``test/dice/<SITE>``).
         eval_batch_size: slices per forward pass when predicting a whole volume.
@@ -52,6 +52,7 @@ class SegmentationModule(DistillModuleBase):
     loss_term_names = ("dice", "lovasz", "ce")
     default_loss_weights = {"dice": 1.0, "lovasz": 1.0}
     network_family = "segmentation"
+    progress_bar_metrics = ("dice",)
 
     def __init__(
         self,
@@ -59,29 +60,22 @@ class SegmentationModule(DistillModuleBase):
         network_kwargs: NetworkKwargs | None = None,
         in_channels: PositiveInt = 3,
         num_classes: PositiveInt = 2,
-        loss_weights: Mapping[str, NonNegativeFloat] | None = None,
         lovasz_mode: Literal["softmax", "hinge"] = "softmax",
         lovasz_per_image: bool = False,
         report_sites: Sequence[str] = PROSTATE_SITES,
         eval_batch_size: PositiveInt = 32,
         largest_component: bool = False,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_schedule: Literal["cosine", "constant"] = "cosine",
-        warmup_steps: NonNegativeInt = 0,
-        channels_last: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(loss_weights=loss_weights, optimizer=optimizer, lr_schedule=lr_schedule,
-                         warmup_steps=warmup_steps, channels_last=channels_last)
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(**kwargs)
         self.net = build_segmentation_network(network, in_channels, num_classes, **(network_kwargs or {}))
-        if channels_last:
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.dice_loss = DiceLoss()
         self.lovasz_loss = LovaszLoss(mode=lovasz_mode, per_image=lovasz_per_image)
         self.eval_batch_size = eval_batch_size
         self.keep_largest = KeepLargestConnectedComponent(applied_labels=[1]) if largest_component else None
-        self.val_metrics = PerGroupVolumeMetrics(report_sites)
-        self.test_metrics = PerGroupVolumeMetrics(report_sites)
+        self.init_evaluation_metrics(lambda: PerGroupVolumeMetrics(report_sites))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, S, H, W) slices -> (B, num_classes, H, W) logits."""
@@ -125,30 +119,15 @@ class SegmentationModule(DistillModuleBase):
             mask = self.keep_largest(mask[None])[0]
         return torch.as_tensor(mask, dtype=torch.int64)
 
-    def _evaluate_volume(self, volume: Mapping, metrics: PerGroupVolumeMetrics) -> None:
+    def evaluation_outputs(self, volume: Mapping) -> tuple[float, float, str, str]:
+        """One volume -> (Dice, HD95 in mm, site, image path): :class:`PerGroupVolumeMetrics`' update."""
         label = volume["label"]
         pred = self.predict_volume(volume["image"], label.shape[-2:])
         dice, hd95 = volume_dice_hd95(pred, label, volume["spacing"].tolist())
         site = volume["site"]
-        if site not in metrics.groups:
-            raise DataError(f"{volume['image_path']}: site {site!r} is not in the model's report_sites {metrics.groups}")
-        metrics.update(dice, hd95, site, volume["image_path"])
-
-    def validation_step(self, volume: Mapping, batch_idx: int) -> None:
-        self._evaluate_volume(volume, self.val_metrics)
-
-    def test_step(self, volume: Mapping, batch_idx: int) -> None:
-        self._evaluate_volume(volume, self.test_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        results = self.val_metrics.compute()
-        self.log("val/dice", results["dice"].float(), prog_bar=True)
-        self.log("val/hd95", results["hd95"].float())
-        self.val_metrics.reset()
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{name}": value.float() for name, value in self.test_metrics.compute().items()})
-        self.test_metrics.reset()
+        if site not in self.val_metrics.groups:
+            raise DataError(f"{volume['image_path']}: site {site!r} is not in the model's report_sites {self.val_metrics.groups}")
+        return dice, hd95, site, volume["image_path"]
 
     def predict_step(self, volume: Mapping, batch_idx: int) -> dict:
         """One volume -> ``{"mask": (D, H0, W0) uint8, "image_path", "site", "case"}``."""
@@ -161,35 +140,42 @@ class SegmentationModule(DistillModuleBase):
         }
 
 
-
-
-class SegDistillBase(SegmentationModule):
+class SegDistillBase(TeacherStudent, SegmentationModule):
     """Student segmentation network trained with K frozen teachers (the shared machinery).
 
-    Loss terms: the supervised ``dice``, ``lovasz``, ``ce``, plus ``kd`` (``T^2`` KL from the
-    teachers' combined softened distribution, :meth:`teacher_weights` says how they combine)
-    and ``feature`` (feature distillation on ``feature_pairs``, averaged over teachers).
+    Loss terms: the supervised ``dice``, ``lovasz``, ``ce``, plus ``kd`` (the ``logit_loss``
+    against the teachers' logits; :meth:`teacher_weights` says how they combine) and
+    ``feature`` (the ``feature_loss`` on ``feature_pairs``, averaged over teachers).
 
-    Teachers are :class:`~distill.modules.teachers.FrozenTeachers`: loaded when fitting starts,
-    never in the student's checkpoints, identified by content hash (``teacher_sha256`` in the
-    student's hyper-parameters). Training-only parts (feature adapters) live in
-    ``distill_heads`` and are dropped when a checkpoint is loaded for test or predict.
+    Teachers are :class:`~distill.modules.teachers.FrozenTeachers`, kept by
+    :class:`~distill.modules.teachers.TeacherStudent`: loaded when fitting starts, never in the
+    student's checkpoints, identified by content hash (``teacher_sha256`` in the student's
+    hyper-parameters). Training-only parts (feature adapters) live in ``distill_heads`` and are
+    dropped when a checkpoint is loaded for test or predict.
 
     Args:
-        teacher_checkpoints: one checkpoint file or run directory per teacher.
-        teacher_sha256: expected content hash per teacher (``None``: recorded, not checked).
+        teachers: a teacher manifest YAML (its hashes are checked), one checkpoint file or run
+            directory, or a list of them.
+        teacher_sha256: expected content hash per teacher (``None``: the manifest's, else
+            recorded, not checked).
         temperature: KD temperature T; the KL term is scaled by T^2.
+        logit_loss: the ``kd`` term, by name (:data:`distill.losses.registry.LOGIT_LOSSES`):
+            ``kd`` (Hinton KL to the teachers' weighted mixture) or ``channel_wise`` (channel-wise
+            distillation of the logits, per teacher).
         feature_pairs: ``[{"student": "<module path>", "teacher": "<module path>"}, ...]``: the
             intermediate features to match, captured with forward hooks (same teacher path in
             every teacher).
-        feature_loss: ``"attention"`` (attention transfer, no adapter) or ``"mse"`` (a 1x1
-            adapter per teacher and layer).
+        feature_loss: the ``feature`` term, by name or ``{name: ..., <option>: ...}``
+            (:data:`distill.losses.registry.FEATURE_LOSSES`): ``attention`` (attention transfer,
+            option ``p``), ``mse`` (a 1x1 adapter per teacher and layer), ``channel_wise``
+            (adapters, option ``temperature``) or ``region_affinity`` (EMKD, needs no adapter).
         teacher_network, teacher_network_kwargs: only for plain state dicts without hyper-parameters.
         teacher_cache: file of cached teacher logits (built on first use; a relative path is inside
             the run's ``trainer.default_root_dir``): teachers then run once per training slice
             instead of every step; see :mod:`distill.modules.teacher_cache`.
         batched_teachers: run same-architecture teachers as one batched pass (default: on GPU only;
             slower than one by one on CPU). Teachers follow the ``channels_last`` switch.
+        Other arguments: see :class:`SegmentationModule`.
     """
 
     loss_term_names = ("dice", "lovasz", "ce", "kd", "feature")
@@ -197,12 +183,12 @@ class SegDistillBase(SegmentationModule):
 
     def __init__(
         self,
-        teacher_checkpoints: Sequence[str],
+        teachers: str | Sequence[str],
         teacher_sha256: Sequence[str | None] | None = None,
         temperature: PositiveFloat = 4.0,
+        logit_loss: LossConfig = "kd",
         feature_pairs: list[dict[str, str]] | None = None,
-        feature_loss: Literal["attention", "mse"] = "attention",
-        attention_p: PositiveFloat = 2.0,
+        feature_loss: LossConfig = "attention",
         teacher_network: str | None = None,
         teacher_network_kwargs: NetworkKwargs | None = None,
         teacher_cache: str | None = None,
@@ -210,12 +196,9 @@ class SegDistillBase(SegmentationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        overrides = {"network": teacher_network, "network_kwargs": teacher_network_kwargs or {}} if teacher_network else {}
-        self.teachers = FrozenTeachers(teacher_checkpoints, "segmentation", teacher_sha256, overrides, batched_teachers,
-                                       self.channels_last)
-        # The frozen teachers are in eval mode on purpose; Lightning would warn about it at every fit.
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
         self.temperature = temperature
+        self.logit_loss = choose_loss(logit_loss, LOGIT_LOSSES, "logit_loss")
+        self.feature_loss = choose_loss(feature_loss, FEATURE_LOSSES, "feature_loss")
         pairs = list(feature_pairs or [])
         for pair in pairs:
             if set(pair) != {"student", "teacher"}:
@@ -226,39 +209,27 @@ class SegDistillBase(SegmentationModule):
             raise DataError("teacher_cache: the cache holds teacher outputs only; drop the 'feature' loss term or the cache")
         self.student_taps = FeatureTaps(self.net, [p["student"] for p in pairs], owner="student")
         self.teacher_feature_paths = [p["teacher"] for p in pairs]
-        self.feature_loss_kind = feature_loss
-        self.attention_loss = AttentionTransferLoss(p=attention_p)
         self.teacher_cache = teacher_cache
         self.distill_heads = nn.ModuleDict()  # training-only parts, built by prepare_distillation()
-        records = self.teachers.available_records()
-        if records is not None:
-            self.record_teachers(records)
-
-    def record_teachers(self, records: Sequence[TeacherRecord]) -> None:
-        """Store the resolved teacher files and hashes in the hyper-parameters (saved with every checkpoint)."""
-        self.hparams["teacher_sha256"] = [r.sha256 for r in records]
-
-    def recorded_teacher_hashes(self, hparams: Mapping) -> list[str] | None:
-        recorded = hparams.get("teacher_sha256")
-        return None if recorded is None else list(recorded)
+        overrides = {"network": teacher_network, "network_kwargs": teacher_network_kwargs or {}} if teacher_network else {}
+        self.attach_teachers(FrozenTeachers.from_source(teachers, "segmentation", teacher_sha256, overrides=overrides,
+                                                        batched=batched_teachers, channels_last=self.channels_last))
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.prepare_distillation()
-            if self.teacher_cache is not None:
-                cache = Path(self.trainer.default_root_dir) / self.teacher_cache  # an absolute path stays as it is
-                attach_teacher_cache(cache, self.trainer.datamodule, self.teachers, self.eval_batch_size, self.trainer.strategy)
+        super().setup(stage)
+        if stage == "fit" and self.teacher_cache is not None:
+            cache = Path(self.trainer.default_root_dir) / self.teacher_cache  # an absolute path stays as it is
+            attach_teacher_cache(cache, self.trainer.datamodule, self.teachers, self.eval_batch_size, self.trainer.strategy)
 
     def prepare_distillation(self) -> None:
-        """Load the teachers, check them against the student, build the training-only heads."""
-        self.teachers.load()
-        self.record_teachers(self.teachers.records())
+        """Load the teachers, check them against the student, build the per-teacher feature losses."""
+        super().prepare_distillation()
         student_features, teacher_features = self._dry_run()
-        if self.feature_loss_kind == "mse" and "adapters" not in self.distill_heads:
+        if self.loss_weights.get("feature", 0) > 0 and "feature" not in self.distill_heads:
             student_channels = [f.shape[1] for f in student_features]
-            self.distill_heads["adapters"] = nn.ModuleList(
-                FeatureMSELoss(student_channels, [f.shape[1] for f in feats]) for feats in teacher_features
+            self.distill_heads["feature"] = nn.ModuleList(
+                build_feature_loss(self.feature_loss, student_channels, [f.shape[1] for f in feats]) for feats in teacher_features
             )
 
     @torch.no_grad()
@@ -274,15 +245,12 @@ class SegDistillBase(SegmentationModule):
         try:
             outputs, teacher_features = self.teachers(probe, self.teacher_feature_paths)
         except RuntimeError as err:
-            raise DataError(f"{self._teacher_files()}: teachers do not accept the student's "
+            raise DataError(f"{self.teacher_files()}: teachers do not accept the student's "
                             f"{in_channels}-channel input ({str(err).splitlines()[0][:120]})") from None
         for record, out in zip(self.teachers.records(), outputs):
             if out.shape[1] != num_classes:
                 raise DataError(f"{record.checkpoint}: teacher predicts {out.shape[1]} classes, the student {num_classes}")
         return student_features, teacher_features
-
-    def _teacher_files(self) -> str:
-        return ", ".join(r.checkpoint for r in self.teachers.records())
 
     # ---------------------------------------------------------------- training
     def training_outputs(self, batch: Mapping[str, torch.Tensor]) -> dict:
@@ -310,33 +278,15 @@ class SegDistillBase(SegmentationModule):
     def loss_terms(self, batch: Mapping[str, torch.Tensor], outputs: Mapping) -> dict[str, torch.Tensor]:
         terms = super().loss_terms(batch, outputs)
         if "kd" in self.loss_weights:
-            weights = self.teacher_weights(batch, outputs)
-            target = combine_soft_targets(outputs["teacher_logits"], weights.detach(), self.temperature)
-            terms["kd"] = soft_target_kl(outputs["logits"], target, self.temperature)
+            weights = self.teacher_weights(batch, outputs).detach()
+            terms["kd"] = logit_loss(self.logit_loss, outputs["logits"], outputs["teacher_logits"], weights, self.temperature)
         if self.loss_weights.get("feature", 0) > 0:
-            terms["feature"] = torch.stack(
-                [self._feature_loss(k, outputs["student_features"], feats) for k, feats in enumerate(outputs["teacher_features"])]
-            ).mean()
+            losses = self.distill_heads["feature"]
+            terms["feature"] = torch.stack([
+                loss(outputs["student_features"], feats, batch["label"])
+                for loss, feats in zip(losses, outputs["teacher_features"])
+            ]).mean()
         return terms
-
-    def _feature_loss(self, teacher_index: int, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-        if self.feature_loss_kind == "mse":
-            return self.distill_heads["adapters"][teacher_index](student, teacher)
-        return self.attention_loss(student, teacher)
-
-    # -------------------------------------------------------------- checkpoints
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        if not self.teachers.loaded:  # test / predict / export: the student alone
-            for key in [k for k in state if k.startswith("distill_heads.")]:
-                del state[key]
-            return
-        recorded = self.recorded_teacher_hashes(checkpoint.get("hyper_parameters") or {})
-        current = [r.sha256 for r in self.teachers.records()]
-        if recorded is not None and recorded != current:
-            changed = [r.checkpoint for r, old in zip(self.teachers.records(), recorded) if r.sha256 != old]
-            raise DataError(f"{', '.join(changed) or self._teacher_files()}: teacher differs from the one this "
-                            "checkpoint was trained with (content hash changed); resume with the original teacher files")
 
 
 class SegDistillModule(SegDistillBase):
@@ -350,6 +300,8 @@ class SegDistillModule(SegDistillBase):
         Other arguments: see :class:`SegDistillBase` and :class:`SegmentationModule`.
     """
 
+    single_teacher = True
+
     def __init__(
         self,
         teacher_checkpoint: str,
@@ -357,12 +309,4 @@ class SegDistillModule(SegDistillBase):
         network: str = "slim_unet",
         **kwargs,
     ) -> None:
-        super().__init__(teacher_checkpoints=[teacher_checkpoint], teacher_sha256=[teacher_sha256], network=network, **kwargs)
-
-    def record_teachers(self, records: Sequence[TeacherRecord]) -> None:
-        self.hparams["teacher_checkpoint"] = records[0].checkpoint
-        self.hparams["teacher_sha256"] = records[0].sha256
-
-    def recorded_teacher_hashes(self, hparams: Mapping) -> list[str] | None:
-        recorded = hparams.get("teacher_sha256")
-        return None if recorded is None else [recorded]
+        super().__init__(teachers=[teacher_checkpoint], teacher_sha256=[teacher_sha256], network=network, **kwargs)

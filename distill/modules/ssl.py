@@ -20,7 +20,6 @@ The recipe:
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -30,61 +29,29 @@ import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.nn import functional as F
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import DataError
 from distill.losses.contrastive import contrastive_logits, info_nce_loss, similarity_distillation_loss
-from distill.models.backbones import build_backbone, feature_dim
+from distill.models.backbones import feature_dim
 from distill.models.ssl import (
     MemoryQueue,
-    ProjectionHead,
+    MoCoEncoder,
     batch_shuffle_ddp,
     batch_unshuffle_ddp,
+    build_moco_encoder,
     cosine_momentum,
     update_momentum,
 )
 from distill.modules.base import DistillModuleBase
-from distill.modules.checkpoints import load_state, register_network_family
-from distill.modules.teachers import FrozenTeachers, TeacherRecord
-from distill.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from distill.modules.checkpoints import load_state
+from distill.modules.teachers import FrozenTeachers, TeacherStudent
+from distill.types import NonNegativeFloat, PositiveFloat, PositiveInt
 
 BackboneWeights = str | None  # None (random init), "public", or a weights file
 
-
-class MoCoEncoder(nn.Module):
-    """Backbone + projection head: (B, 3, H, W) -> (B, proj_dim) unit-norm embeddings.
-
-    ``features(x)`` gives the (B, D) pooled backbone features (linear probe, downstream tasks).
-    """
-
-    def __init__(self, backbone: nn.Module, head: ProjectionHead) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, D) backbone features -> (B, proj_dim) unit-norm projections."""
-        return F.normalize(self.head(features), dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.backbone(x))
-
-
-def build_moco_encoder(backbone: str, backbone_source: str, proj_hidden_dim: int, proj_dim: int,
-                       weights: BackboneWeights = None) -> MoCoEncoder:
-    net = build_backbone(backbone, weights=weights, source=backbone_source)
-    return MoCoEncoder(net, ProjectionHead(feature_dim(net), proj_hidden_dim, proj_dim))
-
-
-def _build_moco_family(hparams: Mapping, overrides: Mapping) -> nn.Module:
-    """The query encoder of a MoCo checkpoint (``backbone``, ``backbone_source``, ``proj_*`` options)."""
-    options = {**hparams, **overrides}
-    if "backbone" not in options:
-        raise DataError("checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a MoCo run's checkpoint")
-    return build_moco_encoder(options["backbone"], options.get("backbone_source", "timm"),
-                              int(options.get("proj_hidden_dim", 2048)), int(options.get("proj_dim", 128)))
-
-
-register_network_family("moco", _build_moco_family, prefix="encoder_q.")
+__all__ = ["MoCoDistillModule", "MoCoEncoder", "MoCoModule"]
 
 
 class MoCoModule(DistillModuleBase):
@@ -109,12 +76,15 @@ class MoCoModule(DistillModuleBase):
             shuffle-BN). For SyncBN instead, set ``trainer.sync_batchnorm: true`` (GPUs) and
             ``shuffle_bn: false``.
         num_classes: phases of the linear probe (Cholec80: 7, M2CAI16: 8).
-        probe_lr: the probe's learning rate (its own parameter group, no weight decay).
+        probe_lr: the probe's learning rate (its own parameter group, no weight decay); the probe's
+            accuracy on labelled frames is logged as ``val/probe_acc`` and ``test/probe_acc``.
+        optimizer: default SGD; it and the other shared options: see :class:`DistillModuleBase`.
     """
 
     loss_term_names = ("info_nce", "probe")
     default_loss_weights = {"info_nce": 1.0, "probe": 1.0}
     network_family = "moco"
+    progress_bar_metrics = ("probe_acc",)
 
     def __init__(
         self,
@@ -133,24 +103,18 @@ class MoCoModule(DistillModuleBase):
         shuffle_bn: bool = True,
         num_classes: PositiveInt = 7,
         probe_lr: PositiveFloat = 0.1,
-        loss_weights: Mapping[str, NonNegativeFloat] | None = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
-        lr_schedule: Literal["cosine", "constant"] = "cosine",
-        warmup_steps: NonNegativeInt = 0,
-        channels_last: bool = False,
+        **kwargs,
     ) -> None:
-        super().__init__(loss_weights=loss_weights, optimizer=optimizer, lr_schedule=lr_schedule,
-                         warmup_steps=warmup_steps, channels_last=channels_last)
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(optimizer=optimizer, **kwargs)
         self.encoder_q = build_moco_encoder(backbone, backbone_source, proj_hidden_dim, proj_dim, backbone_weights)
         if freeze_backbone:
             self.encoder_q.backbone.requires_grad_(False)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MemoryQueue(proj_dim, queue_size)
         self.probe = nn.Linear(feature_dim(self.encoder_q.backbone), num_classes)
-        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        if channels_last:
+        self.init_evaluation_metrics(lambda: MetricCollection({"probe_acc": MulticlassAccuracy(num_classes, average="micro")}))
+        if self.channels_last:
             self.encoder_q, self.encoder_k = (e.to(memory_format=torch.channels_last) for e in (self.encoder_q, self.encoder_k))
         self.train()  # Lightning keeps the modes set here: frozen batch-norm statistics start frozen
 
@@ -228,19 +192,12 @@ class MoCoModule(DistillModuleBase):
         return {"info_nce": info_nce_loss(outputs["logits"]), "probe": self.probe_loss(outputs["features"], batch["label"])}
 
     # -------------------------------------------------------------- evaluation
-    def _probe_step(self, batch: Mapping, metric: MulticlassAccuracy, name: str) -> None:
-        logits = self.probe(self.encoder_q.backbone(self.to_memory_format(batch["image"])))
-        metric.update(logits, batch["label"])
-        self.log(name, metric, prog_bar=True, batch_size=int(batch["label"].shape[0]))
-
-    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._probe_step(batch, self.val_accuracy, "val/probe_acc")
-
-    def test_step(self, batch: Mapping, batch_idx: int) -> None:
-        self._probe_step(batch, self.test_accuracy, "test/probe_acc")
+    def evaluation_outputs(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probe logits (B, num_classes) and labels (B,) of labelled frames."""
+        return self.probe(self.encoder_q.backbone(self.to_memory_format(batch["image"]))), batch["label"]
 
 
-class MoCoDistillModule(MoCoModule):
+class MoCoDistillModule(TeacherStudent, MoCoModule):
     """MoCo v2 student distilled from a frozen MoCo teacher over the (1 + K) similarity distributions.
 
     For view 1 / view 2 of each frame, the student's logits ``z_s = [q_s.k_s, q_s.Queue_s] / tau``
@@ -264,6 +221,7 @@ class MoCoDistillModule(MoCoModule):
 
     loss_term_names = ("info_nce", "distill", "probe")
     default_loss_weights = {"info_nce": 1.0, "distill": 5.0, "probe": 1.0}
+    single_teacher = True
 
     def __init__(
         self,
@@ -273,29 +231,14 @@ class MoCoDistillModule(MoCoModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.teachers = FrozenTeachers([teacher_checkpoint], "moco", [teacher_sha256])
-        # The frozen teacher is in eval mode on purpose; Lightning would warn about it at every fit.
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
         self.teacher_queue = MemoryQueue(self.hparams.proj_dim, self.hparams.queue_size)
         self.register_buffer("filled_rows", torch.zeros((), dtype=torch.long))
-        records = self.teachers.available_records()
-        if records is not None:
-            self.record_teachers(records)
+        self.attach_teachers(FrozenTeachers([teacher_checkpoint], "moco", [teacher_sha256]))
 
-    def record_teachers(self, records: list[TeacherRecord]) -> None:
-        self.hparams["teacher_checkpoint"] = records[0].checkpoint
-        self.hparams["teacher_sha256"] = records[0].sha256
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit":
-            self.prepare_teacher()
-
-    def prepare_teacher(self) -> None:
+    def prepare_distillation(self) -> None:
         """Load the teacher and check that its projection dimension and queue size are the student's."""
-        self.teachers.load()
+        super().prepare_distillation()
         record = self.teachers.records()[0]
-        self.record_teachers([record])
         recorded = load_state(Path(record.checkpoint)).get("hyper_parameters") or {}
         teacher_dim = self.teachers.networks[0].head.layers[-1].out_features
         problems = []
@@ -327,12 +270,3 @@ class MoCoDistillModule(MoCoModule):
         student, teacher = outputs["logits"][:, :columns], outputs["teacher_logits"][:, :columns]
         terms["distill"] = similarity_distillation_loss(student, teacher, self.hparams.distill_temperature)
         return terms
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if not self.teachers.loaded:  # test / predict: the student alone
-            return
-        recorded = (checkpoint.get("hyper_parameters") or {}).get("teacher_sha256")
-        record = self.teachers.records()[0]
-        if recorded is not None and recorded != record.sha256:
-            raise DataError(f"{record.checkpoint}: teacher differs from the one this checkpoint was trained with "
-                            "(content hash changed); resume with the original teacher file")

@@ -1,4 +1,5 @@
-"""Frozen teachers: the one component every distillation module uses to hold its teachers.
+"""Frozen teachers: the one component every distillation module uses to hold its teachers, and
+:class:`TeacherStudent`, the part of a distillation module that owns their bookkeeping.
 
 - Teachers are rebuilt from their checkpoints (:func:`distill.modules.checkpoints.load_network`),
   always in eval mode, without autograd.
@@ -6,7 +7,10 @@
   predicting or exporting a trained student never needs its teachers' files.
 - Their weights never enter the student's checkpoints or ``state_dict`` (they are reloaded
   from their files); each teacher file is identified by its SHA-256, which the student
-  records, so a retrained teacher cannot silently change what an old student config means.
+  records (:class:`TeacherStudent`), so a retrained teacher cannot silently change what an
+  old student config means, nor a resumed run continue with another teacher.
+- A teacher manifest (``distill teachers`` writes it) lists teachers with their hashes;
+  :meth:`FrozenTeachers.from_manifest` reads it when the teachers are first needed, once.
 - Teachers of the same architecture run as one batched pass (``torch.func`` stacked weights
   under ``vmap``: one grouped convolution per layer), not K Python round trips, on GPUs where
   launches dominate. On CPU the grouped convolution is slower than K plain passes (measured
@@ -19,9 +23,11 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -50,7 +56,8 @@ class FrozenTeachers(nn.Module):
     """K frozen teacher networks, loaded lazily, kept out of checkpoints, run batched.
 
     Args:
-        checkpoints: one checkpoint file or run directory per teacher.
+        checkpoints: one checkpoint file or run directory per teacher (see also
+            :meth:`from_manifest` and :meth:`from_source`).
         family: network family of the teachers (see :mod:`distill.modules.checkpoints`).
         sha256: expected content hash per teacher (``None`` entries: not checked). A mismatch
             fails at load time, naming the file.
@@ -72,10 +79,9 @@ class FrozenTeachers(nn.Module):
         fold_batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        self.checkpoints = [str(c) for c in checkpoints]
-        self.expected_sha256 = list(sha256) if sha256 is not None else [None] * len(self.checkpoints)
-        if len(self.expected_sha256) != len(self.checkpoints):
-            raise DataError(f"teachers: {len(self.checkpoints)} checkpoints but {len(self.expected_sha256)} sha256 values")
+        self._manifest: Path | None = None  # set: checkpoints and hashes still to be read from it
+        self._given_sha256 = sha256
+        self._set_checkpoints([str(c) for c in checkpoints], [None] * len(checkpoints))
         self.family = family
         self.overrides = dict(overrides or {})
         self.batched = batched
@@ -88,12 +94,55 @@ class FrozenTeachers(nn.Module):
         self.register_state_dict_post_hook(_drop_own_keys)
         self.register_load_state_dict_post_hook(_forgive_own_missing_keys)
 
+    @classmethod
+    def from_manifest(cls, manifest: str | Path, family: str, sha256: Sequence[str | None] | None = None,
+                      **options) -> FrozenTeachers:
+        """The teachers of a manifest (:func:`read_teacher_manifest`), read when first needed.
+
+        ``sha256`` (if given) replaces the manifest's hashes; ``options``: see the class.
+        """
+        teachers = cls([], family, **options)
+        teachers._manifest, teachers._given_sha256 = Path(manifest), sha256
+        return teachers
+
+    @classmethod
+    def from_source(cls, source: str | Path | Sequence[str | Path], family: str,
+                    sha256: Sequence[str | None] | None = None, **options) -> FrozenTeachers:
+        """Teachers from a manifest YAML (``.yaml``/``.yml``), one checkpoint, or a list of them."""
+        if isinstance(source, (str, Path)) and Path(source).suffix in (".yaml", ".yml"):
+            return cls.from_manifest(source, family, sha256, **options)
+        return cls([source] if isinstance(source, (str, Path)) else list(source), family, sha256, **options)
+
+    def _set_checkpoints(self, checkpoints: list[str], listed_sha256: list[str | None]) -> None:
+        self._checkpoints = checkpoints
+        self._expected_sha256 = list(self._given_sha256) if self._given_sha256 is not None else listed_sha256
+        if len(self._expected_sha256) != len(self._checkpoints):
+            raise DataError(f"teachers: {len(self._checkpoints)} checkpoints but {len(self._expected_sha256)} sha256 values")
+
+    def _read_manifest(self) -> None:
+        if self._manifest is not None:  # raises (and retries next time) while the manifest is unreadable
+            entries = read_teacher_manifest(self._manifest)
+            self._set_checkpoints([e.checkpoint for e in entries], [e.sha256 for e in entries])
+            self._manifest = None
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The teachers' checkpoint files or run directories as given (a manifest's: read now)."""
+        self._read_manifest()
+        return self._checkpoints
+
+    @property
+    def expected_sha256(self) -> list[str | None]:
+        """Expected content hash per teacher (``None``: not checked)."""
+        self._read_manifest()
+        return self._expected_sha256
+
     def __len__(self) -> int:
         return len(self.checkpoints)
 
     @property
     def loaded(self) -> bool:
-        return bool(self.checkpoints) and len(self.networks) == len(self.checkpoints)
+        return len(self.networks) > 0  # load() reads every teacher or fails
 
     def records(self) -> list[TeacherRecord]:
         """Resolved checkpoint files and their hashes, checked against the expected hashes."""
@@ -260,3 +309,73 @@ def read_teacher_manifest(path: str | Path) -> list[ManifestEntry]:
         result.append(ManifestEntry(name=str(entry["name"]), checkpoint=str(checkpoint), sha256=str(entry["sha256"]),
                                     subset=dict(entry.get("subset") or {}), val_metric=entry.get("val_metric")))
     return result
+
+
+class TeacherStudent:
+    """The teacher bookkeeping of a distillation module, mixed in before its LightningModule base.
+
+    The student holds its teachers as :class:`FrozenTeachers` (:meth:`attach_teachers`, in
+    ``__init__``); this part records their files and hashes in the hyper-parameters (so every
+    checkpoint names them), loads them when fitting starts (:meth:`prepare_distillation`, which
+    a method extends with its own checks and training-only heads), and refuses to resume a
+    checkpoint with teachers whose content changed. Training-only parts live in
+    ``distill_heads`` and are dropped when a checkpoint is loaded without teachers (test,
+    predict, export).
+
+    A single-teacher student (``single_teacher = True``) records ``teacher_checkpoint`` and
+    ``teacher_sha256`` as plain values, a multi-teacher one ``teacher_sha256`` as a list.
+    """
+
+    single_teacher: ClassVar[bool] = False
+    teachers: FrozenTeachers
+
+    def attach_teachers(self, teachers: FrozenTeachers) -> None:
+        """Hold ``teachers``; records them now if their files are there (else when fitting starts)."""
+        self.teachers = teachers
+        # The frozen teachers are in eval mode on purpose; Lightning would warn about it at every fit.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+        records = teachers.available_records()
+        if records is not None:
+            self.record_teachers(records)
+
+    def record_teachers(self, records: Sequence[TeacherRecord]) -> None:
+        """Store the resolved teacher files and hashes in the hyper-parameters (saved with every checkpoint)."""
+        if self.single_teacher:
+            self.hparams["teacher_checkpoint"] = records[0].checkpoint
+            self.hparams["teacher_sha256"] = records[0].sha256
+        else:
+            self.hparams["teacher_sha256"] = [r.sha256 for r in records]
+
+    def recorded_teacher_hashes(self, hparams: Mapping) -> list[str] | None:
+        """The teacher hashes a checkpoint's hyper-parameters record (``None``: none recorded)."""
+        recorded = hparams.get("teacher_sha256")
+        if recorded is None:
+            return None
+        return [recorded] if self.single_teacher else list(recorded)
+
+    def teacher_files(self) -> str:
+        return ", ".join(r.checkpoint for r in self.teachers.records())
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.prepare_distillation()
+
+    def prepare_distillation(self) -> None:
+        """Load the teachers (raising if they are gone or changed) and record them; methods extend
+        this with their checks of teachers against student and their training-only heads."""
+        self.teachers.load()
+        self.record_teachers(self.teachers.records())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        if not self.teachers.loaded:  # test / predict / export: the student alone
+            for key in [k for k in state if k.startswith("distill_heads.")]:
+                del state[key]
+            return
+        recorded = self.recorded_teacher_hashes(checkpoint.get("hyper_parameters") or {})
+        records = self.teachers.records()
+        if recorded is not None and recorded != [r.sha256 for r in records]:
+            changed = [r.checkpoint for r, old in zip(records, recorded) if r.sha256 != old]
+            raise DataError(f"{', '.join(changed) or self.teacher_files()}: teacher differs from the one this "
+                            "checkpoint was trained with (content hash changed); resume with the original teacher files")
