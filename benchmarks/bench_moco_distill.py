@@ -79,20 +79,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_synthetic_surgical(tmp / "cholec80", num_videos=4, seed=0, size=(96, 120), duration_s=(20.0, 30.0))
-        extract_dataset_frames(tmp / "cholec80", tmp / "frames", fps=5, size=(72, 72), workers=args.workers, progress=False)
-        data = SurgicalSSLDataModule(str(tmp / "frames"), str(tmp / "cholec80"), fps=5, image_size=args.image_size,
-                                     resize_size=args.image_size + 8, batch_size=args.batch_size, num_workers=args.workers)
+        extract_dataset_frames(
+            tmp / "cholec80", tmp / "frames", fps=5, size=(72, 72), workers=args.workers, progress=False
+        )
+        data = SurgicalSSLDataModule(
+            str(tmp / "frames"),
+            str(tmp / "cholec80"),
+            fps=5,
+            image_size=args.image_size,
+            resize_size=args.image_size + 8,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+        )
         data.setup("fit")
         loader = data.train_dataloader()
         batches = list(itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), args.steps + 1))
         start = time.perf_counter()
-        loaded = sum(len(b["label"]) for b in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), args.steps))
+        loaded = sum(
+            len(b["label"])
+            for b in itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), args.steps)
+        )
         loader_rate = loaded / (time.perf_counter() - start)
 
         teacher = MoCoModule(**options, freeze_backbone=True)
         teacher_path = tmp / "teacher.ckpt"
-        torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams), "network_family": "moco"},
-                   teacher_path)
+        torch.save(
+            {"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams), "network_family": "moco"},
+            teacher_path,
+        )
         moco = MoCoModule(**options)
         distill = MoCoDistillModule(teacher_checkpoint=str(teacher_path), **options)
         distill.prepare_distillation()
@@ -100,13 +114,19 @@ def main() -> None:
         distill_rate, distill_peak = train_rate(distill, batches, device)
 
     overhead = moco_rate / distill_rate - 1
-    print(f"{args.backbone}, {args.image_size} px, batch {args.batch_size}, K {args.queue_size}, {device}, {args.steps} steps")
+    print(
+        f"{args.backbone}, {args.image_size} px, batch {args.batch_size}, K {args.queue_size}, {device}, {args.steps} steps"
+    )
     print(f"MoCo v2:                {moco_rate:8.1f} images/s, peak {moco_peak:,.0f} MB")
     print(f"MoCo v2 + distillation: {distill_rate:8.1f} images/s, peak {distill_peak:,.0f} MB")
-    print(f"step-time ratio: {1 + overhead:.2f} (distillation adds {100 * overhead:.0f}%; target <= {100 * MAX_OVERHEAD:.0f}%): "
-          f"{'met' if overhead <= MAX_OVERHEAD else 'NOT met'}")
-    print(f"SSL loader ({args.workers} workers): {loader_rate:8.1f} view pairs/s "
-          f"({'not' if loader_rate > moco_rate else 'IS'} the bottleneck)")
+    print(
+        f"step-time ratio: {1 + overhead:.2f} (distillation adds {100 * overhead:.0f}%; target <= {100 * MAX_OVERHEAD:.0f}%): "
+        f"{'met' if overhead <= MAX_OVERHEAD else 'NOT met'}"
+    )
+    print(
+        f"SSL loader ({args.workers} workers): {loader_rate:8.1f} view pairs/s "
+        f"({'not' if loader_rate > moco_rate else 'IS'} the bottleneck)"
+    )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,18 @@ def write_teachers(folder: Path, count: int, width: int) -> list[str]:
         torch.manual_seed(k)
         net = build_segmentation_network("slim_unet", 3, 2, width=width)
         path = folder / f"teacher{k}.ckpt"
-        torch.save({"state_dict": {f"net.{n}": v for n, v in net.state_dict().items()},
-                    "hyper_parameters": {"network": "slim_unet", "network_kwargs": {"width": width},
-                                         "in_channels": 3, "num_classes": 2}}, path)
+        torch.save(
+            {
+                "state_dict": {f"net.{n}": v for n, v in net.state_dict().items()},
+                "hyper_parameters": {
+                    "network": "slim_unet",
+                    "network_kwargs": {"width": width},
+                    "in_channels": 3,
+                    "num_classes": 2,
+                },
+            },
+            path,
+        )
         paths.append(str(path))
     return paths
 
@@ -70,8 +79,12 @@ def measure(config: dict, args: argparse.Namespace) -> dict:
             module = SegmentationModule(**student, loss_weights={"dice": 1.0, "lovasz": 1.0})
         else:
             checkpoints = write_teachers(Path(tmp), config["teachers"], args.teacher_width)
-            module = MultiTeacherDistillModule(teachers=checkpoints, **student, batched_teachers=config.get("batched"),
-                                               loss_weights={"dice": 1.0, "lovasz": 1.0, "kd": 1.0})
+            module = MultiTeacherDistillModule(
+                teachers=checkpoints,
+                **student,
+                batched_teachers=config.get("batched"),
+                loss_weights={"dice": 1.0, "lovasz": 1.0, "kd": 1.0},
+            )
             module.teachers.fold_batch_norm = config.get("fold", True)
             module.prepare_distillation()
         module.to(device).train()
@@ -98,8 +111,11 @@ def measure(config: dict, args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize()
             if step >= 2:
                 times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     return {"seconds": sorted(times)[len(times) // 2], "peak_mib": peak}
 
 
@@ -108,7 +124,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3, help="times each configuration runs (in turn); median reported")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="times each configuration runs (in turn); median reported"
+    )
     parser.add_argument("--teacher-width", type=int, default=8, help="8: the student's size class; 64: the 31M U-Net")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
@@ -119,21 +137,27 @@ def main() -> None:
         return
     import torch
 
-    print(f"student slim U-Net w8, teachers slim U-Net w{args.teacher_width}, batch {args.batch} x 3 x {args.size}^2, "
-          f"{args.device}, {'channels_last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} steps, median of {args.rounds} rounds")
+    print(
+        f"student slim U-Net w8, teachers slim U-Net w{args.teacher_width}, batch {args.batch} x 3 x {args.size}^2, "
+        f"{args.device}, {'channels_last' if args.channels_last else 'NCHW'}, {torch.get_num_threads()} threads, "
+        f"median of {args.steps} steps, median of {args.rounds} rounds"
+    )
     runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for _ in range(args.rounds):
         for name in CONFIGS:
             command = [sys.executable, __file__, "--config", name, *sys.argv[1:]]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             runs[name].append(json.loads(output.splitlines()[-1]))
-    results = {name: {"seconds": statistics.median(r["seconds"] for r in rs), "peak_mib": max(r["peak_mib"] for r in rs)}
-               for name, rs in runs.items()}
+    results = {
+        name: {"seconds": statistics.median(r["seconds"] for r in rs), "peak_mib": max(r["peak_mib"] for r in rs)}
+        for name, rs in runs.items()
+    }
     base, one = results["no KD"]["seconds"], results["1 teacher live"]["seconds"]
     print("\n| configuration | ms / step | vs no KD | vs 1 teacher | peak MiB |\n|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {1000 * r['seconds']:.1f} | {r['seconds'] / base:.2f}x | {r['seconds'] / one:.2f}x | {r['peak_mib']:.0f} |")
+        print(
+            f"| {name} | {1000 * r['seconds']:.1f} | {r['seconds'] / base:.2f}x | {r['seconds'] / one:.2f}x | {r['peak_mib']:.0f} |"
+        )
     print(f"\nK=6 live / K=1: {results['6 teachers live']['seconds'] / one:.2f}x (target <= 2)")
     print(f"K=6 cached / no KD: {results['6 teachers cached']['seconds'] / base:.2f}x (target <= 1.2)")
 

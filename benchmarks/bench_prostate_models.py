@@ -38,7 +38,10 @@ class RandomSlices(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         g = torch.Generator().manual_seed(index)
-        return {"image": torch.randn(3, self.size, self.size, generator=g), "label": (torch.rand(self.size, self.size, generator=g) > 0.7).long()}
+        return {
+            "image": torch.randn(3, self.size, self.size, generator=g),
+            "label": (torch.rand(self.size, self.size, generator=g) > 0.7).long(),
+        }
 
 
 class StepTimer(L.Callback):
@@ -57,7 +60,15 @@ class StepTimer(L.Callback):
 
 def slices_per_second(module: L.LightningModule, size: int, batch_size: int, steps: int) -> float:
     timer = StepTimer()
-    trainer = L.Trainer(max_steps=steps + timer.warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=steps + timer.warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        accelerator="cpu",
+    )
     trainer.fit(module, DataLoader(RandomSlices(size, batch_size * (steps + timer.warmup)), batch_size=batch_size))
     return batch_size / (sum(timer.times) / len(timer.times))
 
@@ -96,8 +107,11 @@ def main() -> None:
         teacher_fwd_ms = latency_ms(teacher, (batch, 3, size, size), repeats=3)
         student_sps = slices_per_second(SegmentationModule(network="slim_unet"), size, batch, args.train_steps)
         distill = SegDistillModule(
-            teacher_checkpoint=str(teacher_path), teacher_network="unet", teacher_network_kwargs={"width": 64},
-            network="slim_unet", feature_pairs=[{"student": "down_2", "teacher": "down_2"}, {"student": "down_4", "teacher": "down_4"}],
+            teacher_checkpoint=str(teacher_path),
+            teacher_network="unet",
+            teacher_network_kwargs={"width": 64},
+            network="slim_unet",
+            feature_pairs=[{"student": "down_2", "teacher": "down_2"}, {"student": "down_4", "teacher": "down_4"}],
         )
         distill_sps = slices_per_second(distill, size, batch, args.train_steps)
     student_step, distill_step = 1000 * batch / student_sps, 1000 * batch / distill_sps

@@ -51,8 +51,10 @@ def loader_rate(loader, max_batches: int, items_of) -> tuple[float, float]:
 def report(name: str, rates: tuple[float, float], unit: str, workers: int) -> float:
     """Print the measured rate and the rate ``workers`` dedicated cores would give; returns the latter."""
     wall, per_cpu_second = rates
-    print(f"{name}: {wall:,.0f} {unit}/s measured, {per_cpu_second:,.0f} per CPU second "
-          f"-> {workers * per_cpu_second:,.0f} {unit}/s on {workers} dedicated cores")
+    print(
+        f"{name}: {wall:,.0f} {unit}/s measured, {per_cpu_second:,.0f} per CPU second "
+        f"-> {workers * per_cpu_second:,.0f} {unit}/s on {workers} dedicated cores"
+    )
     return workers * per_cpu_second
 
 
@@ -73,22 +75,34 @@ def main() -> None:
         extract_dataset_frames(root, frames_dir, fps=5, workers=args.workers, progress=False)
         seconds = time.perf_counter() - start
         written = sum(1 for _ in frames_dir.glob("*/*.jpg"))
-        print(f"extract-frames (5 fps, {args.workers} workers): {decoded / seconds:,.0f} decoded frames/s, "
-              f"{written / seconds:,.0f} written 250x250 frames/s")
+        print(
+            f"extract-frames (5 fps, {args.workers} workers): {decoded / seconds:,.0f} decoded frames/s, "
+            f"{written / seconds:,.0f} written 250x250 frames/s"
+        )
 
         common = dict(data_root=root, num_workers=args.workers, val_fraction=0.0)
         ssl = SurgicalSSLDataModule(frames_dir, fps=5, batch_size=64, **common)
         ssl.setup("fit")
-        pairs = report("SurgicalSSLDataModule", loader_rate(ssl.train_dataloader(), args.batches, lambda b: len(b["index"])),
-                       "view pairs", args.workers)
+        pairs = report(
+            "SurgicalSSLDataModule",
+            loader_rate(ssl.train_dataloader(), args.batches, lambda b: len(b["index"])),
+            "view pairs",
+            args.workers,
+        )
         verdict = "met" if pairs >= SSL_TARGET_PAIRS_PER_S else "NOT met"
-        print(f"SSL target {SSL_TARGET_PAIRS_PER_S:.0f} view pairs/s on 2 cores: {verdict} (judged on the dedicated-core rate; "
-              f"load average now {os.getloadavg()[0]:.1f})")
+        print(
+            f"SSL target {SSL_TARGET_PAIRS_PER_S:.0f} view pairs/s on 2 cores: {verdict} (judged on the dedicated-core rate; "
+            f"load average now {os.getloadavg()[0]:.1f})"
+        )
 
         phase = SurgicalPhaseDataModule(frames_dir, fps=5, batch_size=64, **common)
         phase.setup("fit")
-        report("SurgicalPhaseDataModule", loader_rate(phase.train_dataloader(), args.batches, lambda b: len(b["index"])),
-               "frames", args.workers)
+        report(
+            "SurgicalPhaseDataModule",
+            loader_rate(phase.train_dataloader(), args.batches, lambda b: len(b["index"])),
+            "frames",
+            args.workers,
+        )
 
         rng = np.random.default_rng(0)
         for video, annotation in phase.annotations.items():
@@ -96,8 +110,12 @@ def main() -> None:
             save_video_features(features_dir, video, rng.standard_normal((len(frames), 2048), dtype=np.float32), frames)
         features = PhaseFeatureDataModule(features_dir, **common)
         features.setup("fit")
-        report("PhaseFeatureDataModule", loader_rate(features.train_dataloader(), args.batches, lambda b: b["features"].shape[-1]),
-               "2048-d feature frames", args.workers)
+        report(
+            "PhaseFeatureDataModule",
+            loader_rate(features.train_dataloader(), args.batches, lambda b: b["features"].shape[-1]),
+            "2048-d feature frames",
+            args.workers,
+        )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ class SliceAugmentation:
         self.intensity, self.intensity_prob = intensity, intensity_prob
         self.bilinear_keys = ("image", *spatial_keys)
 
-    def __call__(self, sample: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, sample: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         draws = iter(torch.rand(9, generator=generator).tolist())  # every draw, in a fixed order
 
         def chance(probability: float) -> bool:

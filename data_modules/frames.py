@@ -53,12 +53,16 @@ class FramePattern:
 
     def __post_init__(self) -> None:
         prefix = "{video}/"
-        file_part = self.pattern[len(prefix):]
+        file_part = self.pattern[len(prefix) :]
         if not self.pattern.startswith(prefix) or "/" in file_part:
-            raise DataError(f"frame pattern {self.pattern!r}: must look like '{{video}}/<file name>' (one folder per video)")
+            raise DataError(
+                f"frame pattern {self.pattern!r}: must look like '{{video}}/<file name>' (one folder per video)"
+            )
         fields = [field for _, field, _, _ in string.Formatter().parse(file_part) if field is not None]
         if fields.count("frame") != 1 or set(fields) - {"video", "frame"}:
-            raise DataError(f"frame pattern {self.pattern!r}: the file name needs one {{frame}} field and no fields but {{video}}")
+            raise DataError(
+                f"frame pattern {self.pattern!r}: the file name needs one {{frame}} field and no fields but {{video}}"
+            )
 
     def video_dir(self, root: str | Path, video: str) -> Path:
         return Path(root) / video
@@ -69,7 +73,7 @@ class FramePattern:
     def file_regex(self, video: str) -> re.Pattern:
         """Regex matching the file names of ``video``'s frames; group 1 is the frame index."""
         parts = []
-        for literal, field, _, _ in string.Formatter().parse(self.pattern[len("{video}/"):]):
+        for literal, field, _, _ in string.Formatter().parse(self.pattern[len("{video}/") :]):
             parts.append(re.escape(literal))
             if field == "video":
                 parts.append(re.escape(video))
@@ -117,7 +121,7 @@ def crop_black_margin(frame: np.ndarray, threshold: int = 15, median_size: int =
     x, y, width, height = cv2.boundingRect(mask)
     if width == 0 or height == 0:
         return frame
-    return frame[y:y + height, x:x + width]
+    return frame[y : y + height, x : x + width]
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,11 @@ def extract_frames(
     if len({video.name for video in videos}) != len(videos):
         raise DataError(f"{out_dir}: two videos share a name; frame folders are named by video file stem")
     todo = [video for video in videos if not _is_complete(pattern.video_dir(out_dir, video.name), settings)]
-    finished_otherwise = [pattern.video_dir(out_dir, video.name) for video in todo
-                          if (pattern.video_dir(out_dir, video.name) / COMPLETION_MARKER).is_file()]
+    finished_otherwise = [
+        pattern.video_dir(out_dir, video.name)
+        for video in todo
+        if (pattern.video_dir(out_dir, video.name) / COMPLETION_MARKER).is_file()
+    ]
     if finished_otherwise and not overwrite:
         recorded = _read_marker(finished_otherwise[0])
         raise DataError(
@@ -200,7 +207,9 @@ def extract_frames(
                     failures[video.name] = str(err)
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=cv2.setNumThreads, initargs=(1,)) as pool:
+            with ProcessPoolExecutor(
+                max_workers=min(workers, len(todo)), initializer=cv2.setNumThreads, initargs=(1,)
+            ) as pool:
                 futures = {pool.submit(_extract_video, video, out_dir, settings): video.name for video in todo}
                 for future in as_completed(futures):
                     if isinstance(future.exception(), DataError):

@@ -63,7 +63,7 @@ class ProstateCase:
 
     @property
     def key(self) -> str:
-        """"SITE/CaseXX", the name used in case lists."""
+        """ "SITE/CaseXX", the name used in case lists."""
         return f"{self.site}/{self.case}"
 
 
@@ -510,8 +510,10 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
             "split": (split in SPLIT_METHODS, " or ".join(SPLIT_METHODS)),
             "held_out_site": (split != "leave_one_site_out" or held_out_site, "required for split=leave_one_site_out"),
             "case_list": (split != "case_list" or case_list is not None, "required for split=case_list"),
-            "val_fraction": (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1,
-                             "val_fraction and test_fraction must be in [0, 1) with a sum below 1"),
+            "val_fraction": (
+                0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1,
+                "val_fraction and test_fraction must be in [0, 1) with a sum below 1",
+            ),
             "num_slices": (num_slices >= 1 and num_slices % 2 == 1, "must be odd and positive"),
             "image_size": (image_size >= 8, "must be at least 8"),
             "normalization": (normalization in ("zscore", "percentile"), "zscore or percentile"),
@@ -602,8 +604,13 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
         hp, train = self.hparams, self.train_set
         samples = [f"{train.volumes[v].case.key}:{s}" for v, s in train.samples]
         digest = hashlib.sha256("\n".join(samples).encode()).hexdigest()
-        return {"samples": digest, "num_samples": len(samples), "image_size": hp.image_size,
-                "num_slices": hp.num_slices, "normalization": hp.normalization}
+        return {
+            "samples": digest,
+            "num_samples": len(samples),
+            "image_size": hp.image_size,
+            "num_slices": hp.num_slices,
+            "normalization": hp.normalization,
+        }
 
     def teacher_cache_inputs(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Un-augmented training inputs (B, num_slices, H, W) in sample order, for the teachers."""
@@ -619,8 +626,10 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
         """Serve ``logits`` (N, K, C, H, W) as ``batch["teacher_logits"]``, augmented with the image."""
         hp = self.hparams
         if hp.augment and hp.intensity_augmentation:
-            raise DataError("teacher_cache: intensity augmentation changes what the teachers would predict and "
-                            "cannot be applied to cached outputs; set data.init_args.intensity_augmentation=false")
+            raise DataError(
+                "teacher_cache: intensity augmentation changes what the teachers would predict and "
+                "cannot be applied to cached outputs; set data.init_args.intensity_augmentation=false"
+            )
         train = self.train_set
         if logits.shape[0] != len(train.samples):
             raise DataError(f"teacher_cache: {logits.shape[0]} cached samples for {len(train.samples)} training slices")

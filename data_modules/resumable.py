@@ -39,7 +39,9 @@ class ResumableSampler(DistributedSampler):
     It stays a ``DistributedSampler``, so Lightning uses it as it is under DDP instead of wrapping it.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0, drop_last: bool = False) -> None:
+    def __init__(
+        self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0, drop_last: bool = False
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
         self.start = 0
 

@@ -60,7 +60,12 @@ class FrameIndex:
 
 
 def labelled_frame_index(
-    frames_dir: str | Path, pattern: FramePattern, annotations: Mapping[str, Path], videos: Sequence[str], dataset: str, fps: int
+    frames_dir: str | Path,
+    pattern: FramePattern,
+    annotations: Mapping[str, Path],
+    videos: Sequence[str],
+    dataset: str,
+    fps: int,
 ) -> FrameIndex:
     """The annotated frames of ``videos`` at ``fps``; every one must exist under ``frames_dir``."""
     per_video = []
@@ -76,14 +81,18 @@ def labelled_frame_index(
     return _concatenate_index(list(videos), per_video)
 
 
-def unlabelled_frame_index(frames_dir: str | Path, pattern: FramePattern, videos: Sequence[str], fps: int) -> FrameIndex:
+def unlabelled_frame_index(
+    frames_dir: str | Path, pattern: FramePattern, videos: Sequence[str], fps: int
+) -> FrameIndex:
     """Every frame of ``videos`` present under ``frames_dir`` at ``fps`` (labels -1)."""
     per_video = []
     for video in videos:
         frames = pattern.list_frames(frames_dir, video)
         frames = frames[frames % frame_step(fps) == 0]
         if not frames.size:
-            raise DataError(f"{pattern.video_dir(frames_dir, video)}: no frames at {fps} fps matching {pattern.pattern!r}")
+            raise DataError(
+                f"{pattern.video_dir(frames_dir, video)}: no frames at {fps} fps matching {pattern.pattern!r}"
+            )
         per_video.append((frames, np.full(frames.size, -1, dtype=np.int64)))
     return _concatenate_index(list(videos), per_video)
 
@@ -106,7 +115,15 @@ class FrameDataset(Dataset):
     run ``transform`` with torch's random state seeded from ``(seed, epoch, i)`` (the global state is left as it was).
     """
 
-    def __init__(self, frames_dir: str | Path, pattern: FramePattern, index: FrameIndex, transform: Callable, image_key: str = "image", seed: int = 0) -> None:
+    def __init__(
+        self,
+        frames_dir: str | Path,
+        pattern: FramePattern,
+        index: FrameIndex,
+        transform: Callable,
+        image_key: str = "image",
+        seed: int = 0,
+    ) -> None:
         self.frames_dir, self.pattern, self.index = Path(frames_dir), pattern, index
         self.transform, self.image_key, self.seed = transform, image_key, seed
 
@@ -124,7 +141,13 @@ class FrameDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(self.seed, epoch, i))
                 transformed = self.transform(image)
-        return {self.image_key: transformed, "label": int(self.index.labels[i]), "video": video, "frame": frame, "index": i}
+        return {
+            self.image_key: transformed,
+            "label": int(self.index.labels[i]),
+            "video": video,
+            "frame": frame,
+            "index": i,
+        }
 
 
 class VideoFeatureDataset(Dataset):
@@ -133,7 +156,9 @@ class VideoFeatureDataset(Dataset):
     ``feature_dim`` is D, the same for every video (checked).
     """
 
-    def __init__(self, features_dir: str | Path, videos: Sequence[str], annotations: Mapping[str, Path], dataset: str) -> None:
+    def __init__(
+        self, features_dir: str | Path, videos: Sequence[str], annotations: Mapping[str, Path], dataset: str
+    ) -> None:
         self.features_dir, self.videos = Path(features_dir), list(videos)
         self.frames, self.labels = [], []
         self.feature_dim: int | None = None
@@ -142,8 +167,10 @@ class VideoFeatureDataset(Dataset):
             if self.feature_dim is None:
                 self.feature_dim = features.shape[1]
             elif features.shape[1] != self.feature_dim:
-                raise DataError(f"{self.features_dir / (video + '.npy')}: {features.shape[1]} features per frame, "
-                                f"{self.videos[0]}.npy has {self.feature_dim}")
+                raise DataError(
+                    f"{self.features_dir / (video + '.npy')}: {features.shape[1]} features per frame, "
+                    f"{self.videos[0]}.npy has {self.feature_dim}"
+                )
             annotated, labels = read_phase_file(annotations[video], dataset)
             label_at = np.full(max(annotated.max(), frames.max()) + 1, -1, dtype=np.int64)
             label_at[annotated] = labels
@@ -238,7 +265,13 @@ class SurgicalDataModule(ResumableTraining, L.LightningDataModule):
         return self._loader(self.sets["test"])
 
 
-STAGE_PARTS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",), None: SPLIT_PARTS}
+STAGE_PARTS = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("predict",),
+    None: SPLIT_PARTS,
+}
 
 
 def _single_threaded_opencv(worker_id: int) -> None:
@@ -292,13 +325,30 @@ class SurgicalSSLDataModule(SurgicalDataModule):
         else:
             self._read_splits()
             videos = self.splits["train"] + self.splits["val"]
-            train_index = labelled_frame_index(self.frames_dir, self.pattern, self.annotations, videos, self.dataset, self.fps)
-            val_index = labelled_frame_index(self.frames_dir, self.pattern, self.annotations, self.splits["val"], self.dataset, self.fps)
-            self.sets["val"] = FrameDataset(self.frames_dir, self.pattern, val_index, eval_transform(self.image_size, self.resize_size))
+            train_index = labelled_frame_index(
+                self.frames_dir, self.pattern, self.annotations, videos, self.dataset, self.fps
+            )
+            val_index = labelled_frame_index(
+                self.frames_dir, self.pattern, self.annotations, self.splits["val"], self.dataset, self.fps
+            )
+            self.sets["val"] = FrameDataset(
+                self.frames_dir, self.pattern, val_index, eval_transform(self.image_size, self.resize_size)
+            )
             if stage in ("test", None):  # the linear probe's test accuracy
-                test_index = labelled_frame_index(self.frames_dir, self.pattern, self.annotations, self.splits["test"], self.dataset, self.fps)
-                self.sets["test"] = FrameDataset(self.frames_dir, self.pattern, test_index, eval_transform(self.image_size, self.resize_size))
-        self.sets["train"] = FrameDataset(self.frames_dir, self.pattern, train_index, TwoViews(moco_v2_augmentation(self.image_size)), "views", self.seed)
+                test_index = labelled_frame_index(
+                    self.frames_dir, self.pattern, self.annotations, self.splits["test"], self.dataset, self.fps
+                )
+                self.sets["test"] = FrameDataset(
+                    self.frames_dir, self.pattern, test_index, eval_transform(self.image_size, self.resize_size)
+                )
+        self.sets["train"] = FrameDataset(
+            self.frames_dir,
+            self.pattern,
+            train_index,
+            TwoViews(moco_v2_augmentation(self.image_size)),
+            "views",
+            self.seed,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.sets["train"], shuffle=True, drop_last=len(self.sets["train"]) >= self.batch_size)
@@ -353,7 +403,9 @@ class SurgicalPhaseDataModule(SurgicalDataModule):
 
     def class_weights(self) -> torch.Tensor:
         """(C,) float32 median-frequency weights of the training labels (TeCNO); absent phases get 0."""
-        counts = np.bincount(self.sets["train"].index.labels, minlength=len(phase_names(self.dataset))).astype(np.float64)
+        counts = np.bincount(self.sets["train"].index.labels, minlength=len(phase_names(self.dataset))).astype(
+            np.float64
+        )
         frequency = counts / counts.sum()
         weights = np.divide(np.median(frequency[counts > 0]), frequency, out=np.zeros_like(frequency), where=counts > 0)
         return torch.as_tensor(weights, dtype=torch.float32)
@@ -391,13 +443,17 @@ class PhaseFeatureDataModule(SurgicalDataModule):
         self._read_splits(self.train_videos)
         for part in STAGE_PARTS[stage]:
             if part != "predict":
-                self.sets[part] = VideoFeatureDataset(self.features_dir, self.splits[part], self.annotations, self.dataset)
+                self.sets[part] = VideoFeatureDataset(
+                    self.features_dir, self.splits[part], self.annotations, self.dataset
+                )
 
     @property
     def feature_dim(self) -> int:
         """D of the feature arrays (after :meth:`setup`); the TCN's input width follows it."""
         dims = {s.feature_dim for s in self.sets.values() if s.feature_dim is not None}
         if len(dims) != 1:
-            raise DataError(f"{self.features_dir}: " + ("no feature arrays" if not dims else
-                                                         f"videos of different feature widths {sorted(dims)}"))
+            raise DataError(
+                f"{self.features_dir}: "
+                + ("no feature arrays" if not dims else f"videos of different feature widths {sorted(dims)}")
+            )
         return dims.pop()

@@ -147,7 +147,6 @@ def extract_dataset_frames(
 # Splits
 
 
-
 def scale_split(counts: Sequence[int], num_videos: int) -> tuple[int, ...]:
     """Part sizes for ``num_videos`` videos with the proportions of ``counts``.
 
@@ -159,7 +158,9 @@ def scale_split(counts: Sequence[int], num_videos: int) -> tuple[int, ...]:
         return tuple(int(c) for c in counts)
     nonempty = counts > 0
     if num_videos < nonempty.sum():
-        raise DataError(f"{num_videos} videos cannot fill the {int(nonempty.sum())} non-empty parts of a {tuple(counts)} split")
+        raise DataError(
+            f"{num_videos} videos cannot fill the {int(nonempty.sum())} non-empty parts of a {tuple(counts)} split"
+        )
     ideal = counts * num_videos / counts.sum()
     scaled = np.where(nonempty, np.maximum(np.floor(ideal), 1), 0).astype(int)
     while scaled.sum() > num_videos:
@@ -195,9 +196,11 @@ def split_videos(
     if dataset == "cholec80" and split in CHOLEC80_SPLITS:
         counts = scale_split(CHOLEC80_SPLITS[split], len(videos))
         if sum(CHOLEC80_SPLITS[split]) != len(videos):
-            rank_zero_info(f"cholec80 split {split!r}: {len(videos)} videos instead of {sum(CHOLEC80_SPLITS[split])}; parts scaled to {counts}")
+            rank_zero_info(
+                f"cholec80 split {split!r}: {len(videos)} videos instead of {sum(CHOLEC80_SPLITS[split])}; parts scaled to {counts}"
+            )
         bounds = np.cumsum((0, *counts))
-        parts = {part: videos[bounds[i]:bounds[i + 1]] for i, part in enumerate(SPLIT_PARTS)}
+        parts = {part: videos[bounds[i] : bounds[i + 1]] for i, part in enumerate(SPLIT_PARTS)}
     elif dataset == "m2cai16" and split == "official":
         test = [v for v in videos if v.startswith("test_")]
         parts = {"train": [v for v in videos if v not in test], "val": [], "test": test}
@@ -220,5 +223,7 @@ def first_videos(videos: Sequence[str], budget: int | float | None) -> list[str]
     elif isinstance(budget, int) and not isinstance(budget, bool) and 1 <= budget <= len(videos):
         count = budget
     else:
-        raise DataError(f"train_videos={budget!r}: need an int in [1, {len(videos)}] (the training split) or a fraction in (0, 1]")
+        raise DataError(
+            f"train_videos={budget!r}: need an int in [1, {len(videos)}] (the training split) or a fraction in (0, 1]"
+        )
     return videos[:count]

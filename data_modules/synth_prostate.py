@@ -59,40 +59,124 @@ class SiteStyle:
 
 SITE_STYLES: tuple[SiteStyle, ...] = (
     SiteStyle(
-        "RUNMC", tuple(range(30)), "_segmentation", real_matrix=384, real_pixel_mm=0.60, slice_mm=3.6,
-        slice_count=(15, 24), zonal=True, image_dtype=np.int16, mask_dtype=np.uint8, intensity_scale=1200.0,
-        gamma=1.0, fat_signal=1.0, noise_sigma=0.030, bias_strength=0.15, coil_boost=0.0,
-        blur_mm=0.6, axis_signs=(-1, -1),
+        "RUNMC",
+        tuple(range(30)),
+        "_segmentation",
+        real_matrix=384,
+        real_pixel_mm=0.60,
+        slice_mm=3.6,
+        slice_count=(15, 24),
+        zonal=True,
+        image_dtype=np.int16,
+        mask_dtype=np.uint8,
+        intensity_scale=1200.0,
+        gamma=1.0,
+        fat_signal=1.0,
+        noise_sigma=0.030,
+        bias_strength=0.15,
+        coil_boost=0.0,
+        blur_mm=0.6,
+        axis_signs=(-1, -1),
     ),
     SiteStyle(
-        "BMC", tuple(range(30)), "_Segmentation", real_matrix=384, real_pixel_mm=0.40, slice_mm=3.0,
-        slice_count=(17, 24), zonal=True, image_dtype=np.int16, mask_dtype=np.int16, intensity_scale=500.0,
-        gamma=1.2, fat_signal=0.95, noise_sigma=0.060, bias_strength=0.20, coil_boost=1.2,
-        blur_mm=0.8, axis_signs=(-1, -1),
+        "BMC",
+        tuple(range(30)),
+        "_Segmentation",
+        real_matrix=384,
+        real_pixel_mm=0.40,
+        slice_mm=3.0,
+        slice_count=(17, 24),
+        zonal=True,
+        image_dtype=np.int16,
+        mask_dtype=np.int16,
+        intensity_scale=500.0,
+        gamma=1.2,
+        fat_signal=0.95,
+        noise_sigma=0.060,
+        bias_strength=0.20,
+        coil_boost=1.2,
+        blur_mm=0.8,
+        axis_signs=(-1, -1),
     ),
     SiteStyle(
-        "I2CVB", tuple(range(19)), "_segmentation", real_matrix=320, real_pixel_mm=0.55, slice_mm=1.8,
-        slice_count=(26, 30), zonal=False, image_dtype=np.float32, mask_dtype=np.uint8, intensity_scale=1.0,
-        gamma=0.8, fat_signal=0.85, noise_sigma=0.040, bias_strength=0.30, coil_boost=0.0,
-        blur_mm=0.7, axis_signs=(1, 1),
+        "I2CVB",
+        tuple(range(19)),
+        "_segmentation",
+        real_matrix=320,
+        real_pixel_mm=0.55,
+        slice_mm=1.8,
+        slice_count=(26, 30),
+        zonal=False,
+        image_dtype=np.float32,
+        mask_dtype=np.uint8,
+        intensity_scale=1.0,
+        gamma=0.8,
+        fat_signal=0.85,
+        noise_sigma=0.040,
+        bias_strength=0.30,
+        coil_boost=0.0,
+        blur_mm=0.7,
+        axis_signs=(1, 1),
     ),
     SiteStyle(
-        "UCL", (1, *range(26, 38)), "_segmentation", real_matrix=384, real_pixel_mm=0.60, slice_mm=3.6,
-        slice_count=(15, 22), zonal=False, image_dtype=np.float32, mask_dtype=np.uint8, intensity_scale=700.0,
-        gamma=1.1, fat_signal=0.7, noise_sigma=0.035, bias_strength=0.10, coil_boost=0.0,
-        blur_mm=0.6, axis_signs=(-1, 1),
+        "UCL",
+        (1, *range(26, 38)),
+        "_segmentation",
+        real_matrix=384,
+        real_pixel_mm=0.60,
+        slice_mm=3.6,
+        slice_count=(15, 22),
+        zonal=False,
+        image_dtype=np.float32,
+        mask_dtype=np.uint8,
+        intensity_scale=700.0,
+        gamma=1.1,
+        fat_signal=0.7,
+        noise_sigma=0.035,
+        bias_strength=0.10,
+        coil_boost=0.0,
+        blur_mm=0.6,
+        axis_signs=(-1, 1),
     ),
     SiteStyle(
-        "BIDMC", (0, *range(2, 13)), "_segmentation", real_matrix=320, real_pixel_mm=0.45, slice_mm=2.5,
-        slice_count=(20, 28), zonal=False, image_dtype=np.int16, mask_dtype=np.int16, intensity_scale=2500.0,
-        gamma=0.9, fat_signal=0.55, noise_sigma=0.050, bias_strength=0.25, coil_boost=1.5,
-        blur_mm=0.5, axis_signs=(1, -1),
+        "BIDMC",
+        (0, *range(2, 13)),
+        "_segmentation",
+        real_matrix=320,
+        real_pixel_mm=0.45,
+        slice_mm=2.5,
+        slice_count=(20, 28),
+        zonal=False,
+        image_dtype=np.int16,
+        mask_dtype=np.int16,
+        intensity_scale=2500.0,
+        gamma=0.9,
+        fat_signal=0.55,
+        noise_sigma=0.050,
+        bias_strength=0.25,
+        coil_boost=1.5,
+        blur_mm=0.5,
+        axis_signs=(1, -1),
     ),
     SiteStyle(
-        "HK", tuple(range(38, 50)), "_segmentation", real_matrix=384, real_pixel_mm=0.50, slice_mm=4.0,
-        slice_count=(14, 20), zonal=False, image_dtype=np.float32, mask_dtype=np.uint8, intensity_scale=400.0,
-        gamma=1.3, fat_signal=1.0, noise_sigma=0.045, bias_strength=0.15, coil_boost=0.0,
-        blur_mm=0.9, axis_signs=(-1, -1),
+        "HK",
+        tuple(range(38, 50)),
+        "_segmentation",
+        real_matrix=384,
+        real_pixel_mm=0.50,
+        slice_mm=4.0,
+        slice_count=(14, 20),
+        zonal=False,
+        image_dtype=np.float32,
+        mask_dtype=np.uint8,
+        intensity_scale=400.0,
+        gamma=1.3,
+        fat_signal=1.0,
+        noise_sigma=0.045,
+        bias_strength=0.15,
+        coil_boost=0.0,
+        blur_mm=0.9,
+        axis_signs=(-1, -1),
     ),
 )
 
@@ -110,7 +194,11 @@ def scaled_case_ids(style: SiteStyle, scale: float) -> list[int]:
 
 
 def write_synthetic_prostate(
-    out_dir: str | Path, seed: int = 0, scale: float = 1.0, size: int = 128, num_threads: int = 4,
+    out_dir: str | Path,
+    seed: int = 0,
+    scale: float = 1.0,
+    size: int = 128,
+    num_threads: int = 4,
     overwrite: bool = False,
 ) -> Path:
     """Write the six-site tree under ``out_dir`` and return it.
@@ -133,7 +221,9 @@ def write_synthetic_prostate(
         site_dir = root / style.name
         if site_dir.is_dir() and any(site_dir.iterdir()):
             if not overwrite:
-                raise DataError(f"{site_dir}: already holds files; write the synthetic tree into an empty folder (or pass --overwrite)")
+                raise DataError(
+                    f"{site_dir}: already holds files; write the synthetic tree into an empty folder (or pass --overwrite)"
+                )
             shutil.rmtree(site_dir)
         site_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(style, case_id) for style in SITE_STYLES for case_id in scaled_case_ids(style, scale)]
@@ -175,7 +265,7 @@ def _radius(grid: list[np.ndarray], centre, semi_axes) -> np.ndarray:
     return np.sqrt(sum(((g - c) / a) ** 2 for g, c, a in zip(grid, centre, semi_axes)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _upsampling_matrix(fine: int, coarse: int) -> np.ndarray:
     """(fine, coarse) cubic-spline zoom as a matrix: column j is the j-th unit vector zoomed to ``fine``."""
     matrix = ndimage.zoom(np.eye(coarse, dtype=np.float32), (fine / coarse, 1), order=3, mode="nearest")

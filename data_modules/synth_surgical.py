@@ -146,7 +146,9 @@ def write_synthetic_surgical(
     out = Path(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise DataError(f"{out}: already holds files; write into an empty folder (or pass --overwrite to replace the dataset)")
+            raise DataError(
+                f"{out}: already holds files; write into an empty folder (or pass --overwrite to replace the dataset)"
+            )
         for folder in DATASET_FOLDERS[dataset]:
             shutil.rmtree(out / folder, ignore_errors=True)
     paths = []
@@ -157,18 +159,27 @@ def write_synthetic_surgical(
         tools = tool_presence(rng, [names_of_phases[label] for label in labels[::VIDEO_FPS]])
         if dataset == "cholec80":
             video_path = out / "videos" / f"{name}.mp4"
-            write_phase_file(_mkdir(out / "phase_annotations") / f"{name}-phase.txt", np.arange(num_frames), labels, dataset)
+            write_phase_file(
+                _mkdir(out / "phase_annotations") / f"{name}-phase.txt", np.arange(num_frames), labels, dataset
+            )
             write_tool_file(_mkdir(out / "tool_annotations") / f"{name}-tool.txt", tools)
         else:
             video_path = out / ("test_dataset" if name.startswith("test_") else "train_dataset") / f"{name}.mp4"
             write_phase_file(_mkdir(video_path.parent) / f"{name}.txt", np.arange(num_frames), labels, dataset)
         scene = Scene(rng, height, width)
-        write_video(video_path, (scene.render(t, names_of_phases[label], tools[t // VIDEO_FPS]) for t, label in enumerate(labels)), (height, width))
+        write_video(
+            video_path,
+            (scene.render(t, names_of_phases[label], tools[t // VIDEO_FPS]) for t, label in enumerate(labels)),
+            (height, width),
+        )
         paths.append(video_path)
     return paths
 
 
-DATASET_FOLDERS = {"cholec80": ("videos", "phase_annotations", "tool_annotations"), "m2cai16": ("train_dataset", "test_dataset")}
+DATASET_FOLDERS = {
+    "cholec80": ("videos", "phase_annotations", "tool_annotations"),
+    "m2cai16": ("train_dataset", "test_dataset"),
+}
 
 
 def _mkdir(path: Path) -> Path:
@@ -194,7 +205,7 @@ def phase_sequence(rng: np.random.Generator, names: tuple[str, ...], num_frames:
         if length >= 8 and rng.random() < BACK_AND_FORTH_PROBABILITY:
             back = max(1, int(length * rng.uniform(0.1, 0.25)))
             begin = starts[phase] + int(rng.integers(length // 4, length - length // 4 - back + 1))
-            labels[begin:begin + back] = labels[starts[phase] - 1]
+            labels[begin : begin + back] = labels[starts[phase] - 1]
     return labels.astype(np.int64)
 
 
@@ -270,12 +281,18 @@ class Scene:
     def render(self, frame_index: int, phase: str, tools: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 BGR frame ``frame_index`` showing ``phase`` with the flagged ``tools`` (7,)."""
         look, u, t = PHASE_LOOKS[phase], self.unit, frame_index / VIDEO_FPS
-        pan = np.clip(look.pan * u * np.array([self._wave(t, look.pan_hz, 0), self._wave(t, look.pan_hz * 0.7, 1)]), -self.margin, self.margin)
+        pan = np.clip(
+            look.pan * u * np.array([self._wave(t, look.pan_hz, 0), self._wave(t, look.pan_hz * 0.7, 1)]),
+            -self.margin,
+            self.margin,
+        )
         dx, dy = (self.margin + pan).astype(int)
-        frame = self.tissue[dy:dy + self.height, dx:dx + self.width].copy()
+        frame = self.tissue[dy : dy + self.height, dx : dx + self.width].copy()
         centre = self.anchor - pan
         self._draw_anatomy(frame, look, centre, tools)
-        tip = centre + look.tool_swing * u * np.array([self._wave(t, look.tool_hz, 2), self._wave(t, look.tool_hz * 1.3, 3)])
+        tip = centre + look.tool_swing * u * np.array(
+            [self._wave(t, look.tool_hz, 2), self._wave(t, look.tool_hz * 1.3, 3)]
+        )
         for tool, present in zip(CHOLEC80_TOOLS, tools):
             if present and tool in TOOL_STYLE:
                 self._draw_tool(frame, tool, tip)
@@ -303,7 +320,9 @@ class Scene:
         if look.duct:
             cv2.line(frame, point((20, 14)), point((50, 34)), (200, 225, 235), max(1, int(3 * u)))
             for k in range(look.clips):
-                cv2.rectangle(frame, point((26 + 7 * k, 15 + 5 * k)), point((29 + 7 * k, 22 + 5 * k)), (215, 215, 215), -1)
+                cv2.rectangle(
+                    frame, point((26 + 7 * k, 15 + 5 * k)), point((29 + 7 * k, 22 + 5 * k)), (215, 215, 215), -1
+                )
         for x, y in self.blood_spots[: look.blood]:
             cv2.circle(frame, point((35 * x, 22 * y)), int(6 * u), (20, 20, 120), -1)
         if tools[CHOLEC80_TOOLS.index("SpecimenBag")]:
@@ -327,17 +346,40 @@ class Scene:
         cv2.line(frame, as_point(port), as_point(head_at), colour, max(1, int(thickness * u)))
         if head == "jaws":
             for side in (-1, 1):
-                cv2.line(frame, as_point(head_at), as_point(head_at - direction * 9 * u + normal * side * 4 * u), (60, 60, 60), max(1, int(2 * u)))
+                cv2.line(
+                    frame,
+                    as_point(head_at),
+                    as_point(head_at - direction * 9 * u + normal * side * 4 * u),
+                    (60, 60, 60),
+                    max(1, int(2 * u)),
+                )
         elif head == "prongs":
             for side in (-1, 1):
-                cv2.line(frame, as_point(head_at + normal * side * 2 * u), as_point(head_at - direction * 8 * u + normal * side * 2 * u), (230, 230, 230), 1)
+                cv2.line(
+                    frame,
+                    as_point(head_at + normal * side * 2 * u),
+                    as_point(head_at - direction * 8 * u + normal * side * 2 * u),
+                    (230, 230, 230),
+                    1,
+                )
         elif head == "hook":
             end = head_at - direction * 6 * u
             cv2.line(frame, as_point(head_at), as_point(end), (230, 230, 230), max(1, int(2 * u)))
             cv2.line(frame, as_point(end), as_point(end + normal * 4 * u), (230, 230, 230), max(1, int(2 * u)))
         elif head == "blades":
             for side in (-1, 1):
-                cv2.line(frame, as_point(head_at), as_point(head_at - direction * 10 * u + normal * side * 6 * u), (180, 180, 180), max(1, int(2 * u)))
+                cv2.line(
+                    frame,
+                    as_point(head_at),
+                    as_point(head_at - direction * 10 * u + normal * side * 6 * u),
+                    (180, 180, 180),
+                    max(1, int(2 * u)),
+                )
         elif head == "clip_head":
-            corners = [head_at + normal * 4 * u, head_at - normal * 4 * u, head_at - direction * 8 * u - normal * 4 * u, head_at - direction * 8 * u + normal * 4 * u]
+            corners = [
+                head_at + normal * 4 * u,
+                head_at - normal * 4 * u,
+                head_at - direction * 8 * u - normal * 4 * u,
+                head_at - direction * 8 * u + normal * 4 * u,
+            ]
             cv2.fillConvexPoly(frame, np.array(corners, dtype=np.int32), (200, 200, 200))

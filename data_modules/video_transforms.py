@@ -50,7 +50,7 @@ class OpenCVRandomResizedCrop(v2.RandomResizedCrop):
 
     def transform(self, inpt: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
         top, left, height, width = (params[key] for key in ("top", "left", "height", "width"))
-        crop = _hwc(inpt)[top:top + height, left:left + width]
+        crop = _hwc(inpt)[top : top + height, left : left + width]
         out_height, out_width = self.size
         interpolation = cv2.INTER_AREA if height > out_height else cv2.INTER_LINEAR
         return _chw(cv2.resize(crop, (out_width, out_height), interpolation=interpolation))
@@ -117,7 +117,11 @@ class OpenCVColorJitter(v2.ColorJitter):
 
 def _normalise() -> list[v2.Transform]:
     """uint8 (3, H, W) -> float32 ImageNet-normalised; contiguous first (3x faster than on channels-last)."""
-    return [v2.Lambda(torch.Tensor.contiguous), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return [
+        v2.Lambda(torch.Tensor.contiguous),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
 
 
 def moco_v2_augmentation(image_size: int = 224) -> v2.Compose:
@@ -125,19 +129,23 @@ def moco_v2_augmentation(image_size: int = 224) -> v2.Compose:
 
     RandomResizedCrop (scale 0.2-1) first, so the colour and blur steps run on S x S pixels.
     """
-    return v2.Compose([
-        OpenCVRandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        v2.RandomApply([OpenCVColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([OpenCVGaussianBlur(23, sigma=(0.1, 2.0))], p=0.5),
-        v2.RandomHorizontalFlip(),
-        *_normalise(),
-    ])
+    return v2.Compose(
+        [
+            OpenCVRandomResizedCrop(image_size, scale=(0.2, 1.0)),
+            v2.RandomApply([OpenCVColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([OpenCVGaussianBlur(23, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip(),
+            *_normalise(),
+        ]
+    )
 
 
 def finetune_augmentation(image_size: int = 224, resize_size: int = 250) -> v2.Compose:
     """Phase fine-tuning: resize (shorter side), random crop, horizontal flip, normalise."""
-    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.RandomCrop(image_size), v2.RandomHorizontalFlip(), *_normalise()])
+    return v2.Compose(
+        [v2.Resize(resize_size, antialias=True), v2.RandomCrop(image_size), v2.RandomHorizontalFlip(), *_normalise()]
+    )
 
 
 def eval_transform(image_size: int = 224, resize_size: int = 250) -> v2.Compose:

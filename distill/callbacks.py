@@ -55,7 +55,9 @@ class RandomStateCheckpoint(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._loaded is not None:
             name, keys, position, has_gauss, gauss = self._loaded["numpy"]
-            _set_rng_states({**self._loaded, "numpy": (name, keys.numpy().astype(np.uint32), position, has_gauss, gauss)})
+            _set_rng_states(
+                {**self._loaded, "numpy": (name, keys.numpy().astype(np.uint32), position, has_gauss, gauss)}
+            )
             self._loaded = None
 
 
@@ -71,7 +73,16 @@ class NiftiPredictionWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
 
-    def write_on_batch_end(self, trainer: L.Trainer, pl_module, prediction: dict, batch_indices, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module,
+        prediction: dict,
+        batch_indices,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         from distill.formats.nifti import save_mask_like
 
         out = self.output_dir / prediction["site"] / f"{prediction['case']}_prediction.nii.gz"
@@ -96,17 +107,32 @@ class PhaseFeatureWriter(BasePredictionWriter):
         dtype: ``"float16"`` (half the disk) or ``"float32"`` features.
     """
 
-    def __init__(self, output_dir: str, dataset: str = "cholec80", prediction_fps: int | None = None,
-                 dtype: str = "float16") -> None:
+    def __init__(
+        self, output_dir: str, dataset: str = "cholec80", prediction_fps: int | None = None, dtype: str = "float16"
+    ) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir, self.dataset, self.prediction_fps, self.dtype = Path(output_dir), dataset, prediction_fps, dtype
+        self.output_dir, self.dataset, self.prediction_fps, self.dtype = (
+            Path(output_dir),
+            dataset,
+            prediction_fps,
+            dtype,
+        )
         self.current: str | None = None
         self.parts: list[dict] = []
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
         self.current, self.parts = None, []
 
-    def write_on_batch_end(self, trainer: L.Trainer, pl_module, prediction: dict, batch_indices, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module,
+        prediction: dict,
+        batch_indices,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         for video in dict.fromkeys(prediction["video"]):
             rows = [i for i, v in enumerate(prediction["video"]) if v == video]
             if video != self.current:
@@ -132,17 +158,27 @@ class PhaseFeatureWriter(BasePredictionWriter):
         if self.current is None:
             return
         video, parts, self.current, self.parts = self.current, self.parts, None, []
-        features, predictions, frames = (torch.cat([p[key] for p in parts]).numpy() for key in ("features", "prediction", "frame"))
+        features, predictions, frames = (
+            torch.cat([p[key] for p in parts]).numpy() for key in ("features", "prediction", "frame")
+        )
         feature_dir, prediction_dir = self.output_dir / "features", self.output_dir / "predictions"
-        targets = [feature_dir / f"{video}.npy", feature_dir / f"{video}_frames.npy", prediction_dir / f"{video}-pred.txt"]
+        targets = [
+            feature_dir / f"{video}.npy",
+            feature_dir / f"{video}_frames.npy",
+            prediction_dir / f"{video}-pred.txt",
+        ]
         for target in targets:
             if target.exists():
-                raise DataError(f"{target}: already exists; predict into a new output_dir (results are never overwritten)")
+                raise DataError(
+                    f"{target}: already exists; predict into a new output_dir (results are never overwritten)"
+                )
         staging = feature_dir / f".{video}.partial"
         save_video_features(staging, video, features.astype(self.dtype), frames)
         for name in (f"{video}.npy", f"{video}_frames.npy"):
             os.replace(staging / name, feature_dir / name)
         staging.rmdir()
-        keep = frames % frame_step(self.prediction_fps) == 0 if self.prediction_fps else np.ones(len(frames), dtype=bool)
+        keep = (
+            frames % frame_step(self.prediction_fps) == 0 if self.prediction_fps else np.ones(len(frames), dtype=bool)
+        )
         prediction_dir.mkdir(parents=True, exist_ok=True)
         write_phase_file_atomic(prediction_dir / f"{video}-pred.txt", frames[keep], predictions[keep], self.dataset)

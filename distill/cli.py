@@ -33,7 +33,9 @@ def number_type(kind: type, minimum: float, inclusive: bool = True):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
         if not (value >= minimum if inclusive else value > minimum) or value != value:
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
         return value
@@ -54,7 +56,9 @@ def add_prostate_commands(data_commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output root (site folders are created under it)")
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--scale", type=positive_float, default=1.0, help="fraction of the real case counts per site")
-    parser.add_argument("--size", type=number_type(int, 16), default=128, help="in-plane matrix of the 384-px sites (real: 384)")
+    parser.add_argument(
+        "--size", type=number_type(int, 16), default=128, help="in-plane matrix of the 384-px sites (real: 384)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace site folders that already hold files")
 
     def run(args: argparse.Namespace) -> None:
@@ -74,41 +78,78 @@ def add_surgical_data_commands(data_commands: argparse._SubParsersAction) -> Non
     synth.add_argument("--dataset", choices=["cholec80", "m2cai16"], default="cholec80")
     synth.add_argument("--num-videos", type=positive_int, default=8)
     synth.add_argument("--seed", type=nonnegative_int, default=0)
-    synth.add_argument("--size", type=number_type(int, 32), nargs=2, default=[128, 160], metavar=("H", "W"), help="frame size")
-    synth.add_argument("--duration-s", type=positive_float, nargs=2, default=[30.0, 90.0], metavar=("MIN", "MAX"),
-                       help="video length range in seconds")
+    synth.add_argument(
+        "--size", type=number_type(int, 32), nargs=2, default=[128, 160], metavar=("H", "W"), help="frame size"
+    )
+    synth.add_argument(
+        "--duration-s",
+        type=positive_float,
+        nargs=2,
+        default=[30.0, 90.0],
+        metavar=("MIN", "MAX"),
+        help="video length range in seconds",
+    )
     synth.add_argument("--overwrite", action="store_true", help="replace the dataset folders of an existing tree")
 
     def run_synth(args: argparse.Namespace) -> None:
         from data_modules.synth_surgical import write_synthetic_surgical
 
-        write_synthetic_surgical(args.out, dataset=args.dataset, num_videos=args.num_videos, seed=args.seed,
-                                 size=tuple(args.size), duration_s=tuple(args.duration_s), overwrite=args.overwrite)
+        write_synthetic_surgical(
+            args.out,
+            dataset=args.dataset,
+            num_videos=args.num_videos,
+            seed=args.seed,
+            size=tuple(args.size),
+            duration_s=tuple(args.duration_s),
+            overwrite=args.overwrite,
+        )
 
     synth.set_defaults(func=run_synth)
 
     extract = data_commands.add_parser(
         "extract-frames", help="decode videos to frames (black margin cut, resized), resumable, parallel"
     )
-    extract.add_argument("--root", required=True, help="dataset root, or any folder of .mp4 files with --dataset unlabeled")
+    extract.add_argument(
+        "--root", required=True, help="dataset root, or any folder of .mp4 files with --dataset unlabeled"
+    )
     extract.add_argument("--out", required=True, help="frames folder: <out>/<video>/<25 fps frame index>.jpg")
     extract.add_argument("--dataset", choices=["cholec80", "m2cai16", "unlabeled"], default="cholec80")
     extract.add_argument("--fps", type=int, choices=[1, 5, 25], default=1, help="frames kept per second")
-    extract.add_argument("--size", type=positive_int, nargs=2, default=[250, 250], metavar=("H", "W"), help="written frame size")
-    extract.add_argument("--pattern", default="{video}/{frame}.jpg",
-                         help="frame file pattern, e.g. '{video}/{video}_{frame:06d}.png' (TeCNO)")
+    extract.add_argument(
+        "--size", type=positive_int, nargs=2, default=[250, 250], metavar=("H", "W"), help="written frame size"
+    )
+    extract.add_argument(
+        "--pattern",
+        default="{video}/{frame}.jpg",
+        help="frame file pattern, e.g. '{video}/{video}_{frame:06d}.png' (TeCNO)",
+    )
     extract.add_argument("--workers", type=positive_int, default=2, help="videos decoded in parallel")
-    extract.add_argument("--frame-tolerance", type=nonnegative_int, default=0,
-                         help="accepted difference between decoded and annotated frame counts")
-    extract.add_argument("--overwrite", action="store_true",
-                         help="replace video folders finished with other settings (another fps, size or pattern)")
+    extract.add_argument(
+        "--frame-tolerance",
+        type=nonnegative_int,
+        default=0,
+        help="accepted difference between decoded and annotated frame counts",
+    )
+    extract.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace video folders finished with other settings (another fps, size or pattern)",
+    )
 
     def run_extract(args: argparse.Namespace) -> None:
         from data_modules.surgical_layout import extract_dataset_frames
 
-        done = extract_dataset_frames(args.root, args.out, args.dataset, fps=args.fps, size=tuple(args.size),
-                                      frame_pattern=args.pattern, workers=args.workers,
-                                      frame_tolerance=args.frame_tolerance, overwrite=args.overwrite)
+        done = extract_dataset_frames(
+            args.root,
+            args.out,
+            args.dataset,
+            fps=args.fps,
+            size=tuple(args.size),
+            frame_pattern=args.pattern,
+            workers=args.workers,
+            frame_tolerance=args.frame_tolerance,
+            overwrite=args.overwrite,
+        )
         print(f"extracted {len(done)} videos to {args.out} (finished videos are skipped)")
 
     extract.set_defaults(func=run_extract)
@@ -131,7 +172,9 @@ def add_phase_evaluation_command(commands: argparse._SubParsersAction) -> None:
         default="corrected",
         help="'published' reproduces the MATLAB script's end-of-segment indexing slip",
     )
-    parser.add_argument("--pred-fps", type=positive_float, default=None, help="prediction rate (default: 25 / frame step)")
+    parser.add_argument(
+        "--pred-fps", type=positive_float, default=None, help="prediction rate (default: 25 / frame step)"
+    )
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file (must not exist)")
 
     def run(args: argparse.Namespace) -> None:
@@ -153,14 +196,17 @@ def add_phase_evaluation_command(commands: argparse._SubParsersAction) -> None:
 def add_export_commands(commands: argparse._SubParsersAction) -> None:
     """``distill export CKPT`` and ``distill segment-nifti MODEL.onnx IN OUT``."""
     export = commands.add_parser(
-        "export", help="export a segmentation student or a frame encoder / phase classifier to ONNX or TorchScript, "
+        "export",
+        help="export a segmentation student or a frame encoder / phase classifier to ONNX or TorchScript, "
         "checked against PyTorch",
         description="Rebuilds the network from the checkpoint's hyper-parameters and weights (no teacher or "
         "pre-training file needed), exports it with a dynamic batch axis, compares the saved file with PyTorch on a "
         "sample input, prints size and latency. Segmentation: image -> logits; phase classifier: ImageNet-normalised "
         "frames -> logits, features.",
     )
-    export.add_argument("checkpoint", help="Lightning .ckpt of a segmentation or phase-classifier model (or a run directory)")
+    export.add_argument(
+        "checkpoint", help="Lightning .ckpt of a segmentation or phase-classifier model (or a run directory)"
+    )
     export.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     export.add_argument("--out", required=True, help="file to write (must not exist)")
     export.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |exported - pytorch| output")
@@ -175,13 +221,16 @@ def add_export_commands(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(func=run_export)
 
     # Listed for `distill --help` only: main hands the command to distill.infer_onnx's own parser.
-    commands.add_parser("segment-nifti", help="segment a NIfTI volume with an exported ONNX student (onnxruntime, no PyTorch)")
+    commands.add_parser(
+        "segment-nifti", help="segment a NIfTI volume with an exported ONNX student (onnxruntime, no PyTorch)"
+    )
 
 
 def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     """``distill sweep FILE [--count N]``: a W&B sweep file run locally, no server."""
     sweep = commands.add_parser(
-        "sweep", help="run a W&B sweep file locally (grid, random, bayes via Optuna), resumable",
+        "sweep",
+        help="run a W&B sweep file locally (grid, random, bayes via Optuna), resumable",
         description="Each point runs `distill fit` as a subprocess in <out>/point-NNN (CSV logger, W&B disabled); "
         "points and metrics go to <out>/sweep.csv, which a rerun resumes from; the best point is printed.",
     )
@@ -207,11 +256,20 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     table = commands.add_parser("table", help="train, test and tabulate every run of a table spec")
     table.add_argument("spec", help="table spec YAML, e.g. experiments/prostate/tables/single_teacher.yaml")
     table.add_argument("--out", required=True, help="directory for the runs and results.md")
-    table.add_argument("--seeds", type=positive_int, default=None,
-                       help="runs per row, seeds 0..N-1 (default: the spec's 'seeds', else 1)")
-    table.add_argument("--verbose", action="store_true", help="Lightning's logs, warnings and progress bars of every run "
-                       "instead of one progress display")
-    table.epilog = "Any further --key=value arguments are LightningCLI overrides for every run, e.g. --trainer.max_epochs=5"
+    table.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=None,
+        help="runs per row, seeds 0..N-1 (default: the spec's 'seeds', else 1)",
+    )
+    table.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Lightning's logs, warnings and progress bars of every run instead of one progress display",
+    )
+    table.epilog = (
+        "Any further --key=value arguments are LightningCLI overrides for every run, e.g. --trainer.max_epochs=5"
+    )
 
     def run_table_command(args: argparse.Namespace) -> None:
         from distill.tables import run_table
@@ -234,11 +292,20 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     teachers.set_defaults(func=run_teachers)
 
     demo = commands.add_parser("demo", help="synthetic data in the real format -> teacher -> students -> table")
-    demo.add_argument("task", choices=sorted(DEMO_TABLES), help="prostate: procedure 1; prostate-multi: procedure 2; surgical: MoCo v2 + distillation")
-    demo.add_argument("--out", default=None,
-                      help="output folder (default: runs/demo for prostate, runs/surgical_demo for surgical, runs/demo_<task>)")
+    demo.add_argument(
+        "task",
+        choices=sorted(DEMO_TABLES),
+        help="prostate: procedure 1; prostate-multi: procedure 2; surgical: MoCo v2 + distillation",
+    )
+    demo.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: runs/demo for prostate, runs/surgical_demo for surgical, runs/demo_<task>)",
+    )
     demo.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the synthetic data")
-    demo.add_argument("--seeds", type=positive_int, default=None, help="training seeds per row (default: the spec's, 3)")
+    demo.add_argument(
+        "--seeds", type=positive_int, default=None, help="training seeds per row (default: the spec's, 3)"
+    )
     demo.add_argument("--verbose", action="store_true", help="Lightning's logs and warnings of every run")
 
     def run_demo(args: argparse.Namespace) -> None:
@@ -250,10 +317,18 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
             return
         out = Path(args.out or ("runs/demo" if args.task == "prostate" else f"runs/demo_{args.task.replace('-', '_')}"))
         data_root = out / "data" / "prostate"
-        write_demo_data_once(data_root, "synthetic prostate data",
-                             lambda folder: write_synthetic_prostate(folder, **DEMO_PROSTATE_DATA, seed=args.seed))
-        run_table(REPO_ROOT / DEMO_TABLES[args.task], out, [f"--data.init_args.data_root={data_root}"], seeds=args.seeds,
-                  verbose=args.verbose)
+        write_demo_data_once(
+            data_root,
+            "synthetic prostate data",
+            lambda folder: write_synthetic_prostate(folder, **DEMO_PROSTATE_DATA, seed=args.seed),
+        )
+        run_table(
+            REPO_ROOT / DEMO_TABLES[args.task],
+            out,
+            [f"--data.init_args.data_root={data_root}"],
+            seeds=args.seeds,
+            verbose=args.verbose,
+        )
 
     demo.set_defaults(func=run_demo)
 
@@ -287,9 +362,14 @@ def run_surgical_demo(out: Path, data_seed: int, seeds: int | None, verbose: boo
     from distill.tables import run_table
 
     data = out / "data"
-    write_demo_data_once(data / "cholec80", "synthetic Cholec80 videos",
-                         lambda folder: write_synthetic_surgical(folder, "cholec80", seed=data_seed, **DEMO_SURGICAL_DATA))
-    extract_dataset_frames(data / "cholec80", data / "frames", "cholec80", **DEMO_SURGICAL_FRAMES)  # skips finished videos
+    write_demo_data_once(
+        data / "cholec80",
+        "synthetic Cholec80 videos",
+        lambda folder: write_synthetic_surgical(folder, "cholec80", seed=data_seed, **DEMO_SURGICAL_DATA),
+    )
+    extract_dataset_frames(
+        data / "cholec80", data / "frames", "cholec80", **DEMO_SURGICAL_FRAMES
+    )  # skips finished videos
     os.environ["SURGICAL_DEMO"] = str(data)
     torch.set_num_threads(1)
     run_table(REPO_ROOT / DEMO_TABLES["surgical"], out, seeds=seeds, verbose=verbose)
@@ -301,10 +381,15 @@ def add_profile_command(commands: argparse._SubParsersAction) -> None:
         "profile", help="params, FLOPs and CPU latency of student networks; pick the best under a latency budget"
     )
     parser.add_argument("networks", nargs="*", help="network specs, e.g. slim_unet:width=8 mobile_unet unet:width=16")
-    parser.add_argument("--results", default=None, help="a table's results.json: profile its trained runs with their "
-                        "validation scores")
-    parser.add_argument("--budget-ms", type=positive_float, default=None,
-                        help="with --results: choose the run with the best validation score under this latency")
+    parser.add_argument(
+        "--results", default=None, help="a table's results.json: profile its trained runs with their validation scores"
+    )
+    parser.add_argument(
+        "--budget-ms",
+        type=positive_float,
+        default=None,
+        help="with --results: choose the run with the best validation score under this latency",
+    )
     parser.add_argument("--size", type=positive_int, default=384, help="in-plane input size")
     parser.add_argument("--slices", type=positive_int, default=3, help="input channels (2.5D slices)")
     parser.add_argument("--batch", type=positive_int, default=1)
@@ -322,7 +407,9 @@ def add_profile_command(commands: argparse._SubParsersAction) -> None:
         print(format_profiles(profiles, shape))
         if args.budget_ms is not None:
             best = choose_under_budget(profiles, args.budget_ms)
-            print(f"\nbest under {args.budget_ms:g} ms: {best.name} (validation {best.val_score:.3f}, {best.ms:.1f} ms)")
+            print(
+                f"\nbest under {args.budget_ms:g} ms: {best.name} (validation {best.val_score:.3f}, {best.ms:.1f} ms)"
+            )
 
     parser.set_defaults(func=run)
 

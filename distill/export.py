@@ -110,7 +110,9 @@ def load_student(checkpoint: str | Path) -> tuple[nn.Module, dict]:
     payload = load_state(path)
     family = checkpoint_family(payload, path, None)
     if family not in OUTPUT_NAMES:
-        raise DataError(f"{path}: holds a {family!r} network; export takes {' or '.join(map(repr, OUTPUT_NAMES))} checkpoints")
+        raise DataError(
+            f"{path}: holds a {family!r} network; export takes {' or '.join(map(repr, OUTPUT_NAMES))} checkpoints"
+        )
     net = load_network(path, family=family)
     model = payload.get("hyper_parameters") or {}
     data = payload.get("datamodule_hyper_parameters") or {}
@@ -209,8 +211,14 @@ def _write_onnx(
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=f".*{message}")
         torch.onnx.export(
-            net, (sample,), str(path), input_names=["image"], output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in ["image", *output_names]}, opset_version=opset, dynamo=False,
+            net,
+            (sample,),
+            str(path),
+            input_names=["image"],
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in ["image", *output_names]},
+            opset_version=opset,
+            dynamo=False,
         )
     model = onnx.load(str(path))
     onnx.checker.check_model(model)

@@ -77,7 +77,9 @@ def normalize_volume(image: np.ndarray, method: str) -> np.ndarray:
     or ``ScaleIntensityRangePercentiles(1, 99, 0, 1, clip=True)`` ("percentile")."""
     if method == "zscore":
         std = float(image.std(dtype=np.float64))
-        return ((image - np.float32(image.mean(dtype=np.float64))) / np.float32(std if std != 0.0 else 1.0)).astype(np.float32)
+        return ((image - np.float32(image.mean(dtype=np.float64))) / np.float32(std if std != 0.0 else 1.0)).astype(
+            np.float32
+        )
     if method == "percentile":
         low, high = np.percentile(image, [1, 99])
         if high == low:
@@ -120,7 +122,9 @@ class OnnxSegmenter:
         if not model_path.is_file():
             raise DataError(f"{model_path}: ONNX model not found")
         try:
-            self.session = onnxruntime.InferenceSession(str(model_path), providers=providers or ["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(
+                str(model_path), providers=providers or ["CPUExecutionProvider"]
+            )
         except Exception as err:  # noqa: BLE001 - any loader failure is the same user problem
             raise DataError(f"{model_path}: cannot load ONNX model ({' '.join(str(err).split())[:200]})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
@@ -137,7 +141,9 @@ class OnnxSegmenter:
         """(S, H0, W0) raw volume -> (S, num_slices, size, size) float32 network input."""
         settings = self.preprocessing
         size = settings["image_size"]
-        volume = resize_planes(normalize_volume(image.astype(np.float32), settings["normalization"]), (size, size), antialias=True)
+        volume = resize_planes(
+            normalize_volume(image.astype(np.float32), settings["normalization"]), (size, size), antialias=True
+        )
         return np.ascontiguousarray(volume[neighbour_slices(volume.shape[0], settings["num_slices"])])
 
     def logits(self, image: np.ndarray) -> np.ndarray:

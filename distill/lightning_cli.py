@@ -20,9 +20,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from distill.callbacks import RandomStateCheckpoint
-from distill.wandb_logging import WandbResultPlots
 from distill.errors import DataError
 from distill.utils import atomic_write, read_yaml, unique_path
+from distill.wandb_logging import WandbResultPlots
 
 # Model options that define the network's shape: a checkpoint must agree with the config on them.
 ARCHITECTURE_KEYS = ("network", "network_kwargs", "in_channels", "num_classes", "backbone", "backbone_kwargs")
@@ -63,11 +63,17 @@ def load_checkpoint_for_cli(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines()]
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0]).removeprefix("WeightsUnpickler error: ").split(". Please")[0]
+        reason = (
+            next((line for line in lines if "Unsupported global" in line), lines[0])
+            .removeprefix("WeightsUnpickler error: ")
+            .split(". Please")[0]
+        )
         raise DataError(f"{path}: refused by weights_only loading, untrusted pickle content ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         reason = " ".join(str(err).split()).split(". ")[0]
-        raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(err).__name__}: {reason})") from None
+        raise DataError(
+            f"{path}: not a readable checkpoint, truncated or corrupt ({type(err).__name__}: {reason})"
+        ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict'; write one with `distill fit`)")
     return checkpoint
@@ -127,8 +133,15 @@ class SaveResolvedConfig(SaveConfigCallback):
 class OneLineErrorParser(LightningArgumentParser):
     """Reports a bad config as one line naming the key, instead of pages of usage text."""
 
-    REASONS = ("is not accepted", "is not expected", "nrecognized argument", "does not exist", "not found", "Expected a",
-               "does not conform to restriction")
+    REASONS = (
+        "is not accepted",
+        "is not expected",
+        "nrecognized argument",
+        "does not exist",
+        "not found",
+        "Expected a",
+        "does not conform to restriction",
+    )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})  # --trainer.max_epoch must not mean max_epochs
@@ -204,9 +217,13 @@ class DistillCLI(LightningCLI):
         if ckpt_path is not None and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
             checkpoint = load_checkpoint_for_cli(ckpt_path)
             model = config.get("model")
-            differences = architecture_differences(checkpoint, model.as_dict() if hasattr(model, "as_dict") else model or {})
+            differences = architecture_differences(
+                checkpoint, model.as_dict() if hasattr(model, "as_dict") else model or {}
+            )
             if differences:
-                raise DataError(f"{ckpt_path}: checkpoint architecture differs from the config ({'; '.join(differences)})")
+                raise DataError(
+                    f"{ckpt_path}: checkpoint architecture differs from the config ({'; '.join(differences)})"
+                )
         elif ckpt_path is None and subcommand in EVALUATION_SUBCOMMANDS and not config.get("allow_random_weights"):
             raise DataError(
                 f"{subcommand}: no --ckpt_path, so the model would have untrained weights; "

@@ -69,7 +69,9 @@ def teacher_subsets(spec: dict, train_keys: list[str], data_seed: int, source: s
             raise DataError(f"{source}: teacher {name!r} has no training cases after the split")
     cap = spec.get("max_cases")
     if cap is not None:
-        subsets = {name: sorted(cases[i] for i in rng.permutation(len(cases))[: int(cap)]) for name, cases in subsets.items()}
+        subsets = {
+            name: sorted(cases[i] for i in rng.permutation(len(cases))[: int(cap)]) for name, cases in subsets.items()
+        }
     return subsets
 
 
@@ -84,9 +86,15 @@ def training_cases(config: str, overrides: list[str]) -> tuple[list[str], int]:
     return [case.key for case in datamodule.case_splits["train"]], int(datamodule.hparams.seed)
 
 
-def train_limit_trained_teachers(spec_path: str | Path, out_dir: str | Path, overrides: list[str] | None = None,
-                                 seed: int = 0, row_prefix: str = "limit-trained teacher",
-                                 final_overrides: list[str] | None = None, callbacks: list | None = None) -> list[RunResult]:
+def train_limit_trained_teachers(
+    spec_path: str | Path,
+    out_dir: str | Path,
+    overrides: list[str] | None = None,
+    seed: int = 0,
+    row_prefix: str = "limit-trained teacher",
+    final_overrides: list[str] | None = None,
+    callbacks: list | None = None,
+) -> list[RunResult]:
     """Train every teacher of a spec (finished ones are skipped) and write ``<out>/manifest.yaml``.
 
     Overrides apply in the order ``overrides`` (e.g. a table's), the spec's own, ``final_overrides``
@@ -102,19 +110,27 @@ def train_limit_trained_teachers(spec_path: str | Path, out_dir: str | Path, ove
     results, entries = [], []
     for name, cases in subsets.items():
         subset_args = [f"--data.init_args.train_cases=[{','.join(cases)}]"]
-        result = run_experiment(spec["config"], overrides + subset_args, out_dir / slug(name), f"{row_prefix}: {name}", seed,
-                                callbacks=callbacks)
+        result = run_experiment(
+            spec["config"],
+            overrides + subset_args,
+            out_dir / slug(name),
+            f"{row_prefix}: {name}",
+            seed,
+            callbacks=callbacks,
+        )
         result.manifest = str(manifest_path)
         results.append(result)
         checkpoint = Path(result.best_checkpoint)
-        entries.append({
-            "name": name,
-            "checkpoint": str(checkpoint.resolve().relative_to(out_dir.resolve())),
-            "sha256": file_sha256(checkpoint),
-            "subset": {"train_cases": cases},
-            "val_metric": result.val_score,
-            "monitor": result.monitor,
-        })
+        entries.append(
+            {
+                "name": name,
+                "checkpoint": str(checkpoint.resolve().relative_to(out_dir.resolve())),
+                "sha256": file_sha256(checkpoint),
+                "subset": {"train_cases": cases},
+                "val_metric": result.val_score,
+                "monitor": result.monitor,
+            }
+        )
     write_text_atomic(manifest_path, yaml.safe_dump({"teachers": entries}, sort_keys=False))
     print(f"wrote {manifest_path} ({len(entries)} teachers)", flush=True)
     return results

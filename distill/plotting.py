@@ -26,7 +26,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 # Distinct colours for masks / methods / phases (matplotlib's tab10, then tab20's light tones).
-_COLOURS = [matplotlib.colormaps["tab10"](i) for i in range(10)] + [matplotlib.colormaps["tab20"](2 * i + 1) for i in range(10)]
+_COLOURS = [matplotlib.colormaps["tab10"](i) for i in range(10)] + [
+    matplotlib.colormaps["tab20"](2 * i + 1) for i in range(10)
+]
 
 
 def _colour(i: int):
@@ -91,8 +93,15 @@ def site_dice_bars(
         at = [j for j, site in enumerate(sites) if site in per_site]
         means = [per_site[sites[j]][0] for j in at]
         stds = [per_site[sites[j]][1] for j in at]
-        ax.bar(positions[at] + (i - (len(results) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
-               color=_colour(i), label=row)
+        ax.bar(
+            positions[at] + (i - (len(results) - 1) / 2) * width,
+            means,
+            width,
+            yerr=stds,
+            capsize=2,
+            color=_colour(i),
+            label=row,
+        )
     ax.set_xticks(positions, sites)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
@@ -129,8 +138,14 @@ def phase_ribbons(
         labels = np.asarray(labels)
         if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= n_phases)):
             raise ValueError(f"sequence {name!r} must be (N,) indices in [0, {n_phases})")
-        ax.imshow(labels[None, :], aspect="auto", cmap=cmap, norm=norm, interpolation="nearest",
-                  extent=(0, labels.size * scale, 0, 1))
+        ax.imshow(
+            labels[None, :],
+            aspect="auto",
+            cmap=cmap,
+            norm=norm,
+            interpolation="nearest",
+            extent=(0, labels.size * scale, 0, 1),
+        )
         ax.set_yticks([0.5], [name])
         ax.tick_params(axis="y", length=0)
     axes[-1].set_xlabel("time (min)" if fps else "frame")
@@ -165,8 +180,15 @@ def confusion_matrix_plot(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     for (i, j), count in np.ndenumerate(cm):
-        ax.text(j, i, f"{count:g}", ha="center", va="center", fontsize="small",
-                color="white" if rates[i, j] > 0.5 else "black")
+        ax.text(
+            j,
+            i,
+            f"{count:g}",
+            ha="center",
+            va="center",
+            fontsize="small",
+            color="white" if rates[i, j] > 0.5 else "black",
+        )
     if title:
         ax.set_title(title)
     fig.tight_layout()

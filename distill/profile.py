@@ -45,12 +45,19 @@ def parse_network_spec(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def profile_network(name: str, net: torch.nn.Module, input_shape: tuple[int, ...], val_score: float | None = None) -> Profile:
+def profile_network(
+    name: str, net: torch.nn.Module, input_shape: tuple[int, ...], val_score: float | None = None
+) -> Profile:
     from distill.benchmarking import count_flops, latency_ms
     from distill.models import count_parameters
 
-    return Profile(name=name, parameters=count_parameters(net), gflops=count_flops(net, input_shape) / 1e9,
-                   ms=latency_ms(net, input_shape), val_score=val_score)
+    return Profile(
+        name=name,
+        parameters=count_parameters(net),
+        gflops=count_flops(net, input_shape) / 1e9,
+        ms=latency_ms(net, input_shape),
+        val_score=val_score,
+    )
 
 
 def profile_specs(specs: list[str], input_shape: tuple[int, ...]) -> list[Profile]:
@@ -87,13 +94,19 @@ def choose_under_budget(profiles: list[Profile], budget_ms: float) -> Profile:
     fitting = [p for p in profiles if p.ms <= budget_ms and p.val_score is not None and not math.isnan(p.val_score)]
     if not fitting:
         fastest = min(profiles, key=lambda p: p.ms)
-        raise DataError(f"--budget-ms {budget_ms}: no scored student is that fast (fastest: {fastest.name}, {fastest.ms:.1f} ms)")
+        raise DataError(
+            f"--budget-ms {budget_ms}: no scored student is that fast (fastest: {fastest.name}, {fastest.ms:.1f} ms)"
+        )
     return max(fitting, key=lambda p: p.val_score)
 
 
 def format_profiles(profiles: list[Profile], input_shape: tuple[int, ...]) -> str:
-    lines = [f"input {tuple(input_shape)}, {torch.get_num_threads()} CPU threads, median of 10 eval-mode passes", "",
-             "| network | params | GFLOPs | CPU ms | val score |", "|---|---|---|---|---|"]
+    lines = [
+        f"input {tuple(input_shape)}, {torch.get_num_threads()} CPU threads, median of 10 eval-mode passes",
+        "",
+        "| network | params | GFLOPs | CPU ms | val score |",
+        "|---|---|---|---|---|",
+    ]
     for p in profiles:
         score = "-" if p.val_score is None else f"{p.val_score:.3f}"
         lines.append(f"| {p.name} | {p.parameters / 1e6:.2f}M | {p.gflops:.2f} | {p.ms:.1f} | {score} |")

@@ -60,8 +60,14 @@ class TableProgress:
     def __init__(self, total_runs: int, enabled: bool = True) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total_runs, unit="run", file=sys.stderr, disable=not enabled, dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} runs [{elapsed}<{remaining}{postfix}]")
+        self.bar = tqdm(
+            total=total_runs,
+            unit="run",
+            file=sys.stderr,
+            disable=not enabled,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} runs [{elapsed}<{remaining}{postfix}]",
+        )
         self.runs_done = 0
         self.name = ""
 
@@ -93,7 +99,9 @@ class EpochProgress(Callback):
     def __init__(self, progress: TableProgress) -> None:
         self.progress = progress
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         batches = trainer.num_training_batches
         max_epochs = trainer.max_epochs or 1
         if not batches or batches == float("inf") or max_epochs < 0:

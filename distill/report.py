@@ -83,8 +83,10 @@ def comparison_lines(columns: list[dict], compare: list[dict], rows: dict[str, l
         base_mean = mean_std([r.metrics.get(metric) for r in rows[baseline]])[0]
         mean, std = mean_std(deltas)
         spread = "" if math.isnan(std) else f" ± {std:.3f}"
-        lines.append(f"- {candidate}{chosen} vs {baseline}: {label} {mean:+.3f}{spread} "
-                     f"({100 * mean / max(abs(base_mean), 1e-8):+.1f}% relative; {len(deltas)} paired seeds)")
+        lines.append(
+            f"- {candidate}{chosen} vs {baseline}: {label} {mean:+.3f}{spread} "
+            f"({100 * mean / max(abs(base_mean), 1e-8):+.1f}% relative; {len(deltas)} paired seeds)"
+        )
     return lines
 
 
@@ -103,8 +105,13 @@ def fill_notes(notes: list[str], results: list[RunResult]) -> list[str]:
     return [re.sub(r"\{([A-Za-z_][\w.]*)\}", value, note) for note in notes]
 
 
-def format_table(title: str, columns: list[dict], compare: list[dict], results: list[RunResult],
-                 header_notes: list[str] | None = None) -> str:
+def format_table(
+    title: str,
+    columns: list[dict],
+    compare: list[dict],
+    results: list[RunResult],
+    header_notes: list[str] | None = None,
+) -> str:
     """Markdown: a row per run name, mean ± std over seeds per metric, parameters, latency, deltas."""
     rows = group_rows(results)
     expanded = metric_columns(columns, results)
@@ -112,8 +119,11 @@ def format_table(title: str, columns: list[dict], compare: list[dict], results: 
     header = ["model", "params", *[label for _, label, _ in expanded], "CPU ms/input"]
     lines = [f"### {title}", ""]
     lines += [f"- {note}" for note in header_notes or []]
-    lines += [f"- seeds: {', '.join(map(str, seeds))} (mean ± std over seeds, std with N-1); "
-              "checkpoints chosen on validation cases only", ""]
+    lines += [
+        f"- seeds: {', '.join(map(str, seeds))} (mean ± std over seeds, std with N-1); "
+        "checkpoints chosen on validation cases only",
+        "",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, runs in rows.items():
         cells = [name, f"{runs[0].parameters / 1e6:.2f}M"]
@@ -133,8 +143,18 @@ def results_csv(results: list[RunResult]) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["name", "seed", "parameters", "ms_per_input", "monitor", "val_score", *keys, "best_checkpoint"])
     for r in results:
-        writer.writerow([r.name, r.seed, r.parameters, f"{r.ms_per_input:.3f}", r.monitor, r.val_score,
-                         *[r.metrics.get(k, "") for k in keys], r.best_checkpoint])
+        writer.writerow(
+            [
+                r.name,
+                r.seed,
+                r.parameters,
+                f"{r.ms_per_input:.3f}",
+                r.monitor,
+                r.val_score,
+                *[r.metrics.get(k, "") for k in keys],
+                r.best_checkpoint,
+            ]
+        )
     return buffer.getvalue()
 
 

@@ -62,8 +62,16 @@ def checkpoint_callback(trainer):
     return None
 
 
-def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str, seed: int = 0,
-                   predict: bool = False, callbacks: list | None = None, group: str | None = None) -> RunResult:
+def run_experiment(
+    config: str,
+    overrides: list[str],
+    root_dir: Path,
+    name: str,
+    seed: int = 0,
+    predict: bool = False,
+    callbacks: list | None = None,
+    group: str | None = None,
+) -> RunResult:
     """Fit ``config`` in ``root_dir``, test the checkpoint chosen on validation data, measure the network
     (``predict``: then predict with that checkpoint, the config's prediction writer recording).
     ``callbacks`` are added to the config's (e.g. a progress display). A W&B run (if the config logs
@@ -81,8 +89,16 @@ def run_experiment(config: str, overrides: list[str], root_dir: Path, name: str,
         raise DataError(f"{config}: experiment config not found")
     with warnings.catch_warnings():  # the caller passes ``args`` on purpose while ``sys.argv`` holds its own
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = DistillCLI(args=["--config", config, *overrides, f"--seed_everything={seed}",
-                               f"--trainer.default_root_dir={root_dir}"], run=False)
+        cli = DistillCLI(
+            args=[
+                "--config",
+                config,
+                *overrides,
+                f"--seed_everything={seed}",
+                f"--trainer.default_root_dir={root_dir}",
+            ],
+            run=False,
+        )
     cli.trainer.callbacks.extend(callbacks or [])
     label_wandb_runs(cli.trainer, group or slug(name), f"{name}/seed_{seed}")
     try:
@@ -101,11 +117,17 @@ def _fit_test_measure(cli, config: str, name: str, seed: int, predict: bool, don
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     selector = checkpoint_callback(cli.trainer)
     if selector is None or not selector.best_model_path:
-        raise DataError(f"{config}: no checkpoint chosen on validation data; a table run needs a ModelCheckpoint with a monitor")
-    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, verbose=False)[0]
+        raise DataError(
+            f"{config}: no checkpoint chosen on validation data; a table run needs a ModelCheckpoint with a monitor"
+        )
+    metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, verbose=False)[
+        0
+    ]
     predictions = None
     if predict:
-        cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, return_predictions=False)
+        cli.trainer.predict(
+            cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, return_predictions=False
+        )
         writers = [c for c in cli.trainer.callbacks if isinstance(c, BasePredictionWriter)]
         if not writers:
             raise DataError(f"{config}: 'predict: true' needs a prediction writer callback in the config")
@@ -133,9 +155,16 @@ def lightning_argv(argv: list[str], run_dir: Path, overrides: Sequence[str] = ()
     CSV file under ``run_dir``, then ``overrides`` (appended arguments win over the command's own)."""
     if not argv or Path(argv[0]).name != "distill":
         raise DataError(f"command {argv[:3]}: the local runner runs `distill fit ...` commands (program: distill)")
-    return [sys.executable, "-m", "distill.cli", *argv[1:], f"--trainer.default_root_dir={run_dir}",
-            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={run_dir}",
-            *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "distill.cli",
+        *argv[1:],
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={run_dir}",
+        *overrides,
+    ]
 
 
 def last_logged(run_dir: Path, metric: str) -> float | None:

@@ -73,8 +73,15 @@ class SweepSpec:
             raise DataError(f"{path}: parameters: none given")
         for name, spec in parameters.items():
             _check_parameter(path, name, spec, method)
-        return cls(path, str(config.get("program", "")), method, metric["name"], metric.get("goal", "minimize"),
-                   list(config.get("command") or DEFAULT_COMMAND), dict(parameters))
+        return cls(
+            path,
+            str(config.get("program", "")),
+            method,
+            metric["name"],
+            metric.get("goal", "minimize"),
+            list(config.get("command") or DEFAULT_COMMAND),
+            dict(parameters),
+        )
 
 
 def _check_parameter(path: Path, name: str, spec: dict, method: str) -> None:
@@ -156,8 +163,13 @@ def read_results(csv_path: Path) -> list[SweepResult]:
         return []
     with open(csv_path, newline="") as stream:
         return [
-            SweepResult(int(row["point"]), row["status"], float(row["metric"]) if row["metric"] else None,
-                        json.loads(row["params"]), row["run_dir"])
+            SweepResult(
+                int(row["point"]),
+                row["status"],
+                float(row["metric"]) if row["metric"] else None,
+                json.loads(row["params"]),
+                row["run_dir"],
+            )
             for row in csv.DictReader(stream)
         ]
 
@@ -168,9 +180,15 @@ def _append_result(csv_path: Path, result: SweepResult) -> None:
         writer = csv.DictWriter(stream, fieldnames=CSV_FIELDS)
         if new:
             writer.writeheader()
-        writer.writerow({"point": result.point, "status": result.status,
-                         "metric": "" if result.metric is None else repr(result.metric),
-                         "params": json.dumps(result.params), "run_dir": result.run_dir})
+        writer.writerow(
+            {
+                "point": result.point,
+                "status": result.status,
+                "metric": "" if result.metric is None else repr(result.metric),
+                "params": json.dumps(result.params),
+                "run_dir": result.run_dir,
+            }
+        )
 
 
 def best_result(results: list[SweepResult], goal: str) -> SweepResult | None:
@@ -184,9 +202,15 @@ def best_result(results: list[SweepResult], goal: str) -> SweepResult | None:
 Execute = Callable[[list[str], Path, str, Sequence[str]], "float | None"]
 
 
-def run_sweep(path: str | Path, out: str | Path, count: int | None = None, seed: int = 0,
-              overrides: Sequence[str] = (), execute: Execute = run_cli_subprocess,
-              log: Callable[[str], None] = print) -> list[SweepResult]:
+def run_sweep(
+    path: str | Path,
+    out: str | Path,
+    count: int | None = None,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    execute: Execute = run_cli_subprocess,
+    log: Callable[[str], None] = print,
+) -> list[SweepResult]:
     """Run the sweep file ``path`` locally into ``out``; returns every recorded point.
 
     Args:
@@ -248,15 +272,24 @@ def _bayes_points(spec: SweepSpec, seed: int, results: list[SweepResult]) -> Ite
     # Seeded by the history's length: a resumed study does not redraw the first study's random starts.
     study = optuna.create_study(direction=spec.goal, sampler=optuna.samplers.TPESampler(seed=seed + len(results)))
     for result in sorted(results, key=lambda r: r.point):  # resume: replay what is recorded
-        study.add_trial(optuna.trial.create_trial(
-            params=result.params, distributions=distributions, value=result.metric,
-            state=optuna.trial.TrialState.COMPLETE if result.metric is not None else optuna.trial.TrialState.FAIL))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=result.params,
+                distributions=distributions,
+                value=result.metric,
+                state=optuna.trial.TrialState.COMPLETE if result.metric is not None else optuna.trial.TrialState.FAIL,
+            )
+        )
     index = max((r.point for r in results), default=-1) + 1
     while True:
         trial = study.ask(distributions)
         yield index, dict(trial.params)
         metric = results[-1].metric
-        study.tell(trial, metric, state=optuna.trial.TrialState.COMPLETE if metric is not None else optuna.trial.TrialState.FAIL)
+        study.tell(
+            trial,
+            metric,
+            state=optuna.trial.TrialState.COMPLETE if metric is not None else optuna.trial.TrialState.FAIL,
+        )
         index += 1
 
 
@@ -271,5 +304,8 @@ def _optuna_distribution(optuna, p: dict):
     if distribution == "normal":
         raise DataError("bayes sweeps here support bounded distributions only (normal has no bounds)")
     return optuna.distributions.FloatDistribution(
-        p["min"], p["max"], log=distribution == "log_uniform_values", step=p.get("q") if distribution == "q_uniform" else None
+        p["min"],
+        p["max"],
+        log=distribution == "log_uniform_values",
+        step=p.get("q") if distribution == "q_uniform" else None,
     )

@@ -64,8 +64,19 @@ from distill.progress import QUIET_TRAINER_OVERRIDES, TableProgress, quiet_light
 from distill.runs import RunResult, run_experiment, slug
 from distill.utils import read_yaml, unique_path, write_text_atomic
 
-RUN_KEYS = {"name", "config", "teacher", "teacher_index", "teachers", "overrides", "init_from", "features_from", "train_once",
-            "predict", "show"}
+RUN_KEYS = {
+    "name",
+    "config",
+    "teacher",
+    "teacher_index",
+    "teachers",
+    "overrides",
+    "init_from",
+    "features_from",
+    "train_once",
+    "predict",
+    "show",
+}
 CHAINED_KEYS = ("teacher", "teachers", "init_from", "features_from")
 SPEC_KEYS = {"title", "runs", "overrides", "compare", "columns", "seeds", "notes"}
 DEFAULT_COLUMNS = [
@@ -100,8 +111,10 @@ def load_table_spec(path: str | Path) -> TableSpec:
     names: dict[str, dict] = {}
     for run in raw.get("runs", []):
         if set(run) - RUN_KEYS or "name" not in run or not ({"config", "teachers"} & set(run)):
-            raise DataError(f"{path}: run {run} needs 'name' and 'config' (or 'teachers'); "
-                            f"optional: {', '.join(sorted(RUN_KEYS - {'name', 'config'}))}")
+            raise DataError(
+                f"{path}: run {run} needs 'name' and 'config' (or 'teachers'); "
+                f"optional: {', '.join(sorted(RUN_KEYS - {'name', 'config'}))}"
+            )
         for key in CHAINED_KEYS:
             ref = run.get(key)
             if ref and "config" in run and ref not in names:
@@ -119,9 +132,15 @@ def load_table_spec(path: str | Path) -> TableSpec:
     seeds = int(raw.get("seeds", 1))
     if seeds < 1:
         raise DataError(f"{path}: seeds must be >= 1, got {seeds}")
-    return TableSpec(title=raw.get("title", path.stem), runs=raw.get("runs", []), overrides=list(raw.get("overrides", [])),
-                     compare=compare, columns=columns, seeds=seeds,
-                     notes=list(raw.get("notes") or []))
+    return TableSpec(
+        title=raw.get("title", path.stem),
+        runs=raw.get("runs", []),
+        overrides=list(raw.get("overrides", [])),
+        compare=compare,
+        columns=columns,
+        seeds=seeds,
+        notes=list(raw.get("notes") or []),
+    )
 
 
 def run_overrides(run: dict, seed: int, done: dict[str, dict[int, RunResult | list[RunResult]]]) -> list[str]:
@@ -139,7 +158,9 @@ def run_overrides(run: dict, seed: int, done: dict[str, dict[int, RunResult | li
     if run.get("features_from"):
         source = done[run["features_from"]][seed]
         if source.predictions is None:
-            raise DataError(f"run {run['name']!r}: features_from {run['features_from']!r}, which has no 'predict: true'")
+            raise DataError(
+                f"run {run['name']!r}: features_from {run['features_from']!r}, which has no 'predict: true'"
+            )
         extra.append(f"--data.init_args.features_dir={Path(source.predictions) / 'features'}")
     return extra
 
@@ -153,8 +174,13 @@ def upstream_metrics(run: dict, seed: int, done: dict[str, dict[int, RunResult |
     return metrics
 
 
-def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[str] | None = None,
-              seeds: int | None = None, verbose: bool = True) -> list[RunResult]:
+def run_table(
+    spec_path: str | Path,
+    out_dir: str | Path,
+    extra_overrides: list[str] | None = None,
+    seeds: int | None = None,
+    verbose: bool = True,
+) -> list[RunResult]:
     """Train and test every run of a spec over seeds; print and save the table.
 
     ``verbose=False``: one progress bar instead of Lightning's logs and warnings (:mod:`distill.progress`).
@@ -165,7 +191,7 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
     done: dict[str, dict[int, RunResult | list[RunResult]]] = {}
     results: list[RunResult] = []
     progress = TableProgress(num_seeds * len(spec.runs), enabled=not verbose)
-    with (contextlib.nullcontext() if verbose else quiet_lightning()):
+    with contextlib.nullcontext() if verbose else quiet_lightning():
         for seed in range(num_seeds):
             for run in spec.runs:
                 if run.get("train_once") and seed > 0:  # trained at seed 0, reused by every seed's dependents
@@ -173,7 +199,9 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
                     progress.finish_run()
                     continue
                 run_dir = out_dir / slug(run["name"]) / f"seed_{seed}"
-                overrides = ([] if verbose else QUIET_TRAINER_OVERRIDES) + spec.overrides + list(run.get("overrides", []))
+                overrides = (
+                    ([] if verbose else QUIET_TRAINER_OVERRIDES) + spec.overrides + list(run.get("overrides", []))
+                )
                 overrides += list(extra_overrides or [])
                 if verbose:
                     print(f"\n=== {run['name']} (seed {seed}) ===", flush=True)
@@ -182,15 +210,29 @@ def run_table(spec_path: str | Path, out_dir: str | Path, extra_overrides: list[
                 if "config" not in run:  # limit-trained teachers: their spec's overrides before the command line's
                     quiet = [] if verbose else QUIET_TRAINER_OVERRIDES
                     teachers = train_limit_trained_teachers(
-                        run["teachers"], run_dir, quiet + spec.overrides + list(run.get("overrides", [])), seed,
-                        row_prefix=run["name"], final_overrides=extra_overrides, callbacks=callbacks)
+                        run["teachers"],
+                        run_dir,
+                        quiet + spec.overrides + list(run.get("overrides", [])),
+                        seed,
+                        row_prefix=run["name"],
+                        final_overrides=extra_overrides,
+                        callbacks=callbacks,
+                    )
                     done.setdefault(run["name"], {})[seed] = teachers
                     results += teachers
                     progress.finish_run()
                     continue
                 overrides += run_overrides(run, seed, done)
-                result = run_experiment(run["config"], overrides, run_dir, run["name"], seed, bool(run.get("predict")),
-                                        callbacks, group=slug(spec.title))
+                result = run_experiment(
+                    run["config"],
+                    overrides,
+                    run_dir,
+                    run["name"],
+                    seed,
+                    bool(run.get("predict")),
+                    callbacks,
+                    group=slug(spec.title),
+                )
                 result.metrics = {**upstream_metrics(run, seed, done), **result.metrics}
                 done.setdefault(run["name"], {})[seed] = result
                 if run.get("show", True):

@@ -67,7 +67,9 @@ def read_yaml(path: str | Path, what: str, expect: type | None = dict, missing_h
         problem = getattr(err, "problem", None) or " ".join(str(err).split())
         tag = re.search(r"tag:yaml\.org,2002:(python/\S+?)'", problem)
         if tag:
-            raise DataError(f"{path}: YAML tag !!{tag.group(1)}{where} refused: a {what} holds plain data, not Python objects") from None
+            raise DataError(
+                f"{path}: YAML tag !!{tag.group(1)}{where} refused: a {what} holds plain data, not Python objects"
+            ) from None
         raise DataError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None and expect is not None:
         return expect()

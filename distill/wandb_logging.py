@@ -87,8 +87,11 @@ class WandbResultPlots(Callback):
 
         figures = {}
         prefix = self.dice_key + "/"
-        sites = {k[len(prefix):]: (float(v), 0.0) for k, v in trainer.callback_metrics.items()
-                 if k.startswith(prefix) and "/" not in k[len(prefix):]}
+        sites = {
+            k[len(prefix) :]: (float(v), 0.0)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(prefix) and "/" not in k[len(prefix) :]
+        }
         if sites:
             figures["test/dice_per_site"] = site_dice_bars({pl_module.__class__.__name__: sites})
         videos = getattr(pl_module, "videos", None)
@@ -98,7 +101,8 @@ class WandbResultPlots(Callback):
             names = phase_names(pl_module.hparams.get("dataset", "cholec80"))
             for video, (_, truth, prediction) in sorted(videos.items())[: self.max_videos]:
                 figures[f"test/phase_ribbons/{video}"] = phase_ribbons(
-                    {"ground truth": truth, "prediction": prediction}, names, title=video)
+                    {"ground truth": truth, "prediction": prediction}, names, title=video
+                )
         return figures
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

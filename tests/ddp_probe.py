@@ -43,8 +43,10 @@ class RecordEvaluation(L.Callback):
         """Runs before the module's epoch end (which resets the metrics); a collective: on every rank."""
         volumes = metrics.per_volume()
         cases = {volume_key(str(case.image_path)): case.key for case in trainer.datamodule.case_splits["all"]}
-        per_volume = [[cases[int(key)], float(dice), float(hd95)]
-                      for key, dice, hd95 in zip(volumes["volume"], volumes["dice"], volumes["hd95"])]
+        per_volume = [
+            [cases[int(key)], float(dice), float(hd95)]
+            for key, dice, hd95 in zip(volumes["volume"], volumes["dice"], volumes["hd95"])
+        ]
         if trainer.global_rank == 0:
             (self.out_dir / f"{trainer.state.fn.value}_{loop}_metrics.json").write_text(json.dumps(per_volume))
 

@@ -49,11 +49,14 @@ def test_public_weights_are_imagenet_trained():
     torch.testing.assert_close(pooled, pre_logits)
 
 
-@pytest.mark.parametrize(("name", "source", "width"), [
-    ("mobilenetv3_small_050", "timm", 1024),  # 288 channels pooled, then a 1024-wide pre-logits layer
-    ("efficientnet_lite0", "timm", 1280),
-    ("resnet18", "torchvision", 512),
-])
+@pytest.mark.parametrize(
+    ("name", "source", "width"),
+    [
+        ("mobilenetv3_small_050", "timm", 1024),  # 288 channels pooled, then a 1024-wide pre-logits layer
+        ("efficientnet_lite0", "timm", 1280),
+        ("resnet18", "torchvision", 512),
+    ],
+)
 def test_feature_width_is_what_the_backbone_outputs(name, source, width):
     classifier = build_frame_classifier(name, 7, source=source).eval()
     with torch.no_grad():
@@ -90,7 +93,9 @@ def test_torchvision_file_loads_into_timm_and_torchvision_alike(tmp_path):
 def test_mismatched_weights_list_the_keys(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(DataError, match=r"resnet18\.pth does not match the backbone: keys \d+ missing \(layer") as error:
+    with pytest.raises(
+        DataError, match=r"resnet18\.pth does not match the backbone: keys \d+ missing \(layer"
+    ) as error:
         build_backbone("resnet34", path)
     assert "\n" not in str(error.value)
     assert "unexpected" not in str(error.value)  # the resnet18 head is ignored, not reported
@@ -104,7 +109,10 @@ def test_mismatched_weights_list_the_keys(tmp_path):
     public = public_model_weights_path()
     with pytest.raises(DataError, match="has 245 tensors, the model 309: cannot map"):
         load_pretrained_weights(timm.create_model("efficientnet_b0", num_classes=0), public)
-    with pytest.raises(DataError, match=r"1 tensors differ in shape \(_conv_stem\.weight \(32, 3, 3, 3\) -> conv_stem\.weight \(32, 1, 3, 3\)\)"):
+    with pytest.raises(
+        DataError,
+        match=r"1 tensors differ in shape \(_conv_stem\.weight \(32, 3, 3, 3\) -> conv_stem\.weight \(32, 1, 3, 3\)\)",
+    ):
         load_pretrained_weights(timm.create_model(PUBLIC_DEFAULT, num_classes=0, in_chans=1), public)
 
 

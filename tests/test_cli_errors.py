@@ -28,9 +28,18 @@ def one_line_exit(argv: list[str]) -> str:
         (["evaluate-phases", "gt", "pred", "--pred-fps", "0"], "argument --pred-fps: must be > 0, got 0"),
         (["evaluate-phases", "gt", "pred", "--pred-fps", "-5"], "argument --pred-fps: must be > 0, got -5"),
         (["evaluate-phases", "gt", "pred", "--pred", "5"], "unrecognized arguments: --pred 5"),
-        (["data", "extract-frames", "--root", "r", "--out", "o", "--workers", "0"], "argument --workers: must be >= 1, got 0"),
-        (["data", "extract-frames", "--root", "r", "--out", "o", "--size", "0", "250"], "argument --size: must be >= 1, got 0"),
-        (["data", "synth-surgical", "--out", "o", "--num-videos", "x"], "argument --num-videos: expected an integer, got 'x'"),
+        (
+            ["data", "extract-frames", "--root", "r", "--out", "o", "--workers", "0"],
+            "argument --workers: must be >= 1, got 0",
+        ),
+        (
+            ["data", "extract-frames", "--root", "r", "--out", "o", "--size", "0", "250"],
+            "argument --size: must be >= 1, got 0",
+        ),
+        (
+            ["data", "synth-surgical", "--out", "o", "--num-videos", "x"],
+            "argument --num-videos: expected an integer, got 'x'",
+        ),
         (["data", "synth-prostate", "--out", "o", "--scale", "0"], "argument --scale: must be > 0, got 0"),
     ],
 )
@@ -40,7 +49,20 @@ def test_tool_options_are_checked_by_argparse(argv, expected):
 
 def test_synthetic_writers_refuse_existing_data_without_overwrite(tmp_path):
     out = tmp_path / "cholec80"
-    args = ["data", "synth-surgical", "--out", str(out), "--num-videos", "1", "--size", "32", "32", "--duration-s", "1", "1"]
+    args = [
+        "data",
+        "synth-surgical",
+        "--out",
+        str(out),
+        "--num-videos",
+        "1",
+        "--size",
+        "32",
+        "32",
+        "--duration-s",
+        "1",
+        "1",
+    ]
     main(args)
     video = out / "videos" / "video01.mp4"
     written = video.stat().st_mtime_ns
@@ -56,7 +78,10 @@ def test_synthetic_writers_refuse_existing_data_without_overwrite(tmp_path):
         (["--trainer.max_epoch=1"], "unrecognized arguments: --trainer.max_epoch=1"),
         (["--data.init_args.batch_size=0"], 'Parser key "batch_size": Not of type PositiveInt: 0 does not conform'),
         (["--data.init_args.num_workers=-1"], 'Parser key "num_workers": Not of type NonNegativeInt'),
-        (["--data.init_args.background_fraction=1.5"], 'Parser key "background_fraction": Not of type ClosedUnitInterval'),
+        (
+            ["--data.init_args.background_fraction=1.5"],
+            'Parser key "background_fraction": Not of type ClosedUnitInterval',
+        ),
     ],
 )
 def test_bad_lightning_options_are_one_line(extra, expected):
@@ -66,17 +91,23 @@ def test_bad_lightning_options_are_one_line(extra, expected):
 def test_malformed_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_epochs: 1\n   bad: [\n")
-    assert one_line_exit(["fit", "--config", str(bad)]) == f"error: {bad}: invalid YAML at line 3, column 7: mapping values are not allowed here"
+    assert (
+        one_line_exit(["fit", "--config", str(bad)])
+        == f"error: {bad}: invalid YAML at line 3, column 7: mapping values are not allowed here"
+    )
 
 
 def test_evaluation_without_checkpoint_is_refused():
     for subcommand in ("test", "predict"):
         assert f"{subcommand}: no --ckpt_path, so the model would have untrained weights" in one_line_exit(
-            [subcommand, "--config", TEACHER])
+            [subcommand, "--config", TEACHER]
+        )
 
 
 def test_ckpt_path_problems_name_the_file(tmp_path):
-    missing, junk, pickled, truncated, other = (tmp_path / name for name in ("none.ckpt", "junk.ckpt", "pickle.ckpt", "trunc.ckpt", "arch.ckpt"))
+    missing, junk, pickled, truncated, other = (
+        tmp_path / name for name in ("none.ckpt", "junk.ckpt", "pickle.ckpt", "trunc.ckpt", "arch.ckpt")
+    )
     junk.write_bytes(b"not a checkpoint")
     torch.save({"state_dict": argparse.Namespace()}, pickled)
     torch.save({"state_dict": {}, "hyper_parameters": {"network": "slim_unet", "in_channels": 3}}, other)
@@ -89,7 +120,9 @@ def test_ckpt_path_problems_name_the_file(tmp_path):
         other: "checkpoint architecture differs from the config (network: checkpoint 'slim_unet', config 'unet')",
     }
     for path, expected in cases.items():
-        assert one_line_exit(["test", "--config", TEACHER, f"--ckpt_path={path}"]).startswith(f"error: {path}: {expected}")
+        assert one_line_exit(["test", "--config", TEACHER, f"--ckpt_path={path}"]).startswith(
+            f"error: {path}: {expected}"
+        )
 
 
 def test_unwritable_output_folder_is_one_line(tmp_path):
@@ -132,14 +165,15 @@ def test_table_spec_compare_mistakes_name_the_file(tmp_path, compare, expected):
 
 YAML_PROBLEMS = {  # file text -> the message after "<file>: " ({what}: the file's role)
     "trainer:\n  max_epochs: 1\n   bad: [\n": "invalid YAML at line 3, column 7: mapping values are not allowed here",
-    "runs: !!python/object:argparse.Namespace {}\n":
-        "YAML tag !!python/object:argparse.Namespace at line 1, column 7 refused: a {what} holds plain data, not Python objects",
+    "runs: !!python/object:argparse.Namespace {}\n": "YAML tag !!python/object:argparse.Namespace at line 1, column 7 refused: a {what} holds plain data, not Python objects",
     "- a\n- b\n": "a {what} must be a mapping at the top level, got a list",
     None: "{what} not found",
 }
 
 
-@pytest.mark.parametrize("command, what", [("table", "table spec"), ("teachers", "teachers spec"), ("sweep", "sweep file")])
+@pytest.mark.parametrize(
+    "command, what", [("table", "table spec"), ("teachers", "teachers spec"), ("sweep", "sweep file")]
+)
 @pytest.mark.parametrize("text", list(YAML_PROBLEMS), ids=["malformed", "python tag", "list", "missing"])
 def test_spec_yaml_problems_are_one_line_errors_naming_the_file(tmp_path, command, what, text):
     spec = tmp_path / "spec.yaml"
@@ -156,8 +190,15 @@ def test_yaml_problem_exits_without_traceback(tmp_path):
 
     spec = tmp_path / "spec.yaml"
     spec.write_text("a: !!python/object/apply:os.system [echo hacked]\n")
-    result = subprocess.run([sys.executable, "-m", "distill.cli", "table", str(spec), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "distill.cli", "table", str(spec), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        cwd=REPO,
+    )
     assert result.returncode != 0 and "hacked" not in result.stdout
-    assert result.stderr.strip().splitlines() == [f"error: {spec}: YAML tag !!python/object/apply:os.system at line 1, "
-                                                  "column 4 refused: a table spec holds plain data, not Python objects"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {spec}: YAML tag !!python/object/apply:os.system at line 1, "
+        "column 4 refused: a table spec holds plain data, not Python objects"
+    ]

@@ -60,12 +60,32 @@ def test_volume_metrics_count_a_repeated_volume_once_in_any_order():
 
 def run_ddp(subcommand: str, config: Path, run_dir: Path, *extra: str) -> None:
     """``distill <subcommand>`` as 2 DDP processes on CPU (gloo), recording with the probe callback."""
-    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env = {**inherited, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "distill.cli", subcommand, "--config", str(config), *TINY, *extra,
-               f"--trainer.default_root_dir={run_dir}", "--trainer.strategy=ddp", "--trainer.devices=2",
-               "--trainer.callbacks+=ddp_probe.RecordEvaluation", f"--trainer.callbacks.out_dir={run_dir / 'probe'}"]
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+    }
+    env = {
+        **inherited,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "distill.cli",
+        subcommand,
+        "--config",
+        str(config),
+        *TINY,
+        *extra,
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.callbacks+=ddp_probe.RecordEvaluation",
+        f"--trainer.callbacks.out_dir={run_dir / 'probe'}",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -75,9 +95,19 @@ def run_one_process(subcommand: str, config: Path, run_dir: Path, *extra: str) -
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        main([subcommand, "--config", str(config), *TINY, *extra, f"--trainer.default_root_dir={run_dir}",
-              "--trainer.devices=1", "--trainer.callbacks+=ddp_probe.RecordEvaluation",
-              f"--trainer.callbacks.out_dir={run_dir / 'probe'}"])
+        main(
+            [
+                subcommand,
+                "--config",
+                str(config),
+                *TINY,
+                *extra,
+                f"--trainer.default_root_dir={run_dir}",
+                "--trainer.devices=1",
+                "--trainer.callbacks+=ddp_probe.RecordEvaluation",
+                f"--trainer.callbacks.out_dir={run_dir / 'probe'}",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -141,7 +171,11 @@ def test_single_teacher_student_under_ddp_matches_one_process(synthetic_prostate
     (Its evaluation is the teacher's code, tested under DDP above for the test loop too.)"""
     run_one_process("fit", TEACHER, tmp_path / "teacher", f"--data.init_args.data_root={synthetic_prostate_root}")
     teacher = next((tmp_path / "teacher").rglob("last.ckpt"))
-    last = fit_and_validate(STUDENT, tmp_path / "student", f"--data.init_args.data_root={synthetic_prostate_root}",
-                            f"--model.init_args.teacher_checkpoint={teacher}")
+    last = fit_and_validate(
+        STUDENT,
+        tmp_path / "student",
+        f"--data.init_args.data_root={synthetic_prostate_root}",
+        f"--model.init_args.teacher_checkpoint={teacher}",
+    )
     state = torch.load(last, weights_only=True)["state_dict"]
     assert state and not any(key.startswith("teachers.") for key in state)

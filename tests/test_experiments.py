@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 import yaml
 
-from distill.limit_trained import load_teachers_spec
 from distill.lightning_cli import DistillCLI
+from distill.limit_trained import load_teachers_spec
 from distill.tables import load_table_spec
 
 REPO = Path(__file__).resolve().parents[1]

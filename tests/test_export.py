@@ -34,8 +34,9 @@ IMAGE_SIZE = 32
 
 def predict_volumes(data_root: Path) -> dict[str, dict]:
     """The DataModule's predict items (every case), one per site."""
-    data = ProstateDataModule(data_root=str(data_root), image_size=IMAGE_SIZE, num_workers=0, load_threads=1,
-                              predict_split="all")
+    data = ProstateDataModule(
+        data_root=str(data_root), image_size=IMAGE_SIZE, num_workers=0, load_threads=1, predict_split="all"
+    )
     data.setup("predict")
     return {volume["site"]: volume for volume in data.predict_dataloader()}
 
@@ -48,12 +49,25 @@ def student_checkpoint(synthetic_prostate_root, tmp_path_factory) -> Path:
     then shifted to make about half of a volume foreground: mask comparisons see both classes.
     """
     run = tmp_path_factory.mktemp("student")
-    main(["fit", "--config", str(REPO / "experiments/prostate/student_baseline.yaml"),
-          f"--data.init_args.data_root={synthetic_prostate_root}", f"--data.init_args.image_size={IMAGE_SIZE}",
-          "--data.init_args.num_workers=0", "--data.init_args.batch_size=8", "--data.init_args.load_threads=1",
-          "--model.init_args.network_kwargs.width=4", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
-          "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-          f"--trainer.default_root_dir={run}"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "experiments/prostate/student_baseline.yaml"),
+            f"--data.init_args.data_root={synthetic_prostate_root}",
+            f"--data.init_args.image_size={IMAGE_SIZE}",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.load_threads=1",
+            "--model.init_args.network_kwargs.width=4",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={run}",
+        ]
+    )
     path = next(run.rglob("last.ckpt"))
     net, _ = load_student(path)
     with torch.no_grad():
@@ -70,8 +84,13 @@ def test_onnx_export_matches_pytorch_under_onnxruntime(student_checkpoint, tmp_p
     printed = capsys.readouterr().out
     assert "max |onnx - pytorch|" in printed and "latency" in printed and "MB" in printed
     net, preprocessing = load_student(student_checkpoint)
-    assert preprocessing == {"num_slices": 3, "image_size": IMAGE_SIZE, "normalization": "zscore",
-                             "num_classes": 2, "largest_component": False}
+    assert preprocessing == {
+        "num_slices": 3,
+        "image_size": IMAGE_SIZE,
+        "normalization": "zscore",
+        "num_classes": 2,
+        "largest_component": False,
+    }
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for batch in (1, 3):  # the batch axis is dynamic
         x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(batch))
@@ -103,12 +122,20 @@ def test_failed_numerical_check_writes_nothing(student_checkpoint, tmp_path):
 def test_resize_weights_reproduce_torch_interpolate(sizes, antialias):
     (height, width), size = sizes, (sizes[1], sizes[0])
     planes = torch.rand(2, height, width, generator=torch.Generator().manual_seed(0))
-    expected = F.interpolate(planes[:, None], size=size, mode="bilinear", align_corners=False, antialias=antialias)[:, 0]
-    ours = resize_weights(height, size[0], antialias) @ planes.double().numpy() @ resize_weights(width, size[1], antialias).T
+    expected = F.interpolate(planes[:, None], size=size, mode="bilinear", align_corners=False, antialias=antialias)[
+        :, 0
+    ]
+    ours = (
+        resize_weights(height, size[0], antialias)
+        @ planes.double().numpy()
+        @ resize_weights(width, size[1], antialias).T
+    )
     np.testing.assert_allclose(ours, expected.numpy(), atol=1e-5)
 
 
-def test_onnx_nifti_entry_point_equals_the_lightning_predict_path(student_checkpoint, synthetic_prostate_root, tmp_path):
+def test_onnx_nifti_entry_point_equals_the_lightning_predict_path(
+    student_checkpoint, synthetic_prostate_root, tmp_path
+):
     model = tmp_path / "student.onnx"
     export_student(student_checkpoint, model)
     module = SegmentationModule.load_from_checkpoint(student_checkpoint, map_location="cpu", weights_only=True).eval()
@@ -147,8 +174,11 @@ def test_nifti_entry_point_runs_without_torch(student_checkpoint, synthetic_pros
         "import sys, runpy; sys.argv = ['infer_onnx', *sys.argv[1:]]; runpy.run_module('distill.infer_onnx', run_name='__main__');"
         "sys.exit(sorted({'torch', 'lightning'} & set(sys.modules)) or 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(model), str(image), str(tmp_path / "mask.nii.gz")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(model), str(image), str(tmp_path / "mask.nii.gz")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     assert nib.load(tmp_path / "mask.nii.gz").shape == nib.load(image).shape
 
@@ -160,12 +190,28 @@ def phase_checkpoint(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("phase")
     write_synthetic_surgical(base / "cholec80", "cholec80", num_videos=3, seed=1, size=(48, 56), duration_s=(2.0, 2.0))
     extract_dataset_frames(base / "cholec80", base / "frames", "cholec80", fps=1, workers=1, progress=False)
-    data = SurgicalPhaseDataModule(str(base / "frames"), str(base / "cholec80"), image_size=IMAGE_SIZE, resize_size=36,
-                                   batch_size=2, num_workers=0, fps=1, predict_fps=1)
+    data = SurgicalPhaseDataModule(
+        str(base / "frames"),
+        str(base / "cholec80"),
+        image_size=IMAGE_SIZE,
+        resize_size=36,
+        batch_size=2,
+        num_workers=0,
+        fps=1,
+        predict_fps=1,
+    )
     torch.manual_seed(0)
-    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                        default_root_dir=base)
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=base,
+    )
     trainer.fit(PhaseClassifierModule(backbone="test_efficientnet"), datamodule=data)
     path = base / "phase.ckpt"
     trainer.save_checkpoint(path)
@@ -175,18 +221,25 @@ def phase_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def test_phase_classifier_onnx_gives_logits_and_features_of_pytorch_and_is_never_overwritten(phase_checkpoint, tmp_path,
-                                                                                             capsys):
+def test_phase_classifier_onnx_gives_logits_and_features_of_pytorch_and_is_never_overwritten(
+    phase_checkpoint, tmp_path, capsys
+):
     assert torch.load(phase_checkpoint, weights_only=True)["network_family"] == "phase_classifier"
     out = tmp_path / "frames.onnx"
     main(["export", str(phase_checkpoint), "--format", "onnx", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "max |onnx - pytorch|" in printed and f"(1, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) input" in printed and "MB" in printed
+    assert (
+        "max |onnx - pytorch|" in printed and f"(1, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) input" in printed and "MB" in printed
+    )
     module = PhaseClassifierModule.load_from_checkpoint(phase_checkpoint, map_location="cpu", weights_only=True).eval()
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [output.name for output in session.get_outputs()] == ["logits", "features"]
     preprocessing = json.loads(session.get_modelmeta().custom_metadata_map["distill.preprocessing"])
-    assert (preprocessing["image_size"], preprocessing["resize_size"], preprocessing["num_classes"]) == (IMAGE_SIZE, 36, 7)
+    assert (preprocessing["image_size"], preprocessing["resize_size"], preprocessing["num_classes"]) == (
+        IMAGE_SIZE,
+        36,
+        7,
+    )
     for batch in (1, 3):  # the batch axis is dynamic
         x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():

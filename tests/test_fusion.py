@@ -16,8 +16,12 @@ def with_trained_statistics(net: nn.Module) -> nn.Module:
     generator = torch.Generator().manual_seed(0)
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
-            for tensor, low, high in ((module.running_mean, -1, 1), (module.running_var, 0.3, 3),
-                                      (module.weight.data, 0.5, 1.5), (module.bias.data, -0.5, 0.5)):
+            for tensor, low, high in (
+                (module.running_mean, -1, 1),
+                (module.running_var, 0.3, 3),
+                (module.weight.data, 0.5, 1.5),
+                (module.bias.data, -0.5, 0.5),
+            ):
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
     return net.eval()
 
@@ -54,7 +58,9 @@ def test_folding_is_refused_when_outputs_would_change_and_for_kept_convolutions(
     net = with_trained_statistics(ConvUsedTwice())
     assert fold_batch_norms(net, torch.randn(1, 3, 8, 8)) == (net, [])
     assert "outputs differ" in caplog.text
-    block = with_trained_statistics(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    block = with_trained_statistics(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    )
     folded, convs = fold_batch_norms(block, torch.randn(1, 3, 8, 8), keep=("0",))
     assert convs == ["2"] and isinstance(folded[1], nn.BatchNorm2d) and isinstance(folded[3], nn.Identity)
     with pytest.raises(ValueError, match="eval mode"):

@@ -419,8 +419,12 @@ def test_weighted_sum_and_check_name_unknown_terms():
 
 # --- losses chosen by name -----------------------------------------------------------------------
 
-FEATURE_CONFIGS = {"attention": "attention", "mse": {"name": "mse"}, "channel_wise": {"name": "channel_wise", "temperature": 2},
-                   "region_affinity": "region_affinity"}
+FEATURE_CONFIGS = {
+    "attention": "attention",
+    "mse": {"name": "mse"},
+    "channel_wise": {"name": "channel_wise", "temperature": 2},
+    "region_affinity": "region_affinity",
+}
 
 
 @pytest.mark.parametrize("name", sorted(FEATURE_LOSSES))
@@ -451,7 +455,10 @@ def test_every_logit_loss_builds_from_config_and_trains(name):
 
 
 def test_loss_config_errors_are_one_line():
-    with pytest.raises(DataError, match=r"^feature_loss: unknown loss 'atention'; known: attention, channel_wise, mse, region_affinity$"):
+    with pytest.raises(
+        DataError,
+        match=r"^feature_loss: unknown loss 'atention'; known: attention, channel_wise, mse, region_affinity$",
+    ):
         choose_loss("atention", FEATURE_LOSSES, "feature_loss")
     with pytest.raises(DataError, match=r"^logit_loss: give the loss's name; known: channel_wise, kd$"):
         choose_loss({"temperature": 2}, LOGIT_LOSSES, "logit_loss")

@@ -13,12 +13,12 @@ import yaml
 
 from distill.cli import main
 from distill.errors import DataError
+from distill.limit_trained import teacher_subsets
 from distill.losses import pixel_kl_divergence
 from distill.losses.multi_teacher import combine_soft_targets, gate_nll_loss, soft_target_kl, teacher_weights
 from distill.models import FeatureTaps, build_segmentation_network
 from distill.modules import FrozenTeachers, MultiTeacherDistillModule
 from distill.modules.checkpoints import file_sha256
-from distill.limit_trained import teacher_subsets
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -93,16 +93,32 @@ def save_teacher(path: Path, network: str = "slim_unet", width: int = 4, num_cla
     net = build_segmentation_network(network, 3, num_classes, width=width)
     for module in net.modules():  # batch-norm statistics as training leaves them, not the identity
         if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0), module.bias.data.uniform_(-0.5, 0.5)
-    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-                "hyper_parameters": {"network": network, "network_kwargs": {"width": width}, "in_channels": 3,
-                                     "num_classes": num_classes},
-                "network_family": "segmentation"}, path)
+            (
+                module.running_mean.uniform_(-0.5, 0.5),
+                module.running_var.uniform_(0.5, 2.0),
+                module.bias.data.uniform_(-0.5, 0.5),
+            )
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "hyper_parameters": {
+                "network": network,
+                "network_kwargs": {"width": width},
+                "in_channels": 3,
+                "num_classes": num_classes,
+            },
+            "network_family": "segmentation",
+        },
+        path,
+    )
     return path
 
 
 def write_manifest(path: Path, checkpoints: list[Path]) -> Path:
-    entries = [{"name": f"t{k}", "checkpoint": str(c), "sha256": file_sha256(c), "subset": {}} for k, c in enumerate(checkpoints)]
+    entries = [
+        {"name": f"t{k}", "checkpoint": str(c), "sha256": file_sha256(c), "subset": {}}
+        for k, c in enumerate(checkpoints)
+    ]
     path.write_text(yaml.safe_dump({"teachers": entries}))
     return path
 
@@ -124,11 +140,17 @@ def test_same_architecture_teachers_run_batched_and_match_one_by_one(tmp_path):
     for a, b, c, u in zip(out_b, out_l, out_c, out_u):
         assert torch.allclose(a, u, atol=1e-5) and torch.allclose(b, u, atol=1e-5) and torch.allclose(c, u, atol=1e-5)
     for a, b, c, u in zip(feat_b, feat_l, feat_c, feat_u):
-        assert torch.allclose(a[0], u[0], atol=1e-5) and torch.allclose(b[0], u[0], atol=1e-5) and torch.allclose(c[0], u[0], atol=1e-5)
+        assert (
+            torch.allclose(a[0], u[0], atol=1e-5)
+            and torch.allclose(b[0], u[0], atol=1e-5)
+            and torch.allclose(c[0], u[0], atol=1e-5)
+        )
     for teachers, folded in ((batched, True), (looped, True), (nhwc, True), (unfolded, False)):
         norms = [m for m in teachers.networks.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert (not norms) == folded  # batch norm folded into the convolutions on the first pass
-    assert nhwc.networks[0].conv_0.conv_0.conv.weight.is_contiguous(memory_format=torch.channels_last)  # after folding too
+    assert nhwc.networks[0].conv_0.conv_0.conv.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )  # after folding too
     with pytest.raises(RuntimeError, match="batch norm was folded in"):
         looped(x, ["conv_0.conv_0.conv"])  # a convolution's own output, no longer what it was
     assert not any(out.requires_grad for out in out_b)
@@ -150,17 +172,32 @@ def test_feature_taps_survive_a_deepcopy_of_the_tapped_model():
 
 
 def multi_args(root: Path, manifest: Path, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(REPO / "experiments/prostate/student_multi_teacher.yaml"), *TINY,
-            f"--data.init_args.data_root={root}", f"--model.init_args.teachers={manifest}",
-            f"--trainer.default_root_dir={out}", *extra]
+    return [
+        "--config",
+        str(REPO / "experiments/prostate/student_multi_teacher.yaml"),
+        *TINY,
+        f"--data.init_args.data_root={root}",
+        f"--model.init_args.teachers={manifest}",
+        f"--trainer.default_root_dir={out}",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("rule", ["mean", "confidence", "performance", "learned"])
 def test_multi_teacher_student_fits_under_a_trainer_with_every_rule(synthetic_prostate_root, tmp_path, rule):
-    manifest = write_manifest(tmp_path / "manifest.yaml", [save_teacher(tmp_path / f"t{k}.ckpt", seed=k) for k in range(3)])
+    manifest = write_manifest(
+        tmp_path / "manifest.yaml", [save_teacher(tmp_path / f"t{k}.ckpt", seed=k) for k in range(3)]
+    )
     weights = "{dice: 1.0, lovasz: 1.0, kd: 1.0, feature: 10.0" + (", gate: 1.0}" if rule == "learned" else "}")
-    main(["fit", *multi_args(synthetic_prostate_root, manifest, tmp_path / "run"), f"--model.init_args.weighting={rule}",
-          f"--model.init_args.loss_weights={weights}", "--trainer.limit_val_batches=1"])
+    main(
+        [
+            "fit",
+            *multi_args(synthetic_prostate_root, manifest, tmp_path / "run"),
+            f"--model.init_args.weighting={rule}",
+            f"--model.init_args.loss_weights={weights}",
+            "--trainer.limit_val_batches=1",
+        ]
+    )
     log_dir = tmp_path / "run" / "lightning_logs" / "version_0"
     header = (log_dir / "metrics.csv").read_text().splitlines()[0]
     assert {"train/kd", "train/feature", "train/teacher_weight/0", "train/teacher_weight/2"} <= set(header.split(","))
@@ -172,7 +209,9 @@ def test_multi_teacher_student_fits_under_a_trainer_with_every_rule(synthetic_pr
 def test_student_tests_and_predicts_after_its_teachers_are_deleted(synthetic_prostate_root, tmp_path):
     teachers = tmp_path / "teachers"
     teachers.mkdir()
-    manifest = write_manifest(teachers / "manifest.yaml", [save_teacher(teachers / f"t{k}.ckpt", seed=k) for k in range(2)])
+    manifest = write_manifest(
+        teachers / "manifest.yaml", [save_teacher(teachers / f"t{k}.ckpt", seed=k) for k in range(2)]
+    )
     args = multi_args(synthetic_prostate_root, manifest, tmp_path / "run", "--trainer.limit_val_batches=1")
     main(["fit", *args])
     last = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -185,10 +224,16 @@ def test_student_tests_and_predicts_after_its_teachers_are_deleted(synthetic_pro
 
 
 def test_teacher_cache_is_built_once_reused_and_refused_for_other_data(synthetic_prostate_root, tmp_path):
-    manifest = write_manifest(tmp_path / "manifest.yaml", [save_teacher(tmp_path / f"t{k}.ckpt", seed=k) for k in range(2)])
+    manifest = write_manifest(
+        tmp_path / "manifest.yaml", [save_teacher(tmp_path / f"t{k}.ckpt", seed=k) for k in range(2)]
+    )
     cache = tmp_path / "cache.safetensors"
-    cached = ["--model.init_args.weighting=mean", "--model.init_args.loss_weights={dice: 1.0, kd: 1.0}",
-              f"--model.init_args.teacher_cache={cache}", "--trainer.limit_val_batches=1"]
+    cached = [
+        "--model.init_args.weighting=mean",
+        "--model.init_args.loss_weights={dice: 1.0, kd: 1.0}",
+        f"--model.init_args.teacher_cache={cache}",
+        "--trainer.limit_val_batches=1",
+    ]
     with pytest.raises(SystemExit, match="intensity augmentation .* cannot be applied to cached outputs"):
         main(["fit", *multi_args(synthetic_prostate_root, manifest, tmp_path / "a"), *cached])
     cached.append("--data.init_args.intensity_augmentation=false")
@@ -197,7 +242,14 @@ def test_teacher_cache_is_built_once_reused_and_refused_for_other_data(synthetic
     main(["fit", *multi_args(synthetic_prostate_root, manifest, tmp_path / "b"), *cached])
     assert cache.stat().st_mtime_ns == built  # reused, not rebuilt
     with pytest.raises(SystemExit, match="cache.safetensors: teacher cache was built for other image_size"):
-        main(["fit", *multi_args(synthetic_prostate_root, manifest, tmp_path / "c"), *cached, "--data.init_args.image_size=48"])
+        main(
+            [
+                "fit",
+                *multi_args(synthetic_prostate_root, manifest, tmp_path / "c"),
+                *cached,
+                "--data.init_args.image_size=48",
+            ]
+        )
     other = write_manifest(tmp_path / "other.yaml", [save_teacher(tmp_path / "t9.ckpt", seed=9), tmp_path / "t1.ckpt"])
     with pytest.raises(SystemExit, match="teacher cache was built for other teachers"):
         main(["fit", *multi_args(synthetic_prostate_root, other, tmp_path / "d"), *cached])
@@ -213,7 +265,9 @@ def test_cached_logits_follow_the_geometric_augmentation(synthetic_prostate_root
     labels = torch.stack([train.volumes[v].mask[s] for v, s in train.samples]).long()
     one_hot = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float() * 20 - 10  # (N, C, H, W) logits
     dm.attach_teacher_outputs(one_hot[:, None].half())
-    agree = [(item["teacher_logits"][0].argmax(0) == item["label"]).float().mean() for item in (train[i] for i in range(24))]
+    agree = [
+        (item["teacher_logits"][0].argmax(0) == item["label"]).float().mean() for item in (train[i] for i in range(24))
+    ]
     assert torch.stack(agree).mean() > 0.97
 
 
@@ -228,22 +282,36 @@ def test_bad_multi_teacher_inputs_are_one_line_errors(synthetic_prostate_root, t
     save_teacher(tmp_path / "t1.ckpt", seed=7)  # retrained after the manifest was written
     with pytest.raises(DataError, match="t1.ckpt: content hash .* differs from the recorded"):
         MultiTeacherDistillModule(teachers=str(stale)).prepare_distillation()
-    three_classes = write_manifest(tmp_path / "classes.yaml", [good[0], save_teacher(tmp_path / "c3.ckpt", num_classes=3)])
+    three_classes = write_manifest(
+        tmp_path / "classes.yaml", [good[0], save_teacher(tmp_path / "c3.ckpt", num_classes=3)]
+    )
     with pytest.raises(DataError, match="c3.ckpt: teacher predicts 3 classes, the student 2"):
-        MultiTeacherDistillModule(teachers=str(three_classes), loss_weights={"dice": 1.0, "kd": 1.0}).prepare_distillation()
+        MultiTeacherDistillModule(
+            teachers=str(three_classes), loss_weights={"dice": 1.0, "kd": 1.0}
+        ).prepare_distillation()
     with pytest.raises(DataError, match="'gate' term trains the gate of weighting 'learned'"):
         MultiTeacherDistillModule(teachers=str(three_classes), weighting="learned", loss_weights={"kd": 1.0})
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *multi_args(synthetic_prostate_root, stale, tmp_path / "run"), "--model.init_args.weighting=majority"])
+        main(
+            [
+                "fit",
+                *multi_args(synthetic_prostate_root, stale, tmp_path / "run"),
+                "--model.init_args.weighting=majority",
+            ]
+        )
     assert "weighting" in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
     with pytest.raises(DataError, match="spec.yaml: teacher 'HK' has no training cases after the split"):
-        teacher_subsets({"partition": "by_site", "sites": ["RUNMC", "HK"]}, ["RUNMC/Case00", "BMC/Case01"], 0, "spec.yaml")
+        teacher_subsets(
+            {"partition": "by_site", "sites": ["RUNMC", "HK"]}, ["RUNMC/Case00", "BMC/Case01"], 0, "spec.yaml"
+        )
 
 
 def test_limit_trained_teachers_subsets_are_disjoint_capped_and_seeded():
     keys = [f"{site}/Case{i:02d}" for site in ("RUNMC", "BMC") for i in range(5)]
     by_site = teacher_subsets({"partition": "by_site", "max_cases": 2}, keys, 0, "spec")
-    assert list(by_site) == ["RUNMC", "BMC"] and all(len(v) == 2 and all(k.startswith(s) for k in v) for s, v in by_site.items())
+    assert list(by_site) == ["RUNMC", "BMC"] and all(
+        len(v) == 2 and all(k.startswith(s) for k in v) for s, v in by_site.items()
+    )
     parts = teacher_subsets({"partition": "random", "num_teachers": 3}, keys, 0, "spec")
     flat = [k for v in parts.values() for k in v]
     assert sorted(flat) == sorted(keys) and len(set(flat)) == len(keys)  # disjoint, covering
@@ -253,34 +321,63 @@ def test_limit_trained_teachers_subsets_are_disjoint_capped_and_seeded():
 def test_limit_trained_teachers_and_multi_teacher_table_over_seeds(synthetic_prostate_root, tmp_path, capsys):
     """The procedure-2 table at toy scale: teachers by site -> manifest -> students, 2 seeds, resumable."""
     teachers_spec = tmp_path / "teachers.yaml"
-    teachers_spec.write_text(yaml.safe_dump({"config": str(REPO / "experiments/prostate/teacher.yaml"),
-                                             "partition": "by_site", "sites": ["RUNMC", "BMC"], "max_cases": 1}))
+    teachers_spec.write_text(
+        yaml.safe_dump(
+            {
+                "config": str(REPO / "experiments/prostate/teacher.yaml"),
+                "partition": "by_site",
+                "sites": ["RUNMC", "BMC"],
+                "max_cases": 1,
+            }
+        )
+    )
     spec = tmp_path / "table.yaml"
     student = lambda name: str(REPO / f"experiments/prostate/{name}.yaml")  # noqa: E731
-    spec.write_text(yaml.safe_dump({
-        "title": "toy procedure 2",
-        "seeds": 2,
-        "runs": [
-            {"name": "teachers", "teachers": str(teachers_spec), "train_once": True},
-            {"name": "student (no KD)", "config": student("student_baseline")},
-            {"name": "student + 1 teacher", "config": student("student_kd"), "teacher": "teachers", "teacher_index": 1},
-            {"name": "student + K (mean)", "config": student("student_multi_teacher"), "teachers": "teachers",
-             "overrides": ["--model.init_args.weighting=mean", "--model.init_args.loss_weights={dice: 1.0, kd: 1.0}"]},
-        ],
-        "compare": [{"baseline": "student (no KD)", "candidates": ["student + 1 teacher", "student + K (mean)"]}],
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "title": "toy procedure 2",
+                "seeds": 2,
+                "runs": [
+                    {"name": "teachers", "teachers": str(teachers_spec), "train_once": True},
+                    {"name": "student (no KD)", "config": student("student_baseline")},
+                    {
+                        "name": "student + 1 teacher",
+                        "config": student("student_kd"),
+                        "teacher": "teachers",
+                        "teacher_index": 1,
+                    },
+                    {
+                        "name": "student + K (mean)",
+                        "config": student("student_multi_teacher"),
+                        "teachers": "teachers",
+                        "overrides": [
+                            "--model.init_args.weighting=mean",
+                            "--model.init_args.loss_weights={dice: 1.0, kd: 1.0}",
+                        ],
+                    },
+                ],
+                "compare": [
+                    {"baseline": "student (no KD)", "candidates": ["student + 1 teacher", "student + K (mean)"]}
+                ],
+            }
+        )
+    )
     from distill.tables import run_table
 
     overrides = [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", "--trainer.limit_val_batches=2"]
     results = run_table(spec, tmp_path / "out", overrides)
     assert sorted({(r.name, r.seed) for r in results}) == sorted(
         [("teachers: RUNMC", 0), ("teachers: BMC", 0)]  # train_once: the seed-0 teachers serve every seed
-        + [(name, seed) for seed in (0, 1) for name in ["student (no KD)", "student + 1 teacher", "student + K (mean)"]])
+        + [(name, seed) for seed in (0, 1) for name in ["student (no KD)", "student + 1 teacher", "student + K (mean)"]]
+    )
     assert not (tmp_path / "out" / "teachers" / "seed_1").exists()
     manifest = yaml.safe_load((tmp_path / "out" / "teachers" / "seed_0" / "manifest.yaml").read_text())
     assert [t["name"] for t in manifest["teachers"]] == ["RUNMC", "BMC"]
-    assert all(len(t["subset"]["train_cases"]) == 1 and t["subset"]["train_cases"][0].startswith(t["name"])
-               for t in manifest["teachers"])
+    assert all(
+        len(t["subset"]["train_cases"]) == 1 and t["subset"]["train_cases"][0].startswith(t["name"])
+        for t in manifest["teachers"]
+    )
     one_teacher = next(r for r in results if r.name == "student + 1 teacher" and r.seed == 1)
     hparams = torch.load(one_teacher.best_checkpoint, weights_only=True)["hyper_parameters"]
     assert hparams["teacher_sha256"] == manifest["teachers"][1]["sha256"]  # teacher index 1
@@ -296,7 +393,11 @@ def test_profile_picks_the_most_accurate_student_under_the_budget(capsys):
     from distill.profile import Profile, choose_under_budget, parse_network_spec
 
     assert parse_network_spec("slim_unet:width=8,dropout=0.1") == ("slim_unet", {"width": 8, "dropout": 0.1})
-    profiles = [Profile("small", 1, 0.1, 3.0, 0.70), Profile("medium", 2, 0.4, 9.0, 0.80), Profile("large", 3, 2.0, 30.0, 0.85)]
+    profiles = [
+        Profile("small", 1, 0.1, 3.0, 0.70),
+        Profile("medium", 2, 0.4, 9.0, 0.80),
+        Profile("large", 3, 2.0, 30.0, 0.85),
+    ]
     assert choose_under_budget(profiles, 10.0).name == "medium"
     with pytest.raises(DataError, match="no scored student is that fast .*small, 3.0 ms"):
         choose_under_budget(profiles, 1.0)

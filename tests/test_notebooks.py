@@ -13,5 +13,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 def test_notebook_runs(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
     # Raises CellExecutionError, with the failing cell and traceback, if any cell fails.
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     assert all(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")

@@ -217,7 +217,14 @@ def test_5fps_predictions_against_25fps_ground_truth(dirs):
 def test_m2cai16_file_names(dirs):
     gt_dir, pred_dir = dirs
     write_video(gt_dir, pred_dir, "workflow_video_01.txt", late_s=12, dataset="m2cai16")
-    write_video(gt_dir, pred_dir, "test_workflow_video_02.txt", late_s=12, pred_name="test_workflow_video_02_pred.txt", dataset="m2cai16")
+    write_video(
+        gt_dir,
+        pred_dir,
+        "test_workflow_video_02.txt",
+        late_s=12,
+        pred_name="test_workflow_video_02_pred.txt",
+        dataset="m2cai16",
+    )
     report = evaluate_phase_dirs(gt_dir, pred_dir, dataset="m2cai16")
     assert report.video_names == ("test_workflow_video_02", "workflow_video_01")
     assert report.phase_names[0] == "TrocarPlacement"
@@ -290,11 +297,17 @@ def test_macro_f1_and_frame_accuracy_match_torchmetrics():
     pred = np.where(rng.random(gt.size) < 0.3, rng.integers(0, 6, gt.size), gt)  # 6 never predicted wrongly
     report = evaluate_phases({"v": (gt, pred)}, fps=1)
     target, preds = torch.from_numpy(gt), torch.from_numpy(pred)
-    assert report.frame_accuracy == pytest.approx(100 * multiclass_accuracy(preds, target, 7, average="micro").item(), abs=1e-4)
-    assert report.macro_f1 == pytest.approx(100 * multiclass_f1_score(preds, target, 7, average="macro").item(), abs=1e-4)
+    assert report.frame_accuracy == pytest.approx(
+        100 * multiclass_accuracy(preds, target, 7, average="micro").item(), abs=1e-4
+    )
+    assert report.macro_f1 == pytest.approx(
+        100 * multiclass_f1_score(preds, target, 7, average="macro").item(), abs=1e-4
+    )
 
 
-CANONICAL = "Frame\tPhase\n0\tPreparation\n1\tPreparation\n2\t1\n3\tCalotTriangleDissection\n10\tGallbladderRetraction\n"
+CANONICAL = (
+    "Frame\tPhase\n0\tPreparation\n1\tPreparation\n2\t1\n3\tCalotTriangleDissection\n10\tGallbladderRetraction\n"
+)
 EXPECTED = ([0, 1, 2, 3, 10], [0, 0, 1, 1, 6])
 
 
@@ -357,7 +370,10 @@ def test_bad_phase_line_is_named(tmp_path, case):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("text, message", [("", "empty file"), ("Frame\tLabel\n0\t0\n", "expected header"), ("Frame\tPhase\n\n", "no annotation lines")])
+@pytest.mark.parametrize(
+    "text, message",
+    [("", "empty file"), ("Frame\tLabel\n0\t0\n", "expected header"), ("Frame\tPhase\n\n", "no annotation lines")],
+)
 def test_bad_phase_file_header_or_body(tmp_path, text, message):
     path = tmp_path / "x.txt"
     path.write_text(text)

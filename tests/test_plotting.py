@@ -5,8 +5,8 @@ from __future__ import annotations
 import matplotlib.image
 import numpy as np
 import pytest
-from matplotlib.contour import ContourSet
 from matplotlib.container import BarContainer
+from matplotlib.contour import ContourSet
 from matplotlib.patches import Rectangle
 
 from distill.plotting import confusion_matrix_plot, phase_ribbons, save_figure, segmentation_overlay, site_dice_bars

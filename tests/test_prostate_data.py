@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -31,7 +30,9 @@ def raw_case(root: Path, site: str, case: str) -> tuple[np.ndarray, np.ndarray, 
 
 
 def file_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.nii.gz"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.nii.gz"))
+    }
 
 
 # --- the synthetic tree ---------------------------------------------------------------------------------
@@ -41,7 +42,12 @@ def test_synthetic_tree_has_the_real_file_names(synthetic_prostate_root):
     names = {site: sorted(p.name for p in (synthetic_prostate_root / site).iterdir()) for site in SITES}
     assert names["RUNMC"] == [f"Case0{i}{suffix}.nii.gz" for i in range(3) for suffix in ("", "_segmentation")]
     assert names["BMC"] == [f"Case0{i}{suffix}.nii.gz" for i in range(3) for suffix in ("", "_Segmentation")]
-    assert names["BIDMC"] == ["Case00.nii.gz", "Case00_segmentation.nii.gz", "Case02.nii.gz", "Case02_segmentation.nii.gz"]
+    assert names["BIDMC"] == [
+        "Case00.nii.gz",
+        "Case00_segmentation.nii.gz",
+        "Case02.nii.gz",
+        "Case02_segmentation.nii.gz",
+    ]
     assert names["HK"] == ["Case38.nii.gz", "Case38_segmentation.nii.gz", "Case39.nii.gz", "Case39_segmentation.nii.gz"]
     assert [n for n in names["I2CVB"] if "seg" not in n] == ["Case00.nii.gz", "Case01.nii.gz"]
     assert [n for n in names["UCL"] if "seg" not in n] == ["Case01.nii.gz", "Case26.nii.gz"]
@@ -120,17 +126,26 @@ def test_two_and_a_half_d_stacks_are_the_neighbouring_slices(synthetic_prostate_
     gland_slices = np.flatnonzero((mask > 0).any(axis=(0, 1)))
     position = train_set.samples.index((0, int(gland_slices[0])))
     sample = train_set[position]
-    np.testing.assert_allclose(sample["image"].numpy(), normalised[gland_slices[0] - 2 : gland_slices[0] + 3], atol=1e-4)
+    np.testing.assert_allclose(
+        sample["image"].numpy(), normalised[gland_slices[0] - 2 : gland_slices[0] + 3], atol=1e-4
+    )
     np.testing.assert_array_equal(sample["label"].numpy(), mask[:, :, gland_slices[0]] > 0)
 
 
 def test_foreground_only_and_background_fraction(synthetic_prostate_root):
     options = {"sites": ["HK"], "test_fraction": 0.0, "val_fraction": 0.0}
-    gland_slices = sum(int((raw_case(synthetic_prostate_root, "HK", c)[1] > 0).any(axis=(0, 1)).sum()) for c in ("Case38", "Case39"))
+    gland_slices = sum(
+        int((raw_case(synthetic_prostate_root, "HK", c)[1] > 0).any(axis=(0, 1)).sum()) for c in ("Case38", "Case39")
+    )
     all_slices = sum(raw_case(synthetic_prostate_root, "HK", c)[0].shape[2] for c in ("Case38", "Case39"))
     assert len(module(synthetic_prostate_root, **options).train_dataloader().dataset) == gland_slices
-    assert len(module(synthetic_prostate_root, **options, background_fraction=1.0).train_dataloader().dataset) == all_slices
-    assert len(module(synthetic_prostate_root, **options, foreground_only=False).train_dataloader().dataset) == all_slices
+    assert (
+        len(module(synthetic_prostate_root, **options, background_fraction=1.0).train_dataloader().dataset)
+        == all_slices
+    )
+    assert (
+        len(module(synthetic_prostate_root, **options, foreground_only=False).train_dataloader().dataset) == all_slices
+    )
     half = len(module(synthetic_prostate_root, **options, background_fraction=0.5).train_dataloader().dataset)
     assert half == gland_slices + int(0.5 * (all_slices - gland_slices) + 0.5)  # rounded half up
 
@@ -144,7 +159,16 @@ def test_site_aliases(synthetic_prostate_root, tmp_path):
     for alias, site in (("ISBI", "RUNMC"), ("ISBI_1.5", "BMC"), ("HK", "HK")):
         (tmp_path / alias).symlink_to(synthetic_prostate_root / site, target_is_directory=True)
     cases = discover_cases(tmp_path)
-    assert [c.key for c in cases] == ["RUNMC/Case00", "RUNMC/Case01", "RUNMC/Case02", "BMC/Case00", "BMC/Case01", "BMC/Case02", "HK/Case38", "HK/Case39"]
+    assert [c.key for c in cases] == [
+        "RUNMC/Case00",
+        "RUNMC/Case01",
+        "RUNMC/Case02",
+        "BMC/Case00",
+        "BMC/Case01",
+        "BMC/Case02",
+        "HK/Case38",
+        "HK/Case39",
+    ]
     assert cases[3].mask_path.name == "Case00_Segmentation.nii.gz"
     assert {c.site for c in discover_cases(tmp_path, sites=["isbi_1.5"])} == {"BMC"}
     (tmp_path / "BMC").symlink_to(synthetic_prostate_root / "BMC", target_is_directory=True)
@@ -163,7 +187,11 @@ def test_setup_is_cached_per_process(synthetic_prostate_root):
 
 def fake_cases(counts: dict[str, int]) -> list[ProstateCase]:
     """Cases that only need names: split logic never opens files."""
-    return [ProstateCase(site, f"Case{i:02d}", Path(f"{site}/Case{i:02d}.nii.gz"), Path("mask")) for site, n in counts.items() for i in range(n)]
+    return [
+        ProstateCase(site, f"Case{i:02d}", Path(f"{site}/Case{i:02d}.nii.gz"), Path("mask"))
+        for site, n in counts.items()
+        for i in range(n)
+    ]
 
 
 def assert_disjoint_cover(splits: dict[str, list[ProstateCase]], cases: list[ProstateCase]) -> None:
@@ -175,7 +203,9 @@ def test_per_site_split_fractions():
     cases = fake_cases({"RUNMC": 30, "I2CVB": 19, "BIDMC": 3, "HK": 2})
     splits = split_cases(cases, "per_site", val_fraction=0.15, test_fraction=0.25, seed=0)
     assert_disjoint_cover(splits, cases)
-    count = {name: {s: sum(c.site == s for c in splits[name]) for s in ("RUNMC", "I2CVB", "BIDMC", "HK")} for name in splits}
+    count = {
+        name: {s: sum(c.site == s for c in splits[name]) for s in ("RUNMC", "I2CVB", "BIDMC", "HK")} for name in splits
+    }
     assert count["test"] == {"RUNMC": 8, "I2CVB": 5, "BIDMC": 1, "HK": 1}  # round(0.25 n), at least 1
     assert count["val"] == {"RUNMC": 5, "I2CVB": 3, "BIDMC": 1, "HK": 0}  # round(0.15 n), at least 1 from 3 cases
     assert split_cases(cases, "per_site", seed=0) == splits

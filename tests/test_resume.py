@@ -21,15 +21,23 @@ def write_config(path: Path, data_root: Path, run_dir: Path, num_workers: int, k
     """The teacher experiment at toy scale, last.ckpt every SAVE_EVERY steps, optionally dying at step KILL_AT."""
     config = yaml.safe_load((REPO / "experiments/prostate/teacher.yaml").read_text())
     callbacks = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"monitor": "val/dice", "mode": "max", "filename": "best"}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"monitor": "val/dice", "mode": "max", "filename": "best"},
+        },
         {"class_path": "distill.callbacks.LastCheckpoint", "init_args": {"every_n_train_steps": SAVE_EVERY}},
     ]
     if kill:
         callbacks.append({"class_path": "kill_callback.KillAtStep", "init_args": {"step": KILL_AT}})
     config["trainer"].update(
-        default_root_dir=str(run_dir), max_epochs=EPOCHS, limit_train_batches=STEPS_PER_EPOCH, limit_val_batches=2,
-        deterministic=True, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(run_dir),
+        max_epochs=EPOCHS,
+        limit_train_batches=STEPS_PER_EPOCH,
+        limit_val_batches=2,
+        deterministic=True,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=callbacks,
     )
     config["model"]["init_args"]["network_kwargs"] = {"width": 4}
@@ -41,10 +49,19 @@ def write_config(path: Path, data_root: Path, run_dir: Path, num_workers: int, k
 
 
 def distill_fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "distill.cli", "fit", "--config", str(config), *extra],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "distill.cli", "fit", "--config", str(config), *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def logged_rows(run_dir: Path, version: int) -> dict[tuple, dict[str, str]]:
@@ -71,8 +88,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(synthetic_prost
     resumed = distill_fit(resume_config, f"--ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    final = {name: torch.load(run / "lightning_logs" / f"version_{v}" / "checkpoints" / "last.ckpt", weights_only=True)
-             for name, run, v in (("full", full_dir, 0), ("resumed", killed_dir, 1))}
+    final = {
+        name: torch.load(run / "lightning_logs" / f"version_{v}" / "checkpoints" / "last.ckpt", weights_only=True)
+        for name, run, v in (("full", full_dir, 0), ("resumed", killed_dir, 1))
+    }
     assert final["full"]["global_step"] == final["resumed"]["global_step"] == EPOCHS * STEPS_PER_EPOCH
     for key, weights in final["full"]["state_dict"].items():
         assert torch.equal(weights, final["resumed"]["state_dict"][key]), key

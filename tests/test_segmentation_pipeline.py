@@ -72,7 +72,9 @@ def teacher_file(tmp_path) -> Path:
 
 
 def test_teacher_checkpoint_errors_name_the_file(tmp_path, teacher_file):
-    with pytest.raises(DataError, match=f"{teacher_file}: checkpoint does not match the segmentation network .*mobile_unet"):
+    with pytest.raises(
+        DataError, match=f"{teacher_file}: checkpoint does not match the segmentation network .*mobile_unet"
+    ):
         load_segmentation_network(teacher_file, network="mobile_unet")
     with pytest.raises(DataError, match="records no network architecture"):
         load_segmentation_network(teacher_file)
@@ -98,16 +100,25 @@ def distill_module(teacher_file: Path, **kwargs) -> SegDistillModule:
     return module
 
 
-@pytest.mark.parametrize("feature_loss, logit_loss", [
-    ("attention", "kd"), ({"name": "attention", "p": 4}, {"name": "channel_wise"}), ({"name": "mse"}, "kd"),
-    ({"name": "channel_wise", "temperature": 2}, "kd"), ({"name": "region_affinity"}, "kd"),
-])
+@pytest.mark.parametrize(
+    "feature_loss, logit_loss",
+    [
+        ("attention", "kd"),
+        ({"name": "attention", "p": 4}, {"name": "channel_wise"}),
+        ({"name": "mse"}, "kd"),
+        ({"name": "channel_wise", "temperature": 2}, "kd"),
+        ({"name": "region_affinity"}, "kd"),
+    ],
+)
 def test_distillation_losses_chosen_by_name_train_a_step(teacher_file, feature_loss, logit_loss):
     module = distill_module(teacher_file, feature_loss=feature_loss, logit_loss=logit_loss)
     module.train()
     optimizer = module.optimizer_factory(module.parameter_groups())
     generator = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(2, 3, 32, 32, generator=generator), "label": torch.randint(0, 2, (2, 32, 32), generator=generator)}
+    batch = {
+        "image": torch.randn(2, 3, 32, 32, generator=generator),
+        "label": torch.randint(0, 2, (2, 32, 32), generator=generator),
+    }
     terms = module.loss_terms(batch, module.training_outputs(batch))
     assert set(terms) == {"dice", "lovasz", "kd", "feature"} and all(torch.isfinite(t) for t in terms.values())
     sum(terms.values()).backward()
@@ -115,9 +126,14 @@ def test_distillation_losses_chosen_by_name_train_a_step(teacher_file, feature_l
 
 
 def test_unknown_distillation_loss_is_a_one_line_error(teacher_file):
-    with pytest.raises(DataError, match=r"^feature_loss: unknown loss 'cosine'; known: attention, channel_wise, mse, region_affinity$"):
-        SegDistillModule(teacher_checkpoint=str(teacher_file), feature_loss="cosine",
-                         feature_pairs=[{"student": "down_2", "teacher": "down_2"}])
+    with pytest.raises(
+        DataError, match=r"^feature_loss: unknown loss 'cosine'; known: attention, channel_wise, mse, region_affinity$"
+    ):
+        SegDistillModule(
+            teacher_checkpoint=str(teacher_file),
+            feature_loss="cosine",
+            feature_pairs=[{"student": "down_2", "teacher": "down_2"}],
+        )
 
 
 def test_teacher_is_frozen_in_eval_mode_and_left_out_of_checkpoints(teacher_file):
@@ -140,8 +156,13 @@ def test_teacher_is_frozen_in_eval_mode_and_left_out_of_checkpoints(teacher_file
 
     # Testing/predicting a trained student needs neither its teacher file nor its training-only heads.
     teacher_file.unlink()
-    student = SegDistillModule(teacher_checkpoint=str(teacher_file), network="slim_unet", network_kwargs={"width": 4},
-                               feature_pairs=[{"student": "down_2", "teacher": "down_2"}], feature_loss="mse")
+    student = SegDistillModule(
+        teacher_checkpoint=str(teacher_file),
+        network="slim_unet",
+        network_kwargs={"width": 4},
+        feature_pairs=[{"student": "down_2", "teacher": "down_2"}],
+        feature_loss="mse",
+    )
     student.on_load_checkpoint(checkpoint)
     student.load_state_dict(checkpoint["state_dict"])
     assert all(torch.equal(a, b) for a, b in zip(student.net.state_dict().values(), module.net.state_dict().values()))
@@ -154,11 +175,17 @@ def test_resume_refuses_a_retrained_teacher(tmp_path, teacher_file):
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     save_file(build_segmentation_network("unet", 3, 2, width=8).state_dict(), str(teacher_file))  # retrained
     resumed = distill_module(teacher_file)
-    with pytest.raises(DataError, match="teacher.safetensors: teacher differs from the one this checkpoint was trained with"):
+    with pytest.raises(
+        DataError, match="teacher.safetensors: teacher differs from the one this checkpoint was trained with"
+    ):
         resumed.on_load_checkpoint(checkpoint)
-    pinned = SegDistillModule(teacher_checkpoint=str(teacher_file), teacher_sha256=module.hparams.teacher_sha256,
-                              teacher_network="unet", teacher_network_kwargs={"width": 8},
-                              loss_weights={"dice": 1.0, "kd": 1.0})
+    pinned = SegDistillModule(
+        teacher_checkpoint=str(teacher_file),
+        teacher_sha256=module.hparams.teacher_sha256,
+        teacher_network="unet",
+        teacher_network_kwargs={"width": 8},
+        loss_weights={"dice": 1.0, "kd": 1.0},
+    )
     with pytest.raises(DataError, match="teacher.safetensors: content hash .* differs from the recorded"):
         pinned.prepare_distillation()
 
@@ -188,21 +215,39 @@ def test_unknown_loss_term_fails_at_construction():
 
 @pytest.mark.parametrize(
     "override, named",
-    [("--model.init_args.widht=4", "widht"), ("--trainer.max_epochz=3", "trainer.max_epochz"),
-     ("--data.init_args.split=per_sit", "split")],
+    [
+        ("--model.init_args.widht=4", "widht"),
+        ("--trainer.max_epochz=3", "trainer.max_epochz"),
+        ("--data.init_args.split=per_sit", "split"),
+    ],
 )
 def test_bad_yaml_key_or_value_is_a_one_line_error_naming_it(synthetic_prostate_root, override, named):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "experiments/prostate/teacher.yaml"), override,
-              f"--data.init_args.data_root={synthetic_prostate_root}"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "experiments/prostate/teacher.yaml"),
+                override,
+                f"--data.init_args.data_root={synthetic_prostate_root}",
+            ]
+        )
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and named in message and "\n" not in message
 
 
 def test_missing_data_root_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "experiments/prostate/teacher.yaml"), *TINY,
-              f"--data.init_args.data_root={tmp_path / 'nowhere'}", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "experiments/prostate/teacher.yaml"),
+                *TINY,
+                f"--data.init_args.data_root={tmp_path / 'nowhere'}",
+                f"--trainer.default_root_dir={tmp_path / 'run'}",
+            ]
+        )
     assert str(tmp_path / "nowhere") in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
 
 
@@ -224,7 +269,9 @@ def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
     assert "- student + KD vs student (no KD): Dice " in table and "| teacher (U-Net) |" in table
     assert "split: per_site by case" in table and "seeds: 0" in table
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["name"] for r in rows] == [r.name for r in results] and float(rows[0]["test/dice"]) == results[0].metrics["test/dice"]
+    assert [r["name"] for r in rows] == [r.name for r in results] and float(rows[0]["test/dice"]) == results[0].metrics[
+        "test/dice"
+    ]
     assert (out / "site_dice.png").stat().st_size > 0
 
     # A restarted table finds the finished runs and trains nothing again.
@@ -236,9 +283,14 @@ def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
     last = Path(kd.best_checkpoint).with_name("last.ckpt")
     saved_step = torch.load(last, weights_only=True)["global_step"]
     teacher_ckpt = results[0].best_checkpoint
-    kd_args = ["--config", str(REPO / "experiments/prostate/student_kd.yaml"), *TINY,
-               f"--data.init_args.data_root={synthetic_prostate_root}",
-               f"--model.init_args.teacher_checkpoint={teacher_ckpt}", f"--trainer.default_root_dir={tmp_path / 'kd'}"]
+    kd_args = [
+        "--config",
+        str(REPO / "experiments/prostate/student_kd.yaml"),
+        *TINY,
+        f"--data.init_args.data_root={synthetic_prostate_root}",
+        f"--model.init_args.teacher_checkpoint={teacher_ckpt}",
+        f"--trainer.default_root_dir={tmp_path / 'kd'}",
+    ]
     main(["fit", *kd_args, "--trainer.max_epochs=2", f"--ckpt_path={last}"])
     resumed_dir = tmp_path / "kd" / "lightning_logs" / "version_0"
     steps = [int(row["step"]) for row in metrics_rows(resumed_dir) if row.get("train/loss")]

@@ -20,7 +20,13 @@ from torchvision.transforms.v2 import functional as F
 
 from data_modules.frames import COMPLETION_MARKER, TECNO_FRAME_PATTERN, FramePattern, crop_black_margin
 from data_modules.surgical import PhaseFeatureDataModule, SurgicalPhaseDataModule, SurgicalSSLDataModule
-from data_modules.surgical_layout import extract_dataset_frames, first_videos, phase_labels_at, read_tool_file, split_videos
+from data_modules.surgical_layout import (
+    extract_dataset_frames,
+    first_videos,
+    phase_labels_at,
+    read_tool_file,
+    split_videos,
+)
 from data_modules.synth_surgical import write_synthetic_surgical
 from data_modules.video_transforms import (
     IMAGENET_MEAN,
@@ -105,8 +111,15 @@ def test_synthetic_m2cai16_has_the_release_layout(m2cai):
     assert sorted(p.name for p in (m2cai.root / "train_dataset").iterdir()) == [
         f"workflow_video_0{i}.{ext}" for i in (1, 2, 3) for ext in ("mp4", "txt")
     ]
-    assert sorted(p.name for p in (m2cai.root / "test_dataset").iterdir()) == ["test_workflow_video_01.mp4", "test_workflow_video_01.txt"]
-    assert (m2cai.root / "train_dataset" / "workflow_video_01.txt").read_text().startswith("Frame\tPhase\n0\tTrocarPlacement\n")
+    assert sorted(p.name for p in (m2cai.root / "test_dataset").iterdir()) == [
+        "test_workflow_video_01.mp4",
+        "test_workflow_video_01.txt",
+    ]
+    assert (
+        (m2cai.root / "train_dataset" / "workflow_video_01.txt")
+        .read_text()
+        .startswith("Frame\tPhase\n0\tTrocarPlacement\n")
+    )
     frames, labels = read_phase_file(m2cai.root / "test_dataset" / "test_workflow_video_01.txt", "m2cai16")
     assert len(decoded_frames(m2cai.root / "test_dataset" / "test_workflow_video_01.mp4")) == len(frames)
     assert labels.max() <= 7 and labels[0] == 0
@@ -120,8 +133,12 @@ def test_synthetic_videos_are_deterministic_from_the_seed(tmp_path):
     first, again, other = write(3, "a"), write(3, "b"), write(4, "c")
     for annotation in ("phase_annotations/video01-phase.txt", "tool_annotations/video01-tool.txt"):
         assert (first / annotation).read_bytes() == (again / annotation).read_bytes()
-    np.testing.assert_array_equal(decoded_frames(first / "videos/video01.mp4")[10], decoded_frames(again / "videos/video01.mp4")[10])
-    assert not np.array_equal(decoded_frames(first / "videos/video01.mp4")[10], decoded_frames(other / "videos/video01.mp4")[10])
+    np.testing.assert_array_equal(
+        decoded_frames(first / "videos/video01.mp4")[10], decoded_frames(again / "videos/video01.mp4")[10]
+    )
+    assert not np.array_equal(
+        decoded_frames(first / "videos/video01.mp4")[10], decoded_frames(other / "videos/video01.mp4")[10]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +178,7 @@ def test_extraction_skips_finished_videos_and_redoes_an_interrupted_one(cholec, 
     # video02 interrupted: no marker yet, half of its frames written, one of them corrupt.
     (frames / "video02" / COMPLETION_MARKER).unlink()
     all_frames = FramePattern().list_frames(frames, "video02")
-    for frame in all_frames[len(all_frames) // 2:]:
+    for frame in all_frames[len(all_frames) // 2 :]:
         (frames / "video02" / f"{frame}.jpg").unlink()
     (frames / "video02" / "0.jpg").write_bytes(b"partial")
     assert extract_dataset_frames(cholec.root, frames, fps=5, workers=1, progress=False) == ["video02"]
@@ -169,25 +186,36 @@ def test_extraction_skips_finished_videos_and_redoes_an_interrupted_one(cholec, 
     assert read_frame(frames / "video02" / "0.jpg").shape == (3, 250, 250)
     assert (frames / "video01" / "0.jpg").stat().st_mtime_ns == finished
     # Another rate is a different extraction: refused over finished folders, redone with overwrite.
-    with pytest.raises(DataError, match="holds a finished extraction with other settings .*fps=5.*--overwrite") as error:
+    with pytest.raises(
+        DataError, match="holds a finished extraction with other settings .*fps=5.*--overwrite"
+    ) as error:
         extract_dataset_frames(cholec.root, frames, fps=1, workers=1, progress=False)
     assert_one_line_naming(error, frames / "video01")
     assert (frames / "video01" / "5.jpg").is_file()  # nothing was deleted
-    assert len(extract_dataset_frames(cholec.root, frames, fps=1, workers=1, progress=False, overwrite=True)) == NUM_CHOLEC80
+    assert (
+        len(extract_dataset_frames(cholec.root, frames, fps=1, workers=1, progress=False, overwrite=True))
+        == NUM_CHOLEC80
+    )
     assert not (frames / "video01" / "5.jpg").exists() and (frames / "video01" / "25.jpg").is_file()
 
 
 def test_tecno_frame_pattern_is_written_and_read(cholec, tmp_path):
     frames = tmp_path / "tecno"
-    extract_dataset_frames(cholec.root, frames, fps=1, size=(240, 240), frame_pattern=TECNO_FRAME_PATTERN, workers=1, progress=False)
+    extract_dataset_frames(
+        cholec.root, frames, fps=1, size=(240, 240), frame_pattern=TECNO_FRAME_PATTERN, workers=1, progress=False
+    )
     assert (frames / "video01" / "video01_000025.png").is_file()
-    module = SurgicalPhaseDataModule(frames, cholec.root, frame_pattern=TECNO_FRAME_PATTERN, fps=1, batch_size=2, num_workers=0)
+    module = SurgicalPhaseDataModule(
+        frames, cholec.root, frame_pattern=TECNO_FRAME_PATTERN, fps=1, batch_size=2, num_workers=0
+    )
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))
     assert batch["image"].shape == (2, 3, 224, 224)
 
 
-@pytest.mark.parametrize("pattern", ["{frame}.jpg", "{video}/{frame}/x.jpg", "{video}/{video}.jpg", "{video}/{frame}_{camera}.jpg"])
+@pytest.mark.parametrize(
+    "pattern", ["{frame}.jpg", "{video}/{frame}/x.jpg", "{video}/{video}.jpg", "{video}/{frame}_{camera}.jpg"]
+)
 def test_frame_pattern_rejects_unusable_patterns(pattern):
     with pytest.raises(DataError, match="frame pattern"):
         FramePattern(pattern)
@@ -201,11 +229,17 @@ def test_canonical_splits_are_exact_with_the_real_video_counts():
     cholec80 = [f"video{i:02d}" for i in range(1, 81)]
     ids = lambda names: [int(n.removeprefix("video")) for n in names]  # noqa: E731
     paper = split_videos(cholec80, "cholec80", "paper", val_fraction=0.0)
-    assert ids(paper["train"]) == list(range(1, 41)) and paper["val"] == [] and ids(paper["test"]) == list(range(41, 81))
+    assert (
+        ids(paper["train"]) == list(range(1, 41)) and paper["val"] == [] and ids(paper["test"]) == list(range(41, 81))
+    )
     paper_val = split_videos(cholec80, "cholec80", "paper")
     assert ids(paper_val["train"]) == list(range(1, 33)) and ids(paper_val["val"]) == list(range(33, 41))
     tecno = split_videos(cholec80, "cholec80", "tecno")
-    assert [ids(tecno[p]) for p in ("train", "val", "test")] == [list(range(1, 41)), list(range(41, 49)), list(range(49, 81))]
+    assert [ids(tecno[p]) for p in ("train", "val", "test")] == [
+        list(range(1, 41)),
+        list(range(41, 49)),
+        list(range(49, 81)),
+    ]
     m2cai16 = [f"workflow_video_{i:02d}" for i in range(1, 28)] + [f"test_workflow_video_{i:02d}" for i in range(1, 15)]
     official = split_videos(m2cai16[::-1], "m2cai16")
     assert official["train"] == m2cai16[:22] and official["val"] == m2cai16[22:27] and official["test"] == m2cai16[27:]
@@ -301,7 +335,9 @@ def test_phase_datamodule_labels_splits_and_budget(cholec):
     module.setup("predict")
     predict = module.sets["predict"].index
     assert predict.videos == [f"video{i:02d}" for i in range(1, NUM_CHOLEC80 + 1)] and (predict.frames % 5 == 0).all()
-    assert predict.frames[predict.video_ids == 0].tolist() == FramePattern().list_frames(cholec.frames, "video01").tolist()
+    assert (
+        predict.frames[predict.video_ids == 0].tolist() == FramePattern().list_frames(cholec.frames, "video01").tolist()
+    )
 
     budget = SurgicalPhaseDataModule(cholec.frames, cholec.root, train_videos=1, num_workers=0)
     budget.setup("fit")
@@ -322,7 +358,11 @@ def test_phase_datamodule_on_m2cai16(m2cai):
     module.setup("fit")
     module.setup("test")
     assert "predict" not in module.sets  # needs 5 fps frames; these were extracted at 1 fps
-    assert module.splits == {"train": ["workflow_video_01", "workflow_video_02"], "val": ["workflow_video_03"], "test": ["test_workflow_video_01"]}
+    assert module.splits == {
+        "train": ["workflow_video_01", "workflow_video_02"],
+        "val": ["workflow_video_03"],
+        "test": ["test_workflow_video_01"],
+    }
     assert_labels_match_annotations(module.sets["test"].index, module.annotations, "m2cai16")
     first = module.sets["train"][0]
     assert first["frame"] == 0 and first["label"] == 0  # TrocarPlacement
@@ -462,9 +502,27 @@ def test_frame_folder_missing_frames_the_labels_need(cholec, m2cai, tmp_path):
 
 def test_cli_writes_synthetic_data_extracts_frames_and_reports_errors(tmp_path, capsys):
     root, frames = tmp_path / "m2cai16", tmp_path / "frames"
-    main(["data", "synth-surgical", "--out", str(root), "--dataset", "m2cai16", "--num-videos", "2",
-          "--size", "48", "64", "--duration-s", "2", "2"])
-    main(["data", "extract-frames", "--root", str(root), "--out", str(frames), "--dataset", "m2cai16", "--workers", "1"])
+    main(
+        [
+            "data",
+            "synth-surgical",
+            "--out",
+            str(root),
+            "--dataset",
+            "m2cai16",
+            "--num-videos",
+            "2",
+            "--size",
+            "48",
+            "64",
+            "--duration-s",
+            "2",
+            "2",
+        ]
+    )
+    main(
+        ["data", "extract-frames", "--root", str(root), "--out", str(frames), "--dataset", "m2cai16", "--workers", "1"]
+    )
     assert sorted(p.name for p in frames.iterdir()) == ["test_workflow_video_01", "workflow_video_01"]
     assert sorted(p.name for p in (frames / "workflow_video_01").glob("*.jpg")) == ["0.jpg", "25.jpg"]
     assert "extracted 2 videos" in capsys.readouterr().out
@@ -478,7 +536,9 @@ def test_cli_writes_synthetic_data_extracts_frames_and_reports_errors(tmp_path, 
 
 @pytest.fixture(scope="module")
 def cat() -> torch.Tensor:
-    return torch.from_numpy(skimage_data.chelsea()[40:152, 150:262].copy()).permute(2, 0, 1)  # uint8 (3, 112, 112), the face
+    return torch.from_numpy(skimage_data.chelsea()[40:152, 150:262].copy()).permute(
+        2, 0, 1
+    )  # uint8 (3, 112, 112), the face
 
 
 def absolute_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -503,7 +563,11 @@ def test_opencv_augmentations_match_torchvision_with_the_same_random_parameters(
         pairs = [
             (OpenCVColorJitter(0.4, 0.4, 0.4, 0.1), v2.ColorJitter(0.4, 0.4, 0.4, 0.1), 2.5),
             (OpenCVGaussianBlur(23, sigma=(0.1, 2.0)), v2.GaussianBlur(23, sigma=(0.1, 2.0)), 0.1),
-            (OpenCVRandomResizedCrop(96, scale=(0.2, 1.0)), v2.RandomResizedCrop(96, scale=(0.2, 1.0), antialias=True), 0.5),
+            (
+                OpenCVRandomResizedCrop(96, scale=(0.2, 1.0)),
+                v2.RandomResizedCrop(96, scale=(0.2, 1.0), antialias=True),
+                0.5,
+            ),
         ]
         for ours, reference, mean_tolerance in pairs:
             torch.manual_seed(seed)
@@ -517,8 +581,11 @@ def test_opencv_augmentations_match_torchvision_with_the_same_random_parameters(
 @pytest.mark.parametrize("module_class", [SurgicalPhaseDataModule, SurgicalSSLDataModule])
 def test_training_position_and_augmentation_survive_a_state_roundtrip(cholec, module_class):
     """A fresh DataModule given the state of one that served 2 batches of epoch 1 serves its 3rd batch next, same pixels."""
+
     def build():
-        module = module_class(cholec.frames, cholec.root, fps=1, image_size=32, resize_size=40, batch_size=1, num_workers=0, seed=3)
+        module = module_class(
+            cholec.frames, cholec.root, fps=1, image_size=32, resize_size=40, batch_size=1, num_workers=0, seed=3
+        )
         module.setup("fit")
         return module
 

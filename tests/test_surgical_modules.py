@@ -23,7 +23,6 @@ from distill.callbacks import PhaseFeatureWriter
 from distill.errors import DataError
 from distill.formats.features import load_video_features
 from distill.formats.phases import read_phase_file
-from distill.lightning_cli import DistillCLI
 from distill.metrics.phase import evaluate_phases
 from distill.modules import MoCoDistillModule, MoCoModule, PhaseClassifierModule, TCNPhaseModule
 from distill.modules.checkpoints import load_network
@@ -44,15 +43,27 @@ def cholec(tmp_path_factory) -> SimpleNamespace:
 
 
 def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, "logger": False,
-               "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-               "accelerator": "cpu", "devices": 1, "default_root_dir": tmp_path}
+    options = {
+        "max_epochs": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+        "devices": 1,
+        "default_root_dir": tmp_path,
+    }
     return L.Trainer(**{**options, **kwargs})
 
 
 def ssl_data(cholec, **kwargs) -> SurgicalSSLDataModule:
     options = {"image_size": 32, "resize_size": 36, "batch_size": 4, "num_workers": 0, "fps": 5}
-    return SurgicalSSLDataModule(str(cholec.frames), str(cholec.root), **{**options, **kwargs})  # paths as a CLI gives them
+    return SurgicalSSLDataModule(
+        str(cholec.frames), str(cholec.root), **{**options, **kwargs}
+    )  # paths as a CLI gives them
 
 
 def fit_moco(cholec, tmp_path: Path, **kwargs) -> tuple[MoCoModule, L.Trainer]:
@@ -207,7 +218,10 @@ def _ddp_worker(rank: int, port: int, state_path: str, teacher: str, out: str) -
         model.prepare_distillation()
         for step in range(2):
             batch = views(20 + step, batch=4)
-            half = {"views": [v[2 * rank:2 * rank + 2] for v in batch["views"]], "label": batch["label"][2 * rank:2 * rank + 2]}
+            half = {
+                "views": [v[2 * rank : 2 * rank + 2] for v in batch["views"]],
+                "label": batch["label"][2 * rank : 2 * rank + 2],
+            }
             terms = _one_distill_step(model, half)
         losses = torch.stack([terms["info_nce"], terms["distill"]])
         dist.all_reduce(losses)
@@ -234,7 +248,9 @@ def test_two_process_ddp_step_gathers_queues_and_matches_one_process(teacher_ckp
     rank0, rank1 = result["queues"]
     assert torch.equal(rank0, rank1)  # both ranks hold all 8 keys of the global batches
     assert result["pointer"] == int(model.queue.pointer) == 8
-    assert torch.allclose(rank0[0], model.queue.queue, atol=1e-5) and torch.allclose(rank0[1], model.teacher_queue.queue, atol=1e-5)
+    assert torch.allclose(rank0[0], model.queue.queue, atol=1e-5) and torch.allclose(
+        rank0[1], model.teacher_queue.queue, atol=1e-5
+    )
     assert torch.allclose(result["losses"], torch.stack([terms["info_nce"], terms["distill"]]), atol=1e-5)
 
 
@@ -244,10 +260,13 @@ def phase_data(cholec, **kwargs) -> SurgicalPhaseDataModule:
     return SurgicalPhaseDataModule(str(cholec.frames), str(cholec.root), **{**options, **kwargs})
 
 
-def test_phase_classifier_linear_probe_from_a_moco_checkpoint_then_features_and_predictions(cholec, teacher_ckpt, tmp_path):
+def test_phase_classifier_linear_probe_from_a_moco_checkpoint_then_features_and_predictions(
+    cholec, teacher_ckpt, tmp_path
+):
     torch.manual_seed(5)
-    model = PhaseClassifierModule(backbone=BACKBONE, pretrained_checkpoint=str(teacher_ckpt), mode="linear_probe",
-                                  class_weights=True)
+    model = PhaseClassifierModule(
+        backbone=BACKBONE, pretrained_checkpoint=str(teacher_ckpt), mode="linear_probe", class_weights=True
+    )
     data = phase_data(cholec, train_videos=2)
     run = trainer(tmp_path)
     run.fit(model, datamodule=data)

@@ -21,10 +21,23 @@ from distill.runs import slug
 from distill.tables import run_table
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_OVERRIDES = ["--data.init_args.image_size=32", "--data.init_args.resize_size=36", "--data.init_args.batch_size=8",
-                   "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
-MOCO_OVERRIDES = ["--model.init_args.queue_size=16", "--model.init_args.proj_hidden_dim=32", "--model.init_args.proj_dim=16"]
-COMMON_OVERRIDES = ["--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+IMAGE_OVERRIDES = [
+    "--data.init_args.image_size=32",
+    "--data.init_args.resize_size=36",
+    "--data.init_args.batch_size=8",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+]
+MOCO_OVERRIDES = [
+    "--model.init_args.queue_size=16",
+    "--model.init_args.proj_hidden_dim=32",
+    "--model.init_args.proj_dim=16",
+]
+COMMON_OVERRIDES = [
+    "--data.init_args.num_workers=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 @pytest.fixture
@@ -55,14 +68,19 @@ def toy_spec(tmp_path: Path) -> Path:
 def test_surgical_table_chains_pretraining_finetuning_and_tcn(tmp_path, monkeypatch, one_thread):
     data = tmp_path / "data"
     write_synthetic_surgical(data / "cholec80", "cholec80", num_videos=6, seed=0, size=(48, 56), duration_s=(3.0, 4.0))
-    extract_dataset_frames(data / "cholec80", data / "frames", "cholec80", fps=5, size=(40, 40), workers=1, progress=False)
+    extract_dataset_frames(
+        data / "cholec80", data / "frames", "cholec80", fps=5, size=(40, 40), workers=1, progress=False
+    )
     monkeypatch.setenv("SURGICAL_DEMO", str(data))
     out = tmp_path / "table"
 
     results = run_table(toy_spec(tmp_path), out)
 
-    pretraining = ["pre-training: teacher (frozen ImageNet backbone, surgical MoCo head)", "pre-training: MoCo v2",
-                   "pre-training: MoCo v2 + distillation"]
+    pretraining = [
+        "pre-training: teacher (frozen ImageNet backbone, surgical MoCo head)",
+        "pre-training: MoCo v2",
+        "pre-training: MoCo v2 + distillation",
+    ]
     rows = ["ImageNet-supervised 25%", "MoCo v2 25%", "MoCo v2 + distillation 25%"]
     assert [r.name for r in results] == pretraining + rows  # 'show: false' keeps the fine-tuning runs out
     assert all(0 <= r.metrics["test/probe_acc"] <= 1 and r.monitor == "val/probe_acc" for r in results[:3])

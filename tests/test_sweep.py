@@ -35,7 +35,11 @@ def agent_argv(spec: SweepSpec, point: dict, monkeypatch, tmp_path) -> list[str]
     monkeypatch.setattr(wandb_agent, "AgentProcess", RecordedProcess)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     agent = wandb_agent.Agent.__new__(wandb_agent.Agent)
-    agent._sweep_command, agent._function, agent._in_jupyter = yaml.safe_load(spec.path.read_text())["command"], None, False
+    agent._sweep_command, agent._function, agent._in_jupyter = (
+        yaml.safe_load(spec.path.read_text())["command"],
+        None,
+        False,
+    )
     agent._forward_signals, agent._run_processes = False, {}
     agent._command_run({"run_id": "run0", "program": spec.program, "args": {k: {"value": v} for k, v in point.items()}})
     (command,) = started
@@ -77,7 +81,10 @@ def test_grid_sweep_runs_every_point_once_and_resumes(tmp_path, capsys):
     def fake(argv, run_dir, metric, overrides):  # val/dice peaks at lr 1e-3, lovasz 0.5
         point = dict(arg[2:].split("=", 1) for arg in argv if arg.startswith("--model."))
         calls.append(point)
-        lr, lovasz = float(point["model.init_args.optimizer.init_args.lr"]), float(point["model.init_args.loss_weights.lovasz"])
+        lr, lovasz = (
+            float(point["model.init_args.optimizer.init_args.lr"]),
+            float(point["model.init_args.loss_weights.lovasz"]),
+        )
         return 0.9 - abs(np.log10(lr) + 3) - 0.1 * lovasz
 
     run_sweep(sweep, tmp_path, count=2, execute=fake)  # interrupted after two points
@@ -92,13 +99,21 @@ def test_grid_sweep_runs_every_point_once_and_resumes(tmp_path, capsys):
 
 def write_sweep(tmp_path: Path, method: str) -> Path:
     path = tmp_path / f"{method}.yaml"
-    path.write_text(yaml.safe_dump({
-        "program": "distill", "method": method, "metric": {"name": "val/loss", "goal": "minimize"},
-        "command": ["${program}", "fit", "${args}"],
-        "parameters": {"x": {"distribution": "uniform", "min": -4.0, "max": 4.0},
-                       "n": {"distribution": "int_uniform", "min": 1, "max": 3},
-                       "kind": {"values": ["a", "b"]}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "program": "distill",
+                "method": method,
+                "metric": {"name": "val/loss", "goal": "minimize"},
+                "command": ["${program}", "fit", "${args}"],
+                "parameters": {
+                    "x": {"distribution": "uniform", "min": -4.0, "max": 4.0},
+                    "n": {"distribution": "int_uniform", "min": 1, "max": 3},
+                    "kind": {"values": ["a", "b"]},
+                },
+            }
+        )
+    )
     return path
 
 
@@ -136,11 +151,26 @@ def test_bad_sweep_files_raise(tmp_path):
 
 def test_one_point_of_a_sweep_fits_for_one_batch(synthetic_prostate_root, tmp_path, capsys):
     """The real runner: `distill sweep` runs one grid point as a CLI subprocess, one batch."""
-    main(["sweep", str(REPO / "experiments/prostate/sweeps/student_baseline.yaml"), "--count", "1",
-          "--out", str(tmp_path), f"--data.init_args.data_root={synthetic_prostate_root}",
-          "--data.init_args.image_size=32", "--data.init_args.num_workers=0", "--data.init_args.load_threads=1",
-          "--model.init_args.network_kwargs.width=4", "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
-          "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"])
+    main(
+        [
+            "sweep",
+            str(REPO / "experiments/prostate/sweeps/student_baseline.yaml"),
+            "--count",
+            "1",
+            "--out",
+            str(tmp_path),
+            f"--data.init_args.data_root={synthetic_prostate_root}",
+            "--data.init_args.image_size=32",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.load_threads=1",
+            "--model.init_args.network_kwargs.width=4",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.log_every_n_steps=1",
+        ]
+    )
     (result,) = read_results(tmp_path / "sweep.csv")
     assert result.status == "finished", (tmp_path / "point-000" / "output.log").read_text()[-2000:]
     assert 0.0 <= result.metric <= 1.0

@@ -78,7 +78,9 @@ def test_phase_segmentation_loss_by_hand():
     # ignored frame 1: cross-entropy on frame 0 only, no valid frame pair left to smooth
     assert phase_segmentation_loss(stages, torch.tensor([[0, -1]])).item() == pytest.approx(2 * LN2, abs=1e-6)
     # class weights: stage a frame 1 (class 1, p = 1/4) weighs 3, frame 0 (class 0, p = 1/2) weighs 1
-    weighted = phase_segmentation_loss(stage_a, torch.tensor([[0, 1]]), smoothing_weight=1.0, class_weights=torch.tensor([1.0, 3.0]))
+    weighted = phase_segmentation_loss(
+        stage_a, torch.tensor([[0, 1]]), smoothing_weight=1.0, class_weights=torch.tensor([1.0, 3.0])
+    )
     assert weighted.item() == pytest.approx((LN2 + 3 * math.log(4)) / 4 + smoothing_a, abs=1e-6)
     with pytest.raises(DataError, match=r"target \(1, 3\) must be \(B, T\) = \(1, 2\)"):
         phase_segmentation_loss(stages, torch.zeros(1, 3, dtype=torch.long))

@@ -46,20 +46,34 @@ def test_table_run_with_wandb_logger_writes_an_offline_run(synthetic_prostate_ro
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     root = tmp_path / "run"
-    loggers = (f"[{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {root}}}}}, "
-               f"{{class_path: lightning.pytorch.loggers.WandbLogger, init_args: {{project: distill-test, save_dir: {root}, tags: [tiny]}}}}]")
-    result = run_experiment(str(REPO / "experiments/prostate/student_baseline.yaml"),
-                            [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", f"--trainer.logger={loggers}"],
-                            root, "student", seed=1, group="tiny_table")
+    loggers = (
+        f"[{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {root}}}}}, "
+        f"{{class_path: lightning.pytorch.loggers.WandbLogger, init_args: {{project: distill-test, save_dir: {root}, tags: [tiny]}}}}]"
+    )
+    result = run_experiment(
+        str(REPO / "experiments/prostate/student_baseline.yaml"),
+        [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", f"--trainer.logger={loggers}"],
+        root,
+        "student",
+        seed=1,
+        group="tiny_table",
+    )
     assert (Path(result.log_dir) / "metrics.csv").is_file()  # the CSV logger still feeds the table
     wandb.teardown()  # as at the end of the process: the W&B service finishes writing the run files
     runs = sorted((root / "wandb").glob("offline-run-*"))  # the run directory is the logger's save_dir
     assert len(runs) == 1
     records = wandb_log_payload(next(runs[0].glob("run-*.wandb")).read_bytes())
-    for logged in ("test/dice/RUNMC", "test/dice", "train/loss", "val/dice",  # metrics, per site too
-                   "data_root", "image_size",  # the resolved config
-                   "student/seed_1", "tiny_table",  # run name and group
-                   "dice_per_site"):  # the per-site bar chart (test/dice_per_site)
+    for logged in (
+        "test/dice/RUNMC",
+        "test/dice",
+        "train/loss",
+        "val/dice",  # metrics, per site too
+        "data_root",
+        "image_size",  # the resolved config
+        "student/seed_1",
+        "tiny_table",  # run name and group
+        "dice_per_site",
+    ):  # the per-site bar chart (test/dice_per_site)
         assert logged.encode() in records, logged
     assert list((runs[0] / "files" / "media" / "images").rglob("dice_per_site*.png"))
 

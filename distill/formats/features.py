@@ -23,11 +23,15 @@ def _as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
     return array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
 
 
-def save_video_features(features_dir: str | Path, video: str, features: np.ndarray | torch.Tensor, frames: np.ndarray | torch.Tensor) -> None:
+def save_video_features(
+    features_dir: str | Path, video: str, features: np.ndarray | torch.Tensor, frames: np.ndarray | torch.Tensor
+) -> None:
     """Write one video's features: ``features`` (T, D) float16/float32 and ``frames`` (T,) 25 fps indices."""
     features, frames = _as_numpy(features), _as_numpy(frames)
     if features.ndim != 2 or frames.shape != (features.shape[0],) or not np.issubdtype(features.dtype, np.floating):
-        raise DataError(f"{video}: expected float features (T, D) and frames (T,), got {features.dtype} {features.shape} and {frames.shape}")
+        raise DataError(
+            f"{video}: expected float features (T, D) and frames (T,), got {features.dtype} {features.shape} and {frames.shape}"
+        )
     features_dir = Path(features_dir)
     features_dir.mkdir(parents=True, exist_ok=True)
     np.save(features_dir / f"{video}.npy", features)

@@ -20,7 +20,9 @@ from distill.utils import atomic_write
 NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)  # what nibabel raises on a bad file
 
 
-def write_mask_like(mask: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path, overwrite: bool = False) -> Path:
+def write_mask_like(
+    mask: np.ndarray, reference: nib.Nifti1Image, out_path: str | Path, overwrite: bool = False
+) -> Path:
     """Write a (S, H0, W0) mask as uint8 (X, Y, Z) NIfTI with ``reference``'s affine and header.
 
     Written atomically (a kill never leaves a truncated file); refuses to replace an existing
@@ -44,7 +46,9 @@ def write_mask_like(mask: np.ndarray, reference: nib.Nifti1Image, out_path: str 
     return out_path
 
 
-def save_mask_like(mask: np.ndarray, reference_image_path: str | Path, out_path: str | Path, overwrite: bool = False) -> Path:
+def save_mask_like(
+    mask: np.ndarray, reference_image_path: str | Path, out_path: str | Path, overwrite: bool = False
+) -> Path:
     """:func:`write_mask_like` on the grid of the NIfTI file ``reference_image_path``."""
     reference_path, out_path = Path(reference_image_path), Path(out_path)
     if out_path.exists() and not overwrite:  # before reading the reference

@@ -116,7 +116,9 @@ _LOW_BYTES = np.array([(1 << 8 * n) - 1 for n in range(9)], dtype=np.uint64)
 _ZEROS, _SIXES, _HIGH_NIBBLES = (np.uint64(int.from_bytes(bytes([b]) * 8, "little")) for b in (0x30, 0x06, 0xF0))
 
 
-def _parse_canonical_lines(text: bytes, body_start: int, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+def _parse_canonical_lines(
+    text: bytes, body_start: int, names: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray] | None:
     """``(frames, labels)`` of the ``<digits>\\t<phase>`` lines in ``text[body_start:]``, or None
     unless every line has exactly that form with a known phase (the line-by-line parser then
     takes over and names the bad line).
@@ -200,5 +202,5 @@ def write_phase_file(path: str | Path, frames: np.ndarray, labels: np.ndarray, d
     frames, labels = np.asarray(frames), np.asarray(labels)
     if frames.shape != labels.shape:
         raise DataError(f"{path}: frames {frames.shape} and labels {labels.shape} differ in length")
-    body = "".join(f"{int(f)}\t{names[int(l)]}\n" for f, l in zip(frames, labels))
+    body = "".join(f"{int(frame)}\t{names[int(label)]}\n" for frame, label in zip(frames, labels))
     Path(path).write_text("Frame\tPhase\n" + body)

@@ -27,9 +27,7 @@ __all__ = [
 ]
 
 
-def _check_pair_count(
-    student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], owner: str
-) -> None:
+def _check_pair_count(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], owner: str) -> None:
     """Raise DataError unless there is one teacher feature map per student feature map."""
     if len(student_feats) != len(teacher_feats) or not student_feats:
         raise DataError(
@@ -85,7 +83,9 @@ class AttentionTransferLoss(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], labels: Tensor | None = None
+    ) -> Tensor:
         """Lists of (B, Cs_i, Hs_i, Ws_i) and (B, Ct_i, Ht_i, Wt_i) features -> scalar (labels unused)."""
         _check_pair_count(student_feats, teacher_feats, "AttentionTransferLoss")
         pairs = zip(student_feats, teacher_feats)
@@ -125,7 +125,9 @@ class AdaptedFeatureLoss(nn.Module):
         """(B, Ct, Ht, Wt) adapted student and teacher features -> scalar."""
         raise NotImplementedError
 
-    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], labels: Tensor | None = None
+    ) -> Tensor:
         """Lists of (B, Cs_i, Hs_i, Ws_i) and (B, Ct_i, Ht_i, Wt_i) features -> scalar (labels unused)."""
         owner = type(self).__name__
         _check_pair_count(student_feats, teacher_feats, owner)
@@ -145,9 +147,7 @@ class AdaptedFeatureLoss(nn.Module):
                 )
             adapted = adapter(student)
             if adapted.shape[-2:] != teacher.shape[-2:]:
-                adapted = F.interpolate(
-                    adapted, size=teacher.shape[-2:], mode="bilinear", align_corners=False
-                )
+                adapted = F.interpolate(adapted, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
             losses.append(self.distance(adapted, teacher))
         return sum(losses) / len(losses)
 
@@ -174,7 +174,9 @@ class ChannelWiseFeatureLoss(AdaptedFeatureLoss):
         temperature: softening temperature T of the per-channel spatial distributions.
     """
 
-    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int], temperature: float = 4.0) -> None:
+    def __init__(
+        self, student_channels: Sequence[int], teacher_channels: Sequence[int], temperature: float = 4.0
+    ) -> None:
         super().__init__(student_channels, teacher_channels)
         self.temperature = temperature
 
@@ -222,9 +224,7 @@ def region_affinity_loss(student: Tensor, teacher: Tensor, labels: Tensor) -> Te
 class RegionAffinityLoss(nn.Module):
     """EMKD region affinity over feature-map pairs (mean of :func:`region_affinity_loss`)."""
 
-    def forward(
-        self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], labels: Tensor
-    ) -> Tensor:
+    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], labels: Tensor) -> Tensor:
         """Lists of (B, Cs_i, H_i, W_i) and (B, Ct_i, H'_i, W'_i) features, labels (B, H0, W0).
 
         Returns a scalar.

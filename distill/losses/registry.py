@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +38,7 @@ __all__ = [
 ]
 
 #: A loss as the config writes it: its name, or ``{name: ..., <option>: <number>, ...}``.
-LossConfig = Union[str, dict[str, Union[float, str]]]
+LossConfig = str | dict[str, float | str]
 
 
 def mixture_kd(student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, temperature: float) -> Tensor:
@@ -53,10 +52,12 @@ def mixture_channel_wise(student_logits: Tensor, teacher_logits: Tensor, weights
     the teacher's mean weight over the image; with one teacher
     :func:`~distill.losses.kd.channel_wise_divergence`."""
     student = student_logits.float().flatten(2)
-    per_teacher = torch.stack([  # (K, B): KL per channel over the H*W positions, mean over channels
-        soft_kl_divergence(student, teacher.float().flatten(2), temperature, dim=-1, reduction="none").mean(1)
-        for teacher in teacher_logits
-    ])
+    per_teacher = torch.stack(
+        [  # (K, B): KL per channel over the H*W positions, mean over channels
+            soft_kl_divergence(student, teacher.float().flatten(2), temperature, dim=-1, reduction="none").mean(1)
+            for teacher in teacher_logits
+        ]
+    )
     return (weights.flatten(2).mean(2) * per_teacher).sum(0).mean()
 
 
@@ -113,12 +114,15 @@ def choose_loss(config: LossConfig, registry: Mapping[str, LossEntry], where: st
     return LossChoice(name, {**entry.options, **{k: float(v) for k, v in options.items()}})
 
 
-def build_feature_loss(choice: LossChoice, student_channels: Sequence[int], teacher_channels: Sequence[int]) -> nn.Module:
+def build_feature_loss(
+    choice: LossChoice, student_channels: Sequence[int], teacher_channels: Sequence[int]
+) -> nn.Module:
     """The feature loss of one teacher: ``(student_feats, teacher_feats, labels) -> scalar``."""
     return FEATURE_LOSSES[choice.name].make(student_channels, teacher_channels, **choice.options)
 
 
-def logit_loss(choice: LossChoice, student_logits: Tensor, teacher_logits: Tensor, weights: Tensor,
-               temperature: float) -> Tensor:
+def logit_loss(
+    choice: LossChoice, student_logits: Tensor, teacher_logits: Tensor, weights: Tensor, temperature: float
+) -> Tensor:
     """The chosen logit loss: (B, C, H, W) student, (K, B, C, H, W) teachers, (K, B, H, W) weights -> scalar."""
     return LOGIT_LOSSES[choice.name].make(student_logits, teacher_logits, weights, temperature, **choice.options)

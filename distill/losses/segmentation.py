@@ -43,9 +43,7 @@ class DiceLoss(nn.Module):
         smooth_dr: added to the denominator (avoids 0/0).
     """
 
-    def __init__(
-        self, include_background: bool = False, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5
-    ) -> None:
+    def __init__(self, include_background: bool = False, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5) -> None:
         super().__init__()
         self.dice = monai.losses.DiceLoss(
             include_background=include_background,
@@ -101,9 +99,7 @@ def _valid_mask(labels: Tensor, ignore_index: int | None) -> Tensor:
     return labels != ignore_index
 
 
-def lovasz_hinge(
-    logits: Tensor, labels: Tensor, per_image: bool = True, ignore_index: int | None = None
-) -> Tensor:
+def lovasz_hinge(logits: Tensor, labels: Tensor, per_image: bool = True, ignore_index: int | None = None) -> Tensor:
     """Binary Lovasz hinge loss.
 
     Errors are the hinge ``relu(1 - logit * sign)`` with ``sign = +1`` for foreground and
@@ -204,9 +200,7 @@ class LovaszLoss(nn.Module):
         """logits (B, C, H, W), target (B, H, W) long -> scalar."""
         _check_logits_target(logits, target, "LovaszLoss")
         if self.mode == "softmax":
-            return lovasz_softmax(
-                logits.softmax(1), target, per_image=self.per_image, ignore_index=self.ignore_index
-            )
+            return lovasz_softmax(logits.softmax(1), target, per_image=self.per_image, ignore_index=self.ignore_index)
         if logits.shape[1] == 1:
             foreground_logit = logits[:, 0]
         elif logits.shape[1] == 2:

@@ -30,17 +30,12 @@ def check_loss_weights(weights: Mapping[str, float], available: Iterable[str], o
     available = list(available)
     for name in weights:
         if name not in available:
-            raise DataError(
-                f"{owner}: unknown loss term {name!r} in loss_weights; "
-                f"available: {', '.join(available)}"
-            )
+            raise DataError(f"{owner}: unknown loss term {name!r} in loss_weights; available: {', '.join(available)}")
         if not math.isfinite(weights[name]) or weights[name] < 0:
             raise DataError(f"{owner}: loss_weights.{name} must be a finite number >= 0, got {weights[name]}")
 
 
-def weighted_sum(
-    terms: Mapping[str, Tensor], weights: Mapping[str, float], owner: str = "loss"
-) -> Tensor:
+def weighted_sum(terms: Mapping[str, Tensor], weights: Mapping[str, float], owner: str = "loss") -> Tensor:
     """Sum of ``weight * term`` over the names in ``weights``.
 
     Terms without a weight are ignored (the caller may still log them). Zero-weight terms are

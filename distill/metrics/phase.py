@@ -285,7 +285,10 @@ class PhaseReport:
         lines += [
             "",
             f"Accuracy   {self.accuracy:6.2f} +- {self.accuracy_std:5.2f}  (relaxed; +- over videos)",
-            *(f"{m.capitalize():<10} {self.mean(m):6.2f} +- {self.std(m):5.2f}  (relaxed; +- over phases)" for m in METRICS),
+            *(
+                f"{m.capitalize():<10} {self.mean(m):6.2f} +- {self.std(m):5.2f}  (relaxed; +- over phases)"
+                for m in METRICS
+            ),
             f"Frame accuracy {self.frame_accuracy:6.2f}  (unrelaxed, all frames)",
             f"Macro F1       {self.macro_f1:6.2f}  (unrelaxed, all frames)",
         ]
@@ -310,7 +313,9 @@ def evaluate_phases(
         raise DataError("no videos to evaluate")
     names = phase_names(dataset)
     rates = np.array([fps[name] if isinstance(fps, Mapping) else fps for name in videos], dtype=np.float64)
-    results = [evaluate_video(gt, pred, rate, dataset, mode, tolerance_s) for (gt, pred), rate in zip(videos.values(), rates)]
+    results = [
+        evaluate_video(gt, pred, rate, dataset, mode, tolerance_s) for (gt, pred), rate in zip(videos.values(), rates)
+    ]
     all_gt = np.concatenate([np.asarray(gt, dtype=np.int64) for gt, _ in videos.values()])
     all_pred = np.concatenate([np.asarray(pred, dtype=np.int64) for _, pred in videos.values()])
     frame_accuracy, macro_f1 = _frame_accuracy_and_macro_f1(all_gt, all_pred, len(names))
@@ -406,7 +411,9 @@ def evaluate_phase_dirs(
         found = [pred_dir / name for name in prediction_candidates(gt_path) if (pred_dir / name).is_file()]
         if len(found) != 1:
             problem = "no prediction" if not found else f"several predictions ({', '.join(p.name for p in found)})"
-            raise DataError(f"{gt_path}: {problem} in {pred_dir}; expected one of {', '.join(prediction_candidates(gt_path))}")
+            raise DataError(
+                f"{gt_path}: {problem} in {pred_dir}; expected one of {', '.join(prediction_candidates(gt_path))}"
+            )
         gt_frames, gt_labels = read_phase_file(gt_path, dataset)
         pred_frames, pred_labels = read_phase_file(found[0], dataset)
         positions, step = _align_prediction(gt_path, gt_frames, found[0], pred_frames)

@@ -76,8 +76,12 @@ class PerGroupVolumeMetrics(Metric):
         first = torch.ones_like(keys, dtype=torch.bool)
         first[1:] = keys[1:] != keys[:-1]
         kept = order[first]
-        return {"volume": keys[first], "group": cat(self.group)[kept], "dice": cat(self.dice)[kept],
-                "hd95": cat(self.hd95)[kept]}
+        return {
+            "volume": keys[first],
+            "group": cat(self.group)[kept],
+            "dice": cat(self.dice)[kept],
+            "hd95": cat(self.hd95)[kept],
+        }
 
     def per_volume(self) -> dict[str, torch.Tensor]:
         """``{"volume": (N,) int64 volume_key, "group": (N,) index into groups, "dice": (N,), "hd95": (N,)}``

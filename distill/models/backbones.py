@@ -88,7 +88,9 @@ def build_backbone(
     """
     if weights == "public":
         if name != PUBLIC_DEFAULT or source != "timm":
-            raise DataError(f"weights 'public' exist only for the timm backbone {PUBLIC_DEFAULT!r}, not {source} {name!r}")
+            raise DataError(
+                f"weights 'public' exist only for the timm backbone {PUBLIC_DEFAULT!r}, not {source} {name!r}"
+            )
         weights = public_model_weights_path()
     if source == "timm":
         try:

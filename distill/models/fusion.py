@@ -20,8 +20,8 @@ import logging
 from collections import Counter
 
 import torch
-from torch import nn
 from timm.layers import BatchNormAct2d
+from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,14 @@ def conv_batchnorm_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[st
         def hook(_module, _inputs, output):
             calls[path] += 1
             conv_outputs[id(output)] = (path, output)
+
         return hook
 
     def on_batchnorm(path):
         def hook(_module, inputs):
             calls[path] += 1
             bn_inputs[path] = inputs[0]
+
         return hook
 
     for path, module in net.named_modules():
@@ -105,7 +107,9 @@ def fold_batch_norms(net: nn.Module, example: torch.Tensor, keep: tuple[str, ...
         return net, []
     folded = copy.deepcopy(net)
     for conv_path, bn_path in pairs:
-        folded.set_submodule(conv_path, fuse_conv_bn_eval(folded.get_submodule(conv_path), folded.get_submodule(bn_path)))
+        folded.set_submodule(
+            conv_path, fuse_conv_bn_eval(folded.get_submodule(conv_path), folded.get_submodule(bn_path))
+        )
         folded.set_submodule(bn_path, after_folding(folded.get_submodule(bn_path)))
     probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
     try:

@@ -15,7 +15,7 @@ name           what                                        parameters (3 in, 2 o
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import timm
 import torch
@@ -36,7 +36,12 @@ def unet(in_channels: int, num_classes: int, width: int = 64, dropout: float = 0
     """
     features = (width, 2 * width, 4 * width, 8 * width, 16 * width, width)
     return BasicUNet(
-        spatial_dims=2, in_channels=in_channels, out_channels=num_classes, features=features, norm="batch", dropout=dropout
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        features=features,
+        norm="batch",
+        dropout=dropout,
     )
 
 

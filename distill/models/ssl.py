@@ -108,7 +108,9 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_dim: int = 2048, hidden_dim: int = 2048, out_dim: int = 128) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        self.layers = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+        )
 
     def forward(self, features: Tensor) -> Tensor:
         return self.layers(features)
@@ -184,8 +186,9 @@ class MoCoEncoder(nn.Module):
         return self.embed(self.backbone(x))
 
 
-def build_moco_encoder(backbone: str, backbone_source: str, proj_hidden_dim: int, proj_dim: int,
-                       weights: str | None = None) -> MoCoEncoder:
+def build_moco_encoder(
+    backbone: str, backbone_source: str, proj_hidden_dim: int, proj_dim: int, weights: str | None = None
+) -> MoCoEncoder:
     """A MoCo encoder on a timm/torchvision backbone; ``weights``: None (random), "public" or a file."""
     net = build_backbone(backbone, weights=weights, source=backbone_source)
     return MoCoEncoder(net, ProjectionHead(feature_dim(net), proj_hidden_dim, proj_dim))

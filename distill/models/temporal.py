@@ -64,9 +64,7 @@ class SingleStageTCN(nn.Module):
         super().__init__()
         self.feature_dropout = nn.Dropout1d(feature_dropout)
         self.conv_in = nn.Conv1d(in_dim, channels, 1)
-        self.layers = nn.Sequential(
-            *(DilatedResidualLayer(channels, 2**i, dropout, causal) for i in range(num_layers))
-        )
+        self.layers = nn.Sequential(*(DilatedResidualLayer(channels, 2**i, dropout, causal) for i in range(num_layers)))
         self.conv_out = nn.Conv1d(channels, num_classes, 1)
 
     def forward(self, features: Tensor) -> Tensor:

@@ -97,7 +97,9 @@ def load_network(path: str | Path, family: str | None = None, overrides: Mapping
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
         summary = " ".join(str(err).split())[:300]
-        raise DataError(f"{path}: checkpoint does not match the {name} network {dict(overrides or {})}: {summary}") from None
+        raise DataError(
+            f"{path}: checkpoint does not match the {name} network {dict(overrides or {})}: {summary}"
+        ) from None
     return net.eval().requires_grad_(False)
 
 

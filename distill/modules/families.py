@@ -48,9 +48,15 @@ def build_moco(hparams: Mapping, overrides: Mapping) -> nn.Module:
     """The query encoder of a MoCo checkpoint (``backbone``, ``backbone_source``, ``proj_*`` options)."""
     options = {**hparams, **overrides}
     if "backbone" not in options:
-        raise DataError("checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a MoCo run's checkpoint")
-    return build_moco_encoder(options["backbone"], options.get("backbone_source", "timm"),
-                              int(options.get("proj_hidden_dim", 2048)), int(options.get("proj_dim", 128)))
+        raise DataError(
+            "checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a MoCo run's checkpoint"
+        )
+    return build_moco_encoder(
+        options["backbone"],
+        options.get("backbone_source", "timm"),
+        int(options.get("proj_hidden_dim", 2048)),
+        int(options.get("proj_dim", 128)),
+    )
 
 
 def build_phase_classifier(hparams: Mapping, overrides: Mapping) -> nn.Module:
@@ -58,9 +64,12 @@ def build_phase_classifier(hparams: Mapping, overrides: Mapping) -> nn.Module:
     ``num_classes``); its weights come from the checkpoint, not a teacher."""
     options = {**hparams, **overrides}
     if "backbone" not in options:
-        raise DataError("checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a phase classifier's checkpoint")
-    return build_frame_classifier(options["backbone"], int(options.get("num_classes", 7)),
-                                  source=options.get("backbone_source", "timm"))
+        raise DataError(
+            "checkpoint records no backbone; state it (overrides {'backbone': ...}) or use a phase classifier's checkpoint"
+        )
+    return build_frame_classifier(
+        options["backbone"], int(options.get("num_classes", 7)), source=options.get("backbone_source", "timm")
+    )
 
 
 #: Family name (a module's ``network_family``) -> how to rebuild it.

@@ -47,10 +47,14 @@ class MultiTeacherDistillModule(SegDistillBase):
     ) -> None:
         super().__init__(network=network, **kwargs)
         if weighting not in WEIGHTING_RULES:
-            raise DataError(f"weighting: unknown teacher weighting rule {weighting!r}; available: {', '.join(WEIGHTING_RULES)}")
+            raise DataError(
+                f"weighting: unknown teacher weighting rule {weighting!r}; available: {', '.join(WEIGHTING_RULES)}"
+            )
         if (weighting == "learned") != ("gate" in self.loss_weights):
-            raise DataError("loss_weights: the 'gate' term trains the gate of weighting 'learned'; "
-                            "give it with that rule and only with it")
+            raise DataError(
+                "loss_weights: the 'gate' term trains the gate of weighting 'learned'; "
+                "give it with that rule and only with it"
+            )
         self.weighting = weighting
         self.granularity = granularity
         self.gate_width = gate_width
@@ -59,8 +63,9 @@ class MultiTeacherDistillModule(SegDistillBase):
         super().prepare_distillation()
         if self.weighting == "learned" and "gate" not in self.distill_heads:
             channels = self.hparams.in_channels + len(self.teachers) * self.hparams.num_classes
-            self.distill_heads["gate"] = TeacherGate(channels, len(self.teachers), self.gate_width,
-                                                     per_sample=self.granularity == "sample")
+            self.distill_heads["gate"] = TeacherGate(
+                channels, len(self.teachers), self.gate_width, per_sample=self.granularity == "sample"
+            )
 
     def teacher_weights(self, batch: Mapping[str, torch.Tensor], outputs: dict) -> torch.Tensor:
         teacher_logits = outputs["teacher_logits"]

@@ -82,7 +82,9 @@ class PhaseClassifierModule(DistillModuleBase):
         if mode == "linear_probe":
             self.backbone.requires_grad_(False)
         self.register_buffer("ce_weights", torch.ones(num_classes), persistent=False)
-        self.init_evaluation_metrics(lambda: MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}))
+        self.init_evaluation_metrics(
+            lambda: MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")})
+        )
         self.train()  # Lightning keeps the modes set here: a probed backbone starts in eval mode
 
     def train(self, mode: bool = True) -> PhaseClassifierModule:
@@ -106,8 +108,10 @@ class PhaseClassifierModule(DistillModuleBase):
         try:
             self.backbone.load_state_dict(encoder.backbone.state_dict())
         except RuntimeError:
-            raise DataError(f"{checkpoint}: its backbone {type(encoder.backbone).__name__} does not match "
-                            f"model.backbone={self.hparams.backbone!r}") from None
+            raise DataError(
+                f"{checkpoint}: its backbone {type(encoder.backbone).__name__} does not match "
+                f"model.backbone={self.hparams.backbone!r}"
+            ) from None
 
     def parameter_groups(self) -> list[dict]:
         head = {"params": list(self.head.parameters())}
@@ -143,8 +147,12 @@ class PhaseClassifierModule(DistillModuleBase):
     def predict_step(self, batch: Mapping, batch_idx: int) -> dict:
         """``{"features": (B, D), "prediction": (B,) int64, "video": list[str], "frame": (B,)}`` on the CPU."""
         features = self.features(batch["image"])
-        return {"features": features.float().cpu(), "prediction": self.head(features).argmax(1).cpu(),
-                "video": list(batch["video"]), "frame": batch["frame"].cpu()}
+        return {
+            "features": features.float().cpu(),
+            "prediction": self.head(features).argmax(1).cpu(),
+            "video": list(batch["video"]),
+            "frame": batch["frame"].cpu(),
+        }
 
 
 def write_phase_file_atomic(path: Path, frames: np.ndarray, labels: np.ndarray, dataset: str) -> None:
@@ -173,7 +181,10 @@ class RelaxedPhaseMetrics(nn.Module):
     def compute(self) -> dict[str, float]:
         if not self.videos:
             return {}
-        rates = {name: VIDEO_FPS / (np.diff(frames)[0] if len(frames) > 1 else 1) for name, (frames, _, _) in self.videos.items()}
+        rates = {
+            name: VIDEO_FPS / (np.diff(frames)[0] if len(frames) > 1 else 1)
+            for name, (frames, _, _) in self.videos.items()
+        }
         pairs = {name: (gt, pred) for name, (_, gt, pred) in self.videos.items()}
         results = {}
         for mode, prefix in (("corrected", ""), ("published", "published/")):
@@ -242,22 +253,29 @@ class TCNPhaseModule(DistillModuleBase):
     def build_tcn(self, in_dim: int) -> nn.Module:
         h = self.hparams
         shape = {"num_layers": h.num_layers, "channels": h.channels, "dropout": h.dropout, "causal": h.causal}
-        return (SingleStageTCN(in_dim, h.num_classes, **shape) if h.num_stages == 1
-                else MultiStageTCN(in_dim, h.num_classes, num_stages=h.num_stages, **shape))
+        return (
+            SingleStageTCN(in_dim, h.num_classes, **shape)
+            if h.num_stages == 1
+            else MultiStageTCN(in_dim, h.num_classes, num_stages=h.num_stages, **shape)
+        )
 
     def setup(self, stage: str) -> None:
         """The input width from the data: built here when ``in_dim`` is None, else checked."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "feature_dim") or stage == "predict":
             if self.tcn is None:
-                raise DataError("model.in_dim: give the feature width, or run with a PhaseFeatureDataModule that reads it")
+                raise DataError(
+                    "model.in_dim: give the feature width, or run with a PhaseFeatureDataModule that reads it"
+                )
             return
         width = datamodule.feature_dim
         if self.tcn is None:
             self.tcn = self.build_tcn(width)
             self.hparams["in_dim"] = width
         elif width != self.hparams.in_dim:
-            raise DataError(f"{datamodule.features_dir}: {width} features per frame, model.in_dim is {self.hparams.in_dim}")
+            raise DataError(
+                f"{datamodule.features_dir}: {width} features per frame, model.in_dim is {self.hparams.in_dim}"
+            )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D, T) features -> (S, B, C, T) logits of every stage (S = 1 for a single stage)."""
@@ -277,8 +295,11 @@ class TCNPhaseModule(DistillModuleBase):
         return self(batch["features"])
 
     def loss_terms(self, batch: Mapping, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"phase": phase_segmentation_loss(outputs, batch["label"], self.hparams.smoothing_weight,
-                                                 class_weights=self.ce_weights)}
+        return {
+            "phase": phase_segmentation_loss(
+                outputs, batch["label"], self.hparams.smoothing_weight, class_weights=self.ce_weights
+            )
+        }
 
     # -------------------------------------------------------------- evaluation
     def evaluation_outputs(self, batch: Mapping) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
@@ -286,8 +307,12 @@ class TCNPhaseModule(DistillModuleBase):
         if batch["features"].shape[0] != 1:
             raise DataError(f"TCNPhaseModule evaluates one video per batch, got {batch['features'].shape[0]}")
         prediction = self(batch["features"])[-1, 0].argmax(0)
-        return (batch["video"][0], batch["frame"][0].cpu().numpy(), batch["label"][0].cpu().numpy(),
-                prediction.cpu().numpy())
+        return (
+            batch["video"][0],
+            batch["frame"][0].cpu().numpy(),
+            batch["label"][0].cpu().numpy(),
+            prediction.cpu().numpy(),
+        )
 
     def on_test_epoch_end(self) -> None:
         """Logs the metrics and writes the predictions into a new folder of the run."""

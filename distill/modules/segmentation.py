@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from monai.transforms import KeepLargestConnectedComponent
@@ -22,7 +22,14 @@ from distill.errors import DataError
 from distill.formats.sites import PROSTATE_SITES
 from distill.losses import DiceLoss, LovaszLoss
 from distill.losses.multi_teacher import teacher_weights
-from distill.losses.registry import FEATURE_LOSSES, LOGIT_LOSSES, LossConfig, build_feature_loss, choose_loss, logit_loss
+from distill.losses.registry import (
+    FEATURE_LOSSES,
+    LOGIT_LOSSES,
+    LossConfig,
+    build_feature_loss,
+    choose_loss,
+    logit_loss,
+)
 from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_dice_hd95
 from distill.models import FeatureTaps, build_segmentation_network
 from distill.modules.base import DistillModuleBase
@@ -31,7 +38,7 @@ from distill.modules.teachers import FrozenTeachers, TeacherStudent
 from distill.types import PositiveFloat, PositiveInt
 
 # Network options as typed values, so command-line overrides such as ``width=16`` arrive as numbers.
-NetworkKwargs = dict[str, Union[int, float, bool, str, list[int]]]
+NetworkKwargs = dict[str, int | float | bool | str | list[int]]
 
 
 class SegmentationModule(DistillModuleBase):
@@ -126,7 +133,9 @@ class SegmentationModule(DistillModuleBase):
         dice, hd95 = volume_dice_hd95(pred, label, volume["spacing"].tolist())
         site = volume["site"]
         if site not in self.val_metrics.groups:
-            raise DataError(f"{volume['image_path']}: site {site!r} is not in the model's report_sites {self.val_metrics.groups}")
+            raise DataError(
+                f"{volume['image_path']}: site {site!r} is not in the model's report_sites {self.val_metrics.groups}"
+            )
         return dice, hd95, site, volume["image_path"]
 
     def predict_step(self, volume: Mapping, batch_idx: int) -> dict:
@@ -206,21 +215,35 @@ class SegDistillBase(TeacherStudent, SegmentationModule):
         if "feature" in self.loss_weights and not pairs:
             raise DataError("loss_weights has a 'feature' term but feature_pairs is empty")
         if teacher_cache is not None and self.loss_weights.get("feature", 0) > 0:
-            raise DataError("teacher_cache: the cache holds teacher outputs only; drop the 'feature' loss term or the cache")
+            raise DataError(
+                "teacher_cache: the cache holds teacher outputs only; drop the 'feature' loss term or the cache"
+            )
         self.student_taps = FeatureTaps(self.net, [p["student"] for p in pairs], owner="student")
         self.teacher_feature_paths = [p["teacher"] for p in pairs]
         self.teacher_cache = teacher_cache
         self.distill_heads = nn.ModuleDict()  # training-only parts, built by prepare_distillation()
-        overrides = {"network": teacher_network, "network_kwargs": teacher_network_kwargs or {}} if teacher_network else {}
-        self.attach_teachers(FrozenTeachers.from_source(teachers, "segmentation", teacher_sha256, overrides=overrides,
-                                                        batched=batched_teachers, channels_last=self.channels_last))
+        overrides = (
+            {"network": teacher_network, "network_kwargs": teacher_network_kwargs or {}} if teacher_network else {}
+        )
+        self.attach_teachers(
+            FrozenTeachers.from_source(
+                teachers,
+                "segmentation",
+                teacher_sha256,
+                overrides=overrides,
+                batched=batched_teachers,
+                channels_last=self.channels_last,
+            )
+        )
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.teacher_cache is not None:
             cache = Path(self.trainer.default_root_dir) / self.teacher_cache  # an absolute path stays as it is
-            attach_teacher_cache(cache, self.trainer.datamodule, self.teachers, self.eval_batch_size, self.trainer.strategy)
+            attach_teacher_cache(
+                cache, self.trainer.datamodule, self.teachers, self.eval_batch_size, self.trainer.strategy
+            )
 
     def prepare_distillation(self) -> None:
         """Load the teachers, check them against the student, build the per-teacher feature losses."""
@@ -229,7 +252,8 @@ class SegDistillBase(TeacherStudent, SegmentationModule):
         if self.loss_weights.get("feature", 0) > 0 and "feature" not in self.distill_heads:
             student_channels = [f.shape[1] for f in student_features]
             self.distill_heads["feature"] = nn.ModuleList(
-                build_feature_loss(self.feature_loss, student_channels, [f.shape[1] for f in feats]) for feats in teacher_features
+                build_feature_loss(self.feature_loss, student_channels, [f.shape[1] for f in feats])
+                for feats in teacher_features
             )
 
     @torch.no_grad()
@@ -245,11 +269,15 @@ class SegDistillBase(TeacherStudent, SegmentationModule):
         try:
             outputs, teacher_features = self.teachers(probe, self.teacher_feature_paths)
         except RuntimeError as err:
-            raise DataError(f"{self.teacher_files()}: teachers do not accept the student's "
-                            f"{in_channels}-channel input ({str(err).splitlines()[0][:120]})") from None
+            raise DataError(
+                f"{self.teacher_files()}: teachers do not accept the student's "
+                f"{in_channels}-channel input ({str(err).splitlines()[0][:120]})"
+            ) from None
         for record, out in zip(self.teachers.records(), outputs):
             if out.shape[1] != num_classes:
-                raise DataError(f"{record.checkpoint}: teacher predicts {out.shape[1]} classes, the student {num_classes}")
+                raise DataError(
+                    f"{record.checkpoint}: teacher predicts {out.shape[1]} classes, the student {num_classes}"
+                )
         return student_features, teacher_features
 
     # ---------------------------------------------------------------- training
@@ -279,13 +307,17 @@ class SegDistillBase(TeacherStudent, SegmentationModule):
         terms = super().loss_terms(batch, outputs)
         if "kd" in self.loss_weights:
             weights = self.teacher_weights(batch, outputs).detach()
-            terms["kd"] = logit_loss(self.logit_loss, outputs["logits"], outputs["teacher_logits"], weights, self.temperature)
+            terms["kd"] = logit_loss(
+                self.logit_loss, outputs["logits"], outputs["teacher_logits"], weights, self.temperature
+            )
         if self.loss_weights.get("feature", 0) > 0:
             losses = self.distill_heads["feature"]
-            terms["feature"] = torch.stack([
-                loss(outputs["student_features"], feats, batch["label"])
-                for loss, feats in zip(losses, outputs["teacher_features"])
-            ]).mean()
+            terms["feature"] = torch.stack(
+                [
+                    loss(outputs["student_features"], feats, batch["label"])
+                    for loss, feats in zip(losses, outputs["teacher_features"])
+                ]
+            ).mean()
         return terms
 
 

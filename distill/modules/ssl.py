@@ -113,9 +113,13 @@ class MoCoModule(DistillModuleBase):
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MemoryQueue(proj_dim, queue_size)
         self.probe = nn.Linear(feature_dim(self.encoder_q.backbone), num_classes)
-        self.init_evaluation_metrics(lambda: MetricCollection({"probe_acc": MulticlassAccuracy(num_classes, average="micro")}))
+        self.init_evaluation_metrics(
+            lambda: MetricCollection({"probe_acc": MulticlassAccuracy(num_classes, average="micro")})
+        )
         if self.channels_last:
-            self.encoder_q, self.encoder_k = (e.to(memory_format=torch.channels_last) for e in (self.encoder_q, self.encoder_k))
+            self.encoder_q, self.encoder_k = (
+                e.to(memory_format=torch.channels_last) for e in (self.encoder_q, self.encoder_k)
+            )
         self.train()  # Lightning keeps the modes set here: frozen batch-norm statistics start frozen
 
     # ------------------------------------------------------------------ set-up
@@ -131,8 +135,10 @@ class MoCoModule(DistillModuleBase):
         if stage == "fit":
             global_batch = self.trainer.datamodule.batch_size * self.trainer.world_size
             if self.queue.size % global_batch:
-                raise DataError(f"model.queue_size={self.queue.size} must be a multiple of the global batch "
-                                f"(data.batch_size={self.trainer.datamodule.batch_size} x {self.trainer.world_size} processes)")
+                raise DataError(
+                    f"model.queue_size={self.queue.size} must be a multiple of the global batch "
+                    f"(data.batch_size={self.trainer.datamodule.batch_size} x {self.trainer.world_size} processes)"
+                )
 
     def parameter_groups(self) -> list[dict]:
         probe = {"params": list(self.probe.parameters()), "lr": self.hparams.probe_lr, "weight_decay": 0.0}
@@ -184,12 +190,18 @@ class MoCoModule(DistillModuleBase):
         labelled = label >= 0
         if not labelled.any():
             return logits.sum() * 0.0  # keeps the probe in the graph (DDP) without a gradient
-        self.log("train/probe_acc", (logits[labelled].argmax(1) == label[labelled]).float().mean(),
-                 batch_size=int(labelled.sum()))
+        self.log(
+            "train/probe_acc",
+            (logits[labelled].argmax(1) == label[labelled]).float().mean(),
+            batch_size=int(labelled.sum()),
+        )
         return F.cross_entropy(logits[labelled], label[labelled])
 
     def loss_terms(self, batch: Mapping, outputs: Mapping) -> dict[str, torch.Tensor]:
-        return {"info_nce": info_nce_loss(outputs["logits"]), "probe": self.probe_loss(outputs["features"], batch["label"])}
+        return {
+            "info_nce": info_nce_loss(outputs["logits"]),
+            "probe": self.probe_loss(outputs["features"], batch["label"]),
+        }
 
     # -------------------------------------------------------------- evaluation
     def evaluation_outputs(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +257,9 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
         if teacher_dim != self.hparams.proj_dim:
             problems.append(f"projection dimension {teacher_dim} vs the student's proj_dim {self.hparams.proj_dim}")
         if "queue_size" in recorded and int(recorded["queue_size"]) != self.hparams.queue_size:
-            problems.append(f"queue size {recorded['queue_size']} vs the student's queue_size {self.hparams.queue_size}")
+            problems.append(
+                f"queue size {recorded['queue_size']} vs the student's queue_size {self.hparams.queue_size}"
+            )
         if problems:
             raise DataError(f"{record.checkpoint}: teacher {' and '.join(problems)}")
 
@@ -256,7 +270,9 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
         view_q, view_k = (self.to_memory_format(v) for v in batch["views"])
         (embeddings,), _ = self.teachers(torch.cat([view_q, view_k]))  # eval mode: one pass for both views
         teacher_query, teacher_keys = embeddings.float().chunk(2)
-        outputs["teacher_logits"] = contrastive_logits(teacher_query, teacher_keys, self.teacher_queue(), self.hparams.temperature)
+        outputs["teacher_logits"] = contrastive_logits(
+            teacher_query, teacher_keys, self.teacher_queue(), self.hparams.temperature
+        )
         outputs["teacher_keys"] = teacher_keys
         self.teacher_queue.enqueue(teacher_keys)
         outputs["filled_rows"] = int(self.filled_rows)

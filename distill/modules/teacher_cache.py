@@ -43,7 +43,11 @@ def write_teacher_cache(path: Path, logits: torch.Tensor, fingerprint: dict) -> 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as temporary:
-        save_file({"logits": logits.contiguous()}, str(temporary), metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
+        save_file(
+            {"logits": logits.contiguous()},
+            str(temporary),
+            metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)},
+        )
 
 
 def read_teacher_cache(path: Path, fingerprint: dict) -> torch.Tensor:
@@ -56,12 +60,12 @@ def read_teacher_cache(path: Path, fingerprint: dict) -> torch.Tensor:
             logits = f.get_tensor("logits")
     except Exception as err:  # noqa: BLE001 - any reader failure is the same user problem
         raise DataError(f"{path}: unreadable teacher cache ({type(err).__name__}); delete it to rebuild") from None
-    differing = sorted(
-        key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key)
-    )
+    differing = sorted(key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key))
     if differing:
-        raise DataError(f"{path}: teacher cache was built for other {', '.join(differing)}; "
-                        "delete it or point teacher_cache to a new file")
+        raise DataError(
+            f"{path}: teacher cache was built for other {', '.join(differing)}; "
+            "delete it or point teacher_cache to a new file"
+        )
     return logits
 
 

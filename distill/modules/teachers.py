@@ -95,8 +95,9 @@ class FrozenTeachers(nn.Module):
         self.register_load_state_dict_post_hook(_forgive_own_missing_keys)
 
     @classmethod
-    def from_manifest(cls, manifest: str | Path, family: str, sha256: Sequence[str | None] | None = None,
-                      **options) -> FrozenTeachers:
+    def from_manifest(
+        cls, manifest: str | Path, family: str, sha256: Sequence[str | None] | None = None, **options
+    ) -> FrozenTeachers:
         """The teachers of a manifest (:func:`read_teacher_manifest`), read when first needed.
 
         ``sha256`` (if given) replaces the manifest's hashes; ``options``: see the class.
@@ -106,8 +107,13 @@ class FrozenTeachers(nn.Module):
         return teachers
 
     @classmethod
-    def from_source(cls, source: str | Path | Sequence[str | Path], family: str,
-                    sha256: Sequence[str | None] | None = None, **options) -> FrozenTeachers:
+    def from_source(
+        cls,
+        source: str | Path | Sequence[str | Path],
+        family: str,
+        sha256: Sequence[str | None] | None = None,
+        **options,
+    ) -> FrozenTeachers:
         """Teachers from a manifest YAML (``.yaml``/``.yml``), one checkpoint, or a list of them."""
         if isinstance(source, (str, Path)) and Path(source).suffix in (".yaml", ".yml"):
             return cls.from_manifest(source, family, sha256, **options)
@@ -117,7 +123,9 @@ class FrozenTeachers(nn.Module):
         self._checkpoints = checkpoints
         self._expected_sha256 = list(self._given_sha256) if self._given_sha256 is not None else listed_sha256
         if len(self._expected_sha256) != len(self._checkpoints):
-            raise DataError(f"teachers: {len(self._checkpoints)} checkpoints but {len(self._expected_sha256)} sha256 values")
+            raise DataError(
+                f"teachers: {len(self._checkpoints)} checkpoints but {len(self._expected_sha256)} sha256 values"
+            )
 
     def _read_manifest(self) -> None:
         if self._manifest is not None:  # raises (and retries next time) while the manifest is unreadable
@@ -222,11 +230,15 @@ class FrozenTeachers(nn.Module):
                 self._stacked = None
         tapped = self._folded_convs.intersection(feature_paths)
         if tapped:
-            raise RuntimeError(f"teacher features requested at {sorted(tapped)}, whose batch norm was folded in on the "
-                               "first pass; tap them from the first pass on, or pass fold_batch_norm=False")
+            raise RuntimeError(
+                f"teacher features requested at {sorted(tapped)}, whose batch norm was folded in on the "
+                "first pass; tap them from the first pass on, or pass fold_batch_norm=False"
+            )
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, feature_paths: Sequence[str] = ()) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    def forward(
+        self, x: torch.Tensor, feature_paths: Sequence[str] = ()
+    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
         """Every teacher on the same input.
 
         Args:
@@ -238,7 +250,9 @@ class FrozenTeachers(nn.Module):
             ``features[k]`` its tapped features in ``feature_paths`` order.
         """
         if not self.loaded:
-            raise RuntimeError("FrozenTeachers.load() must run before the teachers are used (it runs when fitting starts)")
+            raise RuntimeError(
+                "FrozenTeachers.load() must run before the teachers are used (it runs when fitting starts)"
+            )
         self._fold_once(x, feature_paths)
         outputs: list = [None] * len(self.networks)
         features: list = [None] * len(self.networks)
@@ -250,7 +264,7 @@ class FrozenTeachers(nn.Module):
                     outputs[indices[0]], features[indices[0]] = out, taps.pop()
                     continue
 
-                def run(p, b, inputs):
+                def run(p, b, inputs, template=template, taps=taps):  # bound now: defined in a loop
                     return functional_call(template, (p, b), (inputs,)), taps.pop()
 
                 out, feats = vmap(run, in_dims=(0, 0, None))(params, buffers, x)
@@ -306,8 +320,15 @@ def read_teacher_manifest(path: str | Path) -> list[ManifestEntry]:
         checkpoint = checkpoint if checkpoint.is_absolute() else path.parent / checkpoint
         if not checkpoint.is_file():
             raise DataError(f"{path}: teacher {entry['name']!r} checkpoint {checkpoint} not found")
-        result.append(ManifestEntry(name=str(entry["name"]), checkpoint=str(checkpoint), sha256=str(entry["sha256"]),
-                                    subset=dict(entry.get("subset") or {}), val_metric=entry.get("val_metric")))
+        result.append(
+            ManifestEntry(
+                name=str(entry["name"]),
+                checkpoint=str(checkpoint),
+                sha256=str(entry["sha256"]),
+                subset=dict(entry.get("subset") or {}),
+                val_metric=entry.get("val_metric"),
+            )
+        )
     return result
 
 
@@ -377,5 +398,7 @@ class TeacherStudent:
         records = self.teachers.records()
         if recorded is not None and recorded != [r.sha256 for r in records]:
             changed = [r.checkpoint for r, old in zip(records, recorded) if r.sha256 != old]
-            raise DataError(f"{', '.join(changed) or self.teacher_files()}: teacher differs from the one this "
-                            "checkpoint was trained with (content hash changed); resume with the original teacher files")
+            raise DataError(
+                f"{', '.join(changed) or self.teacher_files()}: teacher differs from the one this "
+                "checkpoint was trained with (content hash changed); resume with the original teacher files"
+            )
