@@ -7,9 +7,13 @@ other tools are read through a :class:`FramePattern`:
 - ``{video}/{frame}.jpg`` (default; DistillingSelf, TMRNet): ``video01/125.jpg``
 - ``{video}/{video}_{frame:06d}.png`` (TeCNO): ``video01/video01_000125.png``
 
-``extract_frames`` decodes videos with OpenCV, keeps every ``25 / fps``-th frame, cuts the
+``extract_frames`` decodes videos with OpenCV, keeps one frame per ``1 / fps`` seconds of the
+video's own time (its ``CAP_PROP_FPS``; every ``25 / fps``-th frame of a 25 fps video), cuts the
 black endoscope margin, resizes (250x250 by default) and writes the frames, one video per
-process. It is resumable: a video's completion marker ``<out>/<video>/.complete.json`` is
+process. **Frame rates.** Annotated videos (Cholec80, M2CAI16) must be 25 fps, since their
+annotations number 25 fps frames: another rate is refused (re-encode the video); unlabelled
+videos may have any rate (a 10 fps video at ``fps=5`` gives frames 0, 5, 10, ..., each 0.2 s
+apart; asked for more frames per second than it has, it gives all of its frames). It is resumable: a video's completion marker ``<out>/<video>/.complete.json`` is
 written (atomically) only after all its frames, so finished videos are skipped and an
 interrupted one is redone from scratch. A folder finished with other settings (another fps, size
 or pattern) is never replaced without ``overwrite``; a video that cannot be decoded leaves no
@@ -19,6 +23,7 @@ folder behind, and all such videos are reported together after the others are ex
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import string
@@ -32,12 +37,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from distill.errors import DataError
-from distill.formats.phases import frame_step, natural_sorted
-from distill.utils import write_text_atomic
+from distill.formats.phases import VIDEO_FPS, frame_step, natural_sorted
+from distill.utils import child_path, write_text_atomic
 
 DEFAULT_FRAME_PATTERN = "{video}/{frame}.jpg"
 TECNO_FRAME_PATTERN = "{video}/{video}_{frame:06d}.png"
 COMPLETION_MARKER = ".complete.json"
+FPS_TOLERANCE = 0.05  # an annotated video's rate may differ this much from 25 fps (container rounding)
 
 
 @dataclass(frozen=True)
@@ -64,11 +70,12 @@ class FramePattern:
                 f"frame pattern {self.pattern!r}: the file name needs one {{frame}} field and no fields but {{video}}"
             )
 
-    def video_dir(self, root: str | Path, video: str) -> Path:
-        return Path(root) / video
+    def video_dir(self, root: str | Path, video: str, source: str | Path | None = None) -> Path:
+        """``root/<video>``; a video name that would leave ``root`` is refused (:func:`~distill.utils.child_path`)."""
+        return child_path(root, video, source)
 
     def path(self, root: str | Path, video: str, frame: int) -> Path:
-        return Path(root) / self.pattern.format(video=video, frame=int(frame))
+        return self.video_dir(root, video) / self.pattern[len("{video}/") :].format(video=video, frame=int(frame))
 
     def file_regex(self, video: str) -> re.Pattern:
         """Regex matching the file names of ``video``'s frames; group 1 is the frame index."""
@@ -164,7 +171,7 @@ def extract_frames(
 ) -> list[str]:
     """Decode ``videos`` to frame files ``out_dir/<frame_pattern>`` at ``fps``, in parallel.
 
-    Each kept frame (25 fps index divisible by ``25 / fps``) has its black margin cut
+    Each kept frame (one per ``1 / fps`` s of video time, see :func:`_decode_video`) has its black margin cut
     (:func:`crop_black_margin`) and is resized to ``size`` = (height, width). Videos whose
     completion marker records the same fps, size and pattern are skipped; one finished with other
     settings is replaced only with ``overwrite``.
@@ -173,14 +180,17 @@ def extract_frames(
         names of the videos extracted by this call (skipped ones excluded).
 
     Raises:
-        DataError: before any work, a finished folder with other settings (without ``overwrite``);
+        DataError: before any work, a video name that would leave ``out_dir`` or a finished folder
+            with other settings (without ``overwrite``);
             after extracting every other video, the videos that cannot be opened, decode no frame,
-            or whose decoded frame count differs from ``annotated_frames`` by more than
+            are annotated but not 25 fps (:func:`video_rate`), or whose decoded frame count differs from ``annotated_frames`` by more than
             ``frame_tolerance``, all in one message.
     """
     pattern = FramePattern(frame_pattern)
     settings = ExtractionSettings(fps, (int(size[0]), int(size[1])), frame_pattern, frame_tolerance)
     frame_step(fps)  # rejects an unusable rate before any work
+    for video in videos:  # names that would leave out_dir, before anything is written
+        pattern.video_dir(out_dir, video.name, video.path)
     if len({video.name for video in videos}) != len(videos):
         raise DataError(f"{out_dir}: two videos share a name; frame folders are named by video file stem")
     todo = [video for video in videos if not _is_complete(pattern.video_dir(out_dir, video.name), settings)]
@@ -264,27 +274,55 @@ def _remove_frames(pattern: FramePattern, out_dir: str | Path, video: str) -> No
         pattern.path(out_dir, video, frame).unlink()
 
 
+def video_rate(capture: cv2.VideoCapture, video: VideoSource) -> float:
+    """The frame rate to number ``video``'s frames by: its own (``CAP_PROP_FPS``) when unlabelled;
+    exactly 25 for an annotated video, whose annotation numbers 25 fps frames (another rate is refused)."""
+    rate = capture.get(cv2.CAP_PROP_FPS)
+    if not (math.isfinite(rate) and rate > 0):
+        raise DataError(f"{video.path}: the video does not say its frame rate (CAP_PROP_FPS {rate}); re-encode it")
+    if video.annotated_frames is None:
+        return rate
+    if abs(rate - VIDEO_FPS) > FPS_TOLERANCE:
+        raise DataError(
+            f"{video.path}: {rate:g} fps, but {video.annotation_path or 'its annotation'} numbers {VIDEO_FPS} fps frames; "
+            f"re-encode it at {VIDEO_FPS} fps (ffmpeg -i IN -r {VIDEO_FPS} OUT) or extract it with --dataset unlabeled"
+        )
+    return float(VIDEO_FPS)
+
+
 def _decode_video(video: VideoSource, out_dir: str | Path, settings: ExtractionSettings) -> int:
+    """Write one frame per ``1 / fps`` s of video time, named by the 25 fps index of its interval's start.
+
+    Decoded frame ``k`` of a video at ``rate`` fps is at 25 fps position ``k * 25 / rate``; the
+    first frame in each interval ``[j * step, (j + 1) * step)`` (``step = 25 / fps``) is written as
+    frame ``j * step``. At 25 fps this keeps every ``step``-th frame; a slower video gives fewer
+    frames (never a frame twice), a faster one drops the extra ones.
+    """
     pattern = FramePattern(settings.frame_pattern)
     video_dir = pattern.video_dir(out_dir, video.name)
     capture = cv2.VideoCapture(str(video.path))
-    if not capture.isOpened():
-        raise DataError(f"{video.path}: cannot open video (unreadable file or unknown format)")
-    video_dir.mkdir(parents=True, exist_ok=True)
-    step = frame_step(settings.fps)
-    height, width = settings.size
-    decoded = written = 0
     try:
+        if not capture.isOpened():
+            raise DataError(f"{video.path}: cannot open video (unreadable file or unknown format)")
+        rate = video_rate(capture, video)
+        video_dir.mkdir(parents=True, exist_ok=True)
+        step = frame_step(settings.fps)
+        height, width = settings.size
+        decoded = written = 0
+        last_interval = -1
         while capture.grab():
-            if decoded % step == 0:
+            interval = math.floor(decoded * VIDEO_FPS / (rate * step) + 1e-9)
+            if interval != last_interval:
+                last_interval = interval
                 ok, frame = capture.retrieve()
                 if not ok:
                     break
                 image = crop_black_margin(frame)
                 shrink = image.shape[0] > height or image.shape[1] > width
                 image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-                if not cv2.imwrite(str(pattern.path(out_dir, video.name, decoded)), image):
-                    raise DataError(f"{pattern.path(out_dir, video.name, decoded)}: cannot write frame")
+                target = pattern.path(out_dir, video.name, interval * step)
+                if not cv2.imwrite(str(target), image):
+                    raise DataError(f"{target}: cannot write frame")
                 written += 1
             decoded += 1
     finally:
@@ -296,6 +334,6 @@ def _decode_video(video: VideoSource, out_dir: str | Path, settings: ExtractionS
             f"{video.annotation_path or video.path}: annotates {video.annotated_frames} frames but {video.path} "
             f"decodes to {decoded} (tolerance {settings.frame_tolerance}; truncated video or mismatched annotation)"
         )
-    marker = {**settings.marker(), "decoded_frames": decoded, "written_frames": written}
+    marker = {**settings.marker(), "decoded_frames": decoded, "written_frames": written, "video_fps": rate}
     write_text_atomic(video_dir / COMPLETION_MARKER, json.dumps(marker))
     return decoded

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from monai.transforms import NormalizeIntensity, ScaleIntensityRangePercentiles
 from monai.utils import convert_to_tensor
 from torch.utils.data import DataLoader, Dataset
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_modules.augment import SliceAugmentation
 from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
-from distill.formats.nifti import NIFTI_READ_ERRORS
+from distill.formats.nifti import read_nifti
 from distill.formats.sites import PROSTATE_SITES, SITE_ALIASES
 from distill.types import ClosedUnitInterval, NonNegativeInt, PositiveInt
 from distill.utils import read_yaml
@@ -47,7 +47,9 @@ SITES: tuple[str, ...] = PROSTATE_SITES
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_METHODS: tuple[str, ...] = ("per_site", "leave_one_site_out", "case_list")
 MASK_SUFFIXES: tuple[str, ...] = ("_segmentation", "_Segmentation")
-_IMAGE_NAME = re.compile(r"^(Case(\d+))(\.nii(?:\.gz)?)$")
+_CASE_FILE = re.compile(rf"^Case(\d+)({'|'.join(map(re.escape, MASK_SUFFIXES))})?(\.nii(?:\.gz)?)$")
+#: Mask and image must share one grid: their voxel spacings and affines may differ this much (mm).
+GRID_TOLERANCE_MM = 1e-3
 _SITE_LOOKUP = {name.upper(): name for name in SITES} | {alias.upper(): site for alias, site in SITE_ALIASES.items()}
 _KNOWN_SITES = f"known sites: {', '.join(SITES)} (aliases: {', '.join(f'{a} = {s}' for a, s in SITE_ALIASES.items())})"
 
@@ -127,36 +129,37 @@ def discover_cases(data_root: str | Path, sites: Sequence[str] | None = None) ->
 
 
 def _site_cases(site: str, folder: Path) -> list[ProstateCase]:
-    """Cases of one site folder, ordered by case number; every image needs its mask."""
-    matches = sorted(
-        (m for m in map(_IMAGE_NAME.match, (p.name for p in folder.iterdir())) if m), key=lambda m: int(m.group(2))
-    )
-    if not matches:
+    """Cases of one site folder, ordered by case number; every image needs its mask.
+
+    Files are matched to cases by case number, so two files that claim one case's image or mask
+    (``Case01.nii`` and ``Case01.nii.gz``, ``Case1.nii.gz`` and ``Case01.nii.gz``, both mask
+    spellings) are refused: they would become two cases of one patient, possibly on both sides of a split.
+    """
+    claimed: dict[tuple[int, bool], Path] = {}
+    for path in sorted(folder.iterdir()):
+        match = _CASE_FILE.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        key = (int(match.group(1)), match.group(2) is not None)
+        if key in claimed:
+            raise DataError(
+                f"{claimed[key]}, {path}: two files claim the {'mask' if key[1] else 'image'} of case "
+                f"{site}/Case{match.group(1)}; keep one"
+            )
+        claimed[key] = path
+    images = sorted((number, path) for (number, is_mask), path in claimed.items() if not is_mask)
+    if not images:
         raise DataError(f"{folder}: empty site folder (no CaseXX.nii.gz images)")
     cases = []
-    for match in matches:
-        case, extension = match.group(1), match.group(3)
-        masks = [folder / f"{case}{suffix}{extension}" for suffix in MASK_SUFFIXES]
-        mask = next((path for path in masks if path.is_file()), None)
+    for number, image in images:
+        case = image.name.split(".", 1)[0]
+        extension = image.name[len(case) :]
+        mask = claimed.get((number, True))
         if mask is None:
-            raise DataError(f"{folder / match.group(0)}: mask {masks[0].name} (or {masks[1].name}) not found")
-        cases.append(ProstateCase(site, case, folder / match.group(0), mask))
+            masks = [f"{case}{suffix}{extension}" for suffix in MASK_SUFFIXES]
+            raise DataError(f"{image}: mask {masks[0]} (or {masks[1]}) not found")
+        cases.append(ProstateCase(site, case, image, mask))
     return cases
-
-
-def _read_nifti(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Voxel array float32 (X, Y, Z) and the image; unreadable files become a one-line DataError."""
-    try:
-        nifti = nib.load(path)
-        data = nifti.get_fdata(dtype=np.float32)
-    except NIFTI_READ_ERRORS as err:
-        reason = " ".join(f"{type(err).__name__}: {err}".split())
-        raise DataError(f"{path}: cannot read NIfTI ({reason})") from err
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    return data, nifti
 
 
 def read_case(case: ProstateCase) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -166,10 +169,23 @@ def read_case(case: ProstateCase) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         image float32 (S, H0, W0); binary mask uint8 (S, H0, W0); spacing float64 (3,) in mm for
         (S, H0, W0); affine float64 (4, 4).
     """
-    image, nifti = _read_nifti(case.image_path)
-    mask, _ = _read_nifti(case.mask_path)
+    image, nifti = read_nifti(case.image_path)
+    mask, mask_nifti = read_nifti(case.mask_path)
     if mask.shape != image.shape:
         raise DataError(f"{case.mask_path}: mask shape {mask.shape} differs from image shape {image.shape}")
+    spacing = np.asarray(nifti.header.get_zooms()[:3], dtype=np.float64)
+    mask_spacing = np.asarray(mask_nifti.header.get_zooms()[:3], dtype=np.float64)
+    if not np.allclose(mask_spacing, spacing, rtol=0, atol=GRID_TOLERANCE_MM):
+        raise DataError(
+            f"{case.mask_path}: voxel spacing {mask_spacing.tolist()} mm differs from {spacing.tolist()} mm "
+            f"of its image {case.image_path} (tolerance {GRID_TOLERANCE_MM} mm)"
+        )
+    offset = float(np.abs(np.asarray(mask_nifti.affine) - np.asarray(nifti.affine)).max())
+    if offset > GRID_TOLERANCE_MM:
+        raise DataError(
+            f"{case.mask_path}: affine differs from that of its image {case.image_path} by up to {offset:.4g} "
+            f"(mask and image must share one grid; tolerance {GRID_TOLERANCE_MM} mm)"
+        )
     non_finite = np.count_nonzero(~np.isfinite(image))
     if non_finite:
         raise DataError(f"{case.image_path}: {non_finite} NaN/inf voxels")
@@ -177,11 +193,16 @@ def read_case(case: ProstateCase) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     if not valid.all():
         bad_values = np.unique(mask[~valid])[:5].tolist()
         raise DataError(f"{case.mask_path}: mask values must be in {{0, 1, 2}}, found {bad_values}")
-    spacing = np.asarray(nifti.header.get_zooms()[:3], dtype=np.float64)[[2, 0, 1]]
+    gland = np.ascontiguousarray(mask.transpose(2, 0, 1) > 0, dtype=np.uint8)
+    if not gland.any():
+        rank_zero_warn(
+            f"{case.mask_path}: empty mask (no gland voxel); scored with MONAI's empty-mask conventions "
+            "(distill.metrics.segmentation.volume_dice_hd95) and flagged as empty_label in the per-volume metrics"
+        )
     return (
         np.ascontiguousarray(image.transpose(2, 0, 1)),
-        np.ascontiguousarray(mask.transpose(2, 0, 1) > 0, dtype=np.uint8),
-        spacing,
+        gland,
+        spacing[[2, 0, 1]],
         np.asarray(nifti.affine, dtype=np.float64),
     )
 
@@ -554,12 +575,23 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
         return self._case_splits
 
     def setup(self, stage: str | None = None) -> None:
-        """Load (once) the volumes the stage needs: fit -> train + val, validate -> val, test, predict."""
+        """Load (once) the volumes the stage needs: fit -> train + val, validate -> val, test, predict.
+
+        Fitting on a case list needs its train and val lists (val chooses ``best.ckpt``).
+        """
+        hp = self.hparams
+        if stage == "fit" and hp.split == "case_list":
+            for name in ("train", "val"):
+                if not self.case_splits[name]:
+                    raise DataError(
+                        f"{hp.case_list}: the case list has no {name} cases; fitting needs them "
+                        "(validation chooses best.ckpt)"
+                    )
         needed = {
             "fit": ("train", "val"),
             "validate": ("val",),
             "test": ("test",),
-            "predict": (self.hparams.predict_split,),
+            "predict": (hp.predict_split,),
         }.get(stage, ("train", "val", "test"))
         for name in needed:
             self._split_volumes(name)

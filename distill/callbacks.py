@@ -84,8 +84,10 @@ class NiftiPredictionWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         from distill.formats.nifti import save_mask_like
+        from distill.utils import child_path
 
-        out = self.output_dir / prediction["site"] / f"{prediction['case']}_prediction.nii.gz"
+        site_dir = child_path(self.output_dir, prediction["site"], prediction["image_path"])
+        out = child_path(site_dir, f"{prediction['case']}_prediction.nii.gz", prediction["image_path"])
         out.parent.mkdir(parents=True, exist_ok=True)
         save_mask_like(prediction["mask"].numpy(), prediction["image_path"], out, overwrite=self.overwrite)
 
@@ -154,6 +156,7 @@ class PhaseFeatureWriter(BasePredictionWriter):
         from distill.formats.features import save_video_features
         from distill.formats.phases import frame_step
         from distill.modules.phase import write_phase_file_atomic
+        from distill.utils import child_path
 
         if self.current is None:
             return
@@ -163,9 +166,9 @@ class PhaseFeatureWriter(BasePredictionWriter):
         )
         feature_dir, prediction_dir = self.output_dir / "features", self.output_dir / "predictions"
         targets = [
-            feature_dir / f"{video}.npy",
-            feature_dir / f"{video}_frames.npy",
-            prediction_dir / f"{video}-pred.txt",
+            child_path(feature_dir, f"{video}.npy"),
+            child_path(feature_dir, f"{video}_frames.npy"),
+            child_path(prediction_dir, f"{video}-pred.txt"),
         ]
         for target in targets:
             if target.exists():

@@ -28,7 +28,7 @@ import numpy as np
 
 from distill.argparse_tools import ToolParser, one_line_errors
 from distill.errors import DataError
-from distill.formats.nifti import write_mask_like
+from distill.formats.nifti import read_nifti, write_mask_like
 
 METADATA_KEY = "distill.preprocessing"  # ONNX metadata key of the settings below, JSON
 
@@ -162,17 +162,9 @@ class OnnxSegmenter:
 
 
 def read_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """(S, H0, W0) float32 voxels (slices first) and the NIfTI image; DataError if unreadable or not 3D."""
-    path = Path(path)
-    try:
-        nifti = nib.load(path)
-        data = nifti.get_fdata(dtype=np.float32)
-    except Exception as err:  # noqa: BLE001 - any reader failure is the same user problem
-        raise DataError(f"{path}: cannot read NIfTI ({' '.join(f'{type(err).__name__}: {err}'.split())})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    """(S, H0, W0) float32 voxels (slices first) and the NIfTI image; DataError if unreadable, not 3D,
+    too large (:func:`~distill.formats.nifti.read_nifti`) or not finite."""
+    data, nifti = read_nifti(path)
     if not np.isfinite(data).all():
         raise DataError(f"{path}: NaN/inf voxels")
     return np.ascontiguousarray(data.transpose(2, 0, 1)), nifti

@@ -1,4 +1,4 @@
-"""Small helpers shared by the entry points: unique and atomic file writes, the one YAML reader."""
+"""Small helpers shared by the entry points: output paths from names, unique and atomic file writes, the one YAML reader."""
 
 from __future__ import annotations
 
@@ -12,6 +12,23 @@ from typing import Any
 import yaml
 
 from distill.errors import DataError
+
+
+def child_path(folder: str | Path, name: str, source: str | Path | None = None) -> Path:
+    """``folder / name`` for an output named after something the user supplied (a video's file stem,
+    a case id, a video name); ``source`` is that thing (e.g. the video file), named in the error.
+
+    A name that is empty, contains a path separator or NUL, or starts with "." (``..`` leaves the
+    folder; hidden entries are skipped by the readers) is refused with a one-line DataError, so
+    nothing is ever written outside ``folder``.
+    """
+    name = str(name)
+    if not name or name.startswith(".") or any(char in name for char in "/\\\0"):
+        raise DataError(
+            f"{source if source is not None else name}: the name {name!r} cannot name an output in {folder} "
+            "(empty, a path, or starting with '.'); rename it"
+        )
+    return Path(folder) / name
 
 
 def unique_path(path: str | Path) -> Path:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from distill.errors import DataError
+from distill.utils import child_path
 
 if TYPE_CHECKING:
     import torch
@@ -34,8 +35,8 @@ def save_video_features(
         )
     features_dir = Path(features_dir)
     features_dir.mkdir(parents=True, exist_ok=True)
-    np.save(features_dir / f"{video}.npy", features)
-    np.save(features_dir / f"{video}_frames.npy", frames.astype(np.int64))
+    np.save(child_path(features_dir, f"{video}.npy"), features)
+    np.save(child_path(features_dir, f"{video}_frames.npy"), frames.astype(np.int64))
 
 
 def load_video_features(features_dir: str | Path, video: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:

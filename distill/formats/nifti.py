@@ -1,4 +1,5 @@
-"""Masks written as NIfTI on a reference volume's grid: what ``distill predict`` and ``distill segment-nifti`` write.
+"""NIfTI volumes: the one reader (:func:`read_nifti`), and masks written on a reference volume's grid
+(what ``distill predict`` and ``distill segment-nifti`` write).
 
 Arrays are slices first, (S, H0, W0) = nibabel's (Z, X, Y); a mask is transposed back to
 (X, Y, Z) and written as uint8 with the reference's affine and header, so viewers overlay it on
@@ -7,17 +8,55 @@ the input volume.
 
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
 from distill.errors import DataError
 from distill.utils import atomic_write
 
-NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)  # what nibabel raises on a bad file
+# what nibabel raises on a bad file
+NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+#: Volumes whose header claims more voxels are refused before reading (a damaged header, not an MRI
+#: volume: 2^28 float32 voxels are 1 GiB); raise it to read larger volumes.
+MAX_NIFTI_VOXELS = 2**28
+
+
+def read_nifti(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Voxels float32 (X, Y, Z) (a trailing axis of length 1 dropped) and the image of a 3D NIfTI file.
+
+    Every problem is a one-line DataError naming the file: unreadable, not 3D, or a header
+    claiming more than :data:`MAX_NIFTI_VOXELS` voxels (checked before anything is allocated).
+    """
+    path = Path(path)
+
+    def unreadable(err: Exception) -> DataError:
+        return DataError(f"{path}: cannot read NIfTI ({' '.join(f'{type(err).__name__}: {err}'.split())})")
+
+    try:
+        nifti = nib.load(path)
+    except NIFTI_READ_ERRORS as err:
+        raise unreadable(err) from None
+    shape = tuple(int(n) for n in nifti.shape)
+    if math.prod(shape) > MAX_NIFTI_VOXELS:
+        raise DataError(
+            f"{path}: header claims {'x'.join(map(str, shape))} = {math.prod(shape)} voxels, more than "
+            f"MAX_NIFTI_VOXELS = {MAX_NIFTI_VOXELS} (a damaged header? raise distill.formats.nifti.MAX_NIFTI_VOXELS)"
+        )
+    try:
+        data = nifti.get_fdata(dtype=np.float32)
+    except NIFTI_READ_ERRORS as err:
+        raise unreadable(err) from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    return data, nifti
 
 
 def write_mask_like(

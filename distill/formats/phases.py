@@ -84,7 +84,8 @@ def read_phase_file(path: str | Path, dataset: str = "cholec80") -> tuple[np.nda
     """Read a ``Frame\\tPhase`` file.
 
     Returns ``(frames, labels)``: int64 arrays of shape (N,), frame numbers as written and
-    0-based phase indices in the order of :func:`phase_names`. Phase names may also be given
+    0-based phase indices in the order of :func:`phase_names`; frame numbers must be strictly
+    increasing (a line out of order or a repeated frame is refused, as every reader agrees). Phase names may also be given
     as integer indices (some prediction tools write those). Blank lines are skipped; fields may
     be separated by any whitespace.
 
@@ -108,6 +109,14 @@ def read_phase_file(path: str | Path, dataset: str = "cholec80") -> tuple[np.nda
         parsed = _parse_lines(path, lines, names, dataset)
     if parsed[0].size == 0:
         raise DataError(f"{path}: no annotation lines")
+    steps = np.diff(parsed[0])
+    if np.any(steps <= 0):
+        first = int(np.argmax(steps <= 0))
+        after, frame = parsed[0][first : first + 2].tolist()
+        raise DataError(
+            f"{path}: frame {frame} {'repeated' if frame == after else 'out of order'} after frame {after} "
+            "(frame numbers must be strictly increasing)"
+        )
     return parsed
 
 

@@ -354,18 +354,17 @@ def _align_prediction(
 ) -> tuple[np.ndarray, int]:
     """Positions (M,) in the ground truth of the predicted frames, and their frame step.
 
-    Checks that the predicted frames exist in the ground truth and cover it evenly. A
-    one-line prediction has step 1 (a 25 fps prediction of a one-frame video).
+    Checks that the predicted frames exist in the ground truth and cover it evenly (both are
+    strictly increasing, as :func:`read_phase_file` gives them). A one-line prediction has step 1
+    (a 25 fps prediction of a one-frame video).
     """
-    if np.any(np.diff(gt_frames) <= 0):
-        raise DataError(f"{gt_path}: frame numbers are not strictly increasing")
     positions = np.clip(np.searchsorted(gt_frames, pred_frames), 0, gt_frames.size - 1)
     missing = pred_frames[gt_frames[positions] != pred_frames]
     if missing.size:
         raise DataError(f"{pred_path}: frame {missing[0]} is not in the ground truth {gt_path.name}")
     steps = np.unique(np.diff(pred_frames))
-    if steps.size > 1 or (steps.size == 1 and steps[0] <= 0):
-        raise DataError(f"{pred_path}: frame numbers are not evenly spaced and increasing (steps {steps[:5].tolist()})")
+    if steps.size > 1:
+        raise DataError(f"{pred_path}: frame numbers are not evenly spaced (steps {steps[:5].tolist()})")
     step = int(steps[0]) if steps.size else 1
     if pred_frames[0] - gt_frames[0] >= step or gt_frames[-1] - pred_frames[-1] >= step:
         raise DataError(

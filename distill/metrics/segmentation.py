@@ -19,17 +19,24 @@ def volume_dice_hd95(pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[
         spacing: voxel size in mm along (D, H, W).
 
     Returns:
-        ``(dice, hd95_mm)``. An empty prediction of a non-empty label has Dice 0 and, since its
-        surface distance is undefined, HD95 = the volume's diagonal in mm (the worst possible
-        value) instead of MONAI's NaN, so that misses count against the mean rather than
-        vanishing from it.
+        ``(dice, hd95_mm)``. Empty masks follow MONAI's conventions: Dice as ``DiceMetric(ignore_empty=False)``
+        (an empty prediction of an empty label scores 1, anything else against an empty label 0),
+        and an empty prediction of an empty label has HD95 NaN, as ``HausdorffDistanceMetric``
+        gives it (no surface to measure), which the NaN-skipping means of
+        :class:`PerGroupVolumeMetrics` leave out, like MONAI's reductions. When exactly one of the
+        two is empty, MONAI's HD95 is NaN too; here it is the volume's diagonal in mm (the worst
+        possible value) instead, so that misses and false alarms count against the mean rather
+        than vanishing from it.
     """
     pred_5d = pred.bool()[None, None].float()
     label_5d = label.bool()[None, None].float()
-    dice = compute_dice(pred_5d, label_5d, include_background=True).item()
-    if pred_5d.sum() == 0 or label_5d.sum() == 0:
+    dice = compute_dice(pred_5d, label_5d, include_background=True, ignore_empty=False).item()
+    pred_empty, label_empty = not pred_5d.any(), not label_5d.any()
+    if pred_empty and label_empty:
+        return dice, float("nan")
+    if pred_empty or label_empty:
         extent = torch.tensor(pred.shape, dtype=torch.float64) * torch.as_tensor(spacing, dtype=torch.float64)
-        return (0.0 if label_5d.sum() > 0 else float("nan")), float(extent.norm())
+        return dice, float(extent.norm())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         hd95 = compute_hausdorff_distance(
@@ -46,8 +53,9 @@ def volume_key(name: str) -> int:
 class PerGroupVolumeMetrics(Metric):
     """Mean Dice/HD95 over cases, overall and per group (site); DDP-safe (states are gathered).
 
-    ``update(dice, hd95, group, volume)`` once per case, ``volume`` naming it (e.g. its image path);
-    ``compute()`` returns ``{"dice": m, "hd95": m, "dice/<GROUP>": m, "hd95/<GROUP>": m, ...}`` for
+    ``update(dice, hd95, group, volume, empty_label)`` once per case, ``volume`` naming it (e.g. its
+    image path), ``empty_label`` saying that its mask has no foreground (scored as
+    :func:`volume_dice_hd95` says; listed by :meth:`per_volume`); ``compute()`` returns ``{"dice": m, "hd95": m, "dice/<GROUP>": m, "hd95/<GROUP>": m, ...}`` for
     the groups seen. Every volume counts once: Lightning's distributed sampler repeats volumes to
     give every rank as many, and the repeats are dropped after gathering (by ``volume``), so the
     results do not depend on the number of processes.
@@ -62,12 +70,14 @@ class PerGroupVolumeMetrics(Metric):
         self.add_state("hd95", default=[], dist_reduce_fx="cat")
         self.add_state("group", default=[], dist_reduce_fx="cat")
         self.add_state("volume", default=[], dist_reduce_fx="cat")
+        self.add_state("empty_label", default=[], dist_reduce_fx="cat")
 
-    def update(self, dice: float, hd95: float, group: str, volume: str) -> None:
+    def update(self, dice: float, hd95: float, group: str, volume: str, empty_label: bool = False) -> None:
         self.dice.append(torch.tensor([dice], dtype=torch.float64, device=self.device))
         self.hd95.append(torch.tensor([hd95], dtype=torch.float64, device=self.device))
         self.group.append(torch.tensor([self.groups.index(group)], device=self.device))
         self.volume.append(torch.tensor([volume_key(volume)], dtype=torch.int64, device=self.device))
+        self.empty_label.append(torch.tensor([int(empty_label)], dtype=torch.uint8, device=self.device))
 
     def _distinct_volumes(self) -> dict[str, torch.Tensor]:
         """The current states, each volume once, in the order of :func:`volume_key` (independent of ranks)."""
@@ -81,11 +91,12 @@ class PerGroupVolumeMetrics(Metric):
             "group": cat(self.group)[kept],
             "dice": cat(self.dice)[kept],
             "hd95": cat(self.hd95)[kept],
+            "empty_label": cat(self.empty_label)[kept].bool(),
         }
 
     def per_volume(self) -> dict[str, torch.Tensor]:
-        """``{"volume": (N,) int64 volume_key, "group": (N,) index into groups, "dice": (N,), "hd95": (N,)}``
-        over the N distinct volumes of all ranks (a collective under DDP: call it on every rank)."""
+        """``{"volume": (N,) int64 volume_key, "group": (N,) index into groups, "dice": (N,), "hd95": (N,),
+        "empty_label": (N,) bool}`` over the N distinct volumes of all ranks (a collective under DDP: call it on every rank)."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn):
             return self._distinct_volumes()
 

@@ -35,7 +35,7 @@ from distill.models.temporal import MultiStageTCN, SingleStageTCN
 from distill.modules.base import DistillModuleBase
 from distill.modules.checkpoints import load_network
 from distill.types import NonNegativeFloat, PositiveFloat, PositiveInt
-from distill.utils import unique_path
+from distill.utils import child_path, unique_path
 
 
 class PhaseClassifierModule(DistillModuleBase):
@@ -320,5 +320,5 @@ class TCNPhaseModule(DistillModuleBase):
         folder = unique_path(root / "phase_predictions" / "test")
         folder.mkdir(parents=True)
         for name, (frames, _, pred) in self.test_metrics.videos.items():
-            write_phase_file_atomic(folder / f"{name}-pred.txt", frames, pred, self.hparams.dataset)
+            write_phase_file_atomic(child_path(folder, f"{name}-pred.txt"), frames, pred, self.hparams.dataset)
         super().on_test_epoch_end()

@@ -84,6 +84,16 @@ class SegmentationModule(DistillModuleBase):
         self.keep_largest = KeepLargestConnectedComponent(applied_labels=[1]) if largest_component else None
         self.init_evaluation_metrics(lambda: PerGroupVolumeMetrics(report_sites))
 
+    def setup(self, stage: str) -> None:
+        """The data's 2.5D stack depth must be the network's input channels (else the first batch fails)."""
+        super().setup(stage)
+        slices = getattr(getattr(self.trainer, "datamodule", None), "in_channels", None)
+        if slices is not None and slices != self.hparams.in_channels:
+            raise DataError(
+                f"model.init_args.in_channels={self.hparams.in_channels} differs from data.init_args.num_slices={slices} "
+                "(the slices stacked as input channels); set in_channels: ${data.init_args.num_slices}"
+            )
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, S, H, W) slices -> (B, num_classes, H, W) logits."""
         return self.net(self.to_memory_format(image))
@@ -126,8 +136,8 @@ class SegmentationModule(DistillModuleBase):
             mask = self.keep_largest(mask[None])[0]
         return torch.as_tensor(mask, dtype=torch.int64)
 
-    def evaluation_outputs(self, volume: Mapping) -> tuple[float, float, str, str]:
-        """One volume -> (Dice, HD95 in mm, site, image path): :class:`PerGroupVolumeMetrics`' update."""
+    def evaluation_outputs(self, volume: Mapping) -> tuple[float, float, str, str, bool]:
+        """One volume -> (Dice, HD95 in mm, site, image path, empty label): :class:`PerGroupVolumeMetrics`' update."""
         label = volume["label"]
         pred = self.predict_volume(volume["image"], label.shape[-2:])
         dice, hd95 = volume_dice_hd95(pred, label, volume["spacing"].tolist())
@@ -136,7 +146,7 @@ class SegmentationModule(DistillModuleBase):
             raise DataError(
                 f"{volume['image_path']}: site {site!r} is not in the model's report_sites {self.val_metrics.groups}"
             )
-        return dice, hd95, site, volume["image_path"]
+        return dice, hd95, site, volume["image_path"], not label.any()
 
     def predict_step(self, volume: Mapping, batch_idx: int) -> dict:
         """One volume -> ``{"mask": (D, H0, W0) uint8, "image_path", "site", "case"}``."""
