@@ -1,6 +1,6 @@
 """What the ``distill`` tools and the torch-free ``python -m distill.infer_onnx`` share: the parser and one-line errors.
 
-Imports nothing beyond the standard library and :mod:`distill.errors`, so an entry point that
+Imports nothing beyond the standard library, :mod:`distill.errors` and :mod:`distill.termination`, so an entry point that
 must not load PyTorch can use it.
 """
 
@@ -12,7 +12,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from distill.errors import DataError
+from distill.errors import DataError, Terminated
+from distill.termination import EXIT_STATUS
 
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -41,10 +42,14 @@ def data_error_in_chain(err: BaseException) -> DataError | None:
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Exit with one ``error: ...`` line on a user mistake: a :class:`DataError` (also a wrapped one)
-    or an output that cannot be written (full disk, read-only or forbidden folder). Any other
-    exception is a bug and keeps its traceback."""
+    or an output that cannot be written (full disk, read-only or forbidden folder); and with
+    status 143 after a :class:`Terminated` command (SIGTERM). Any other exception is a bug and
+    keeps its traceback."""
     try:
         yield
+    except Terminated as err:
+        print(f"error: {err or 'interrupted by SIGTERM'}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STATUS)
     except Exception as err:
         data_error = data_error_in_chain(err)
         if data_error is not None:

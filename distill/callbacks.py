@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,55 @@ class LastCheckpoint(ModelCheckpoint):
         )
         # Lightning takes steps and epochs as exclusive triggers; the end of every epoch is always wanted.
         self._every_n_epochs = 1
+
+
+class FitCompletion(Callback):
+    """Records in the checkpoint folders how a fit ended; every ``distill fit`` and table run has it.
+
+    - finished: ``fit_complete.json`` (epoch, step; ``distill.modules.checkpoints.FIT_COMPLETE``),
+      written once fit has ended normally, so a run directory given as ``teacher_checkpoint``
+      counts only when its training finished (:func:`distill.modules.checkpoints.resolve_checkpoint`);
+    - stopped by SIGTERM (Lightning's ``SIGTERMException``, raised by its loops at the next batch):
+      ``last.ckpt`` is written where the run keeps it (a :class:`LastCheckpoint`'s or ``save_last``
+      folder, else the first checkpoint callback's), so the run resumes from where it stopped.
+    """
+
+    def __init__(self) -> None:
+        self.saved_on_sigterm: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from distill.modules.checkpoints import FIT_COMPLETE
+        from distill.utils import write_text_atomic
+
+        if not trainer.is_global_zero:
+            return
+        marker = json.dumps({"epoch": trainer.current_epoch, "global_step": trainer.global_step})
+        for folder in dict.fromkeys(c.dirpath for c in trainer.checkpoint_callbacks if c.dirpath):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            write_text_atomic(Path(folder) / FIT_COMPLETE, marker + "\n")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        keepers = [
+            c for c in trainer.checkpoint_callbacks if c.dirpath and (isinstance(c, LastCheckpoint) or c.save_last)
+        ]
+        folders = [c.dirpath for c in keepers + trainer.checkpoint_callbacks if c.dirpath]
+        if folders:
+            self.saved_on_sigterm = Path(folders[0]) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
+            trainer.save_checkpoint(self.saved_on_sigterm)
+
+
+def sigterm_note(trainer: L.Trainer | None, resume_hint: bool = False) -> str:
+    """Where a fit stopped by SIGTERM stopped and what it wrote (:class:`FitCompletion`), for its message:
+    ``" at epoch E, step S; wrote P"``, ``resume_hint``: ``" (resume: --ckpt_path=P)"`` after it; "" if nothing."""
+    saved = next((c.saved_on_sigterm for c in getattr(trainer, "callbacks", []) if isinstance(c, FitCompletion)), None)
+    if saved is None:
+        return ""
+    hint = f" (resume: --ckpt_path={saved})" if resume_hint else ""
+    return f" at epoch {trainer.current_epoch}, step {trainer.global_step}; wrote {saved}{hint}"
 
 
 class RandomStateCheckpoint(Callback):

@@ -8,10 +8,12 @@ are plain tools (argparse).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from distill.argparse_tools import ToolParser, one_line_errors
+from distill.termination import handle_sigterm
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRAINING_COMMANDS = (*LIGHTNING_SUBCOMMANDS, "table", "teachers", "demo")  # may log to W&B: offline without a key
@@ -185,6 +187,8 @@ def add_phase_evaluation_command(commands: argparse._SubParsersAction) -> None:
 
         if args.json is not None and Path(args.json).exists():
             raise DataError(f"{args.json}: already exists; refusing to overwrite")
+        if args.json is not None and not Path(args.json).parent.is_dir():
+            raise DataError(f"{args.json}: folder {Path(args.json).parent} does not exist; create it first")
         report = evaluate_phase_dirs(args.gt_dir, args.pred_dir, args.dataset, args.mode, args.pred_fps)
         print(report.format())
         if args.json is not None:
@@ -431,27 +435,33 @@ def build_tool_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    with one_line_errors():
-        if argv and argv[0] in TRAINING_COMMANDS:
-            from distill.wandb_logging import default_wandb_offline
+    stoppable = bool(argv) and argv[0] in (*TRAINING_COMMANDS, "sweep")  # SIGTERM: exit 143 saying what stopped
+    with one_line_errors(), handle_sigterm(f"distill {argv[0]}") if stoppable else contextlib.nullcontext():
+        run_command(argv)
 
-            default_wandb_offline()
-        if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-            from distill.lightning_cli import run_lightning_cli
 
-            run_lightning_cli(argv)
-            return
-        if argv and argv[0] == "segment-nifti":  # torch-free, with its own parser
-            from distill.infer_onnx import main as segment_nifti_main
+def run_command(argv: list[str]) -> None:
+    """Run one ``distill`` command line (:func:`main` reports its errors)."""
+    if argv and argv[0] in TRAINING_COMMANDS:
+        from distill.wandb_logging import default_wandb_offline
 
-            segment_nifti_main(argv[1:], prog="distill segment-nifti")
-            return
-        parser = build_tool_parser()
-        args, unknown = parser.parse_known_args(argv)
-        if unknown and args.command not in ("table", "teachers", "sweep"):
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        args.lightning_overrides = unknown
-        args.func(args)
+        default_wandb_offline()
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        from distill.lightning_cli import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return
+    if argv and argv[0] == "segment-nifti":  # torch-free, with its own parser
+        from distill.infer_onnx import main as segment_nifti_main
+
+        segment_nifti_main(argv[1:], prog="distill segment-nifti")
+        return
+    parser = build_tool_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command not in ("table", "teachers", "sweep"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.lightning_overrides = unknown
+    args.func(args)
 
 
 if __name__ == "__main__":

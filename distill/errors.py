@@ -1,5 +1,10 @@
-"""One exception type for bad user input, so the CLI can print it as a single clear line."""
+"""The exceptions the CLI reports as one line: bad user input, and a command stopped by SIGTERM."""
 
 
 class DataError(ValueError):
     """Bad input data or configuration; the message names the file (or key) and the problem."""
+
+
+class Terminated(Exception):
+    """A command stopped by SIGTERM (:mod:`distill.termination`); the CLI prints the message, which says
+    what was interrupted, and exits 143 (128 + SIGTERM). Raised without a message by the signal handler."""

@@ -16,11 +16,13 @@ import lightning as L
 import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from distill.callbacks import RandomStateCheckpoint
+from distill.callbacks import FitCompletion, RandomStateCheckpoint, sigterm_note
 from distill.errors import DataError
+from distill.termination import stop_on_sigterm
 from distill.utils import atomic_write, read_yaml, unique_path
 from distill.wandb_logging import WandbResultPlots
 
@@ -89,6 +91,29 @@ def architecture_differences(checkpoint: dict[str, Any], model_config: dict[str,
     for key in ARCHITECTURE_KEYS:
         if key in recorded and key in configured and recorded[key] != configured[key]:
             differences.append(f"{key}: checkpoint {recorded[key]!r}, config {configured[key]!r}")
+    return differences
+
+
+def resume_differences(checkpoint: dict[str, Any], model_config: dict[str, Any]) -> list[str]:
+    """``"key: checkpoint X, config Y"`` for each optimizer or schedule setting that resuming from
+    ``checkpoint`` does not take from the config: the optimizer's ``init_args`` against the
+    checkpoint's first parameter group (``lr``: its value before scheduling), ``lr_schedule`` and
+    ``warmup_steps`` against its hyper-parameters."""
+    configured = model_config.get("init_args") or {}
+    recorded = checkpoint.get("hyper_parameters") or {}
+    differences = [
+        f"{key}: checkpoint {recorded[key]!r}, config {configured[key]!r}"
+        for key in ("lr_schedule", "warmup_steps")
+        if key in recorded and key in configured and recorded[key] != configured[key]
+    ]
+    optimizer = configured.get("optimizer")
+    states = checkpoint.get("optimizer_states") or [{}]
+    saved = (states[0].get("param_groups") or [{}])[0]
+    for key, value in ((optimizer.get("init_args") or {}) if isinstance(optimizer, dict) else {}).items():
+        old = saved.get("initial_lr", saved.get("lr")) if key == "lr" else saved.get(key)
+        old, value = (list(v) if isinstance(v, tuple) else v for v in (old, value))  # betas: a tuple when saved
+        if old is not None and value is not None and old != value:
+            differences.append(f"{key}: checkpoint {old!r}, config {value!r}")
     return differences
 
 
@@ -190,7 +215,7 @@ class DistillCLI(LightningCLI):
             seed_everything_default=0,
             auto_configure_optimizers=False,
             # added to the config's callbacks (result plots: only with a WandbLogger)
-            trainer_defaults={"callbacks": [RandomStateCheckpoint(), WandbResultPlots()]},
+            trainer_defaults={"callbacks": [RandomStateCheckpoint(), FitCompletion(), WandbResultPlots()]},
             args=args,
             run=run,
         )
@@ -224,6 +249,14 @@ class DistillCLI(LightningCLI):
                 raise DataError(
                     f"{ckpt_path}: checkpoint architecture differs from the config ({'; '.join(differences)})"
                 )
+            changed = resume_differences(checkpoint, model.as_dict() if hasattr(model, "as_dict") else model or {})
+            if subcommand == "fit" and changed:
+                print(
+                    f"warning: {ckpt_path}: resuming keeps the checkpoint's optimizer state, so these config "
+                    f"changes do not apply ({'; '.join(changed)})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         elif ckpt_path is None and subcommand in EVALUATION_SUBCOMMANDS and not config.get("allow_random_weights"):
             raise DataError(
                 f"{subcommand}: no --ckpt_path, so the model would have untrained weights; "
@@ -240,11 +273,22 @@ class DistillCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, with checkpoints written atomically (:class:`AtomicCheckpointIO`) unless the
-        config chose its own checkpoint IO."""
-        trainer = super().instantiate_trainer(**kwargs)
+        config chose its own checkpoint IO; a value Lightning refuses (``max_epochs=-5``) is one line."""
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:
+            raise DataError(f"trainer: {' '.join(str(err).split())}") from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; stopped by SIGTERM: :class:`~distill.errors.Terminated` saying where, and which
+        ``last.ckpt`` to resume from (:class:`~distill.callbacks.FitCompletion` wrote it)."""
+        with stop_on_sigterm(
+            lambda: f"{subcommand}: interrupted by SIGTERM{sigterm_note(self.trainer, resume_hint=True)}"
+        ):
+            super()._run_subcommand(subcommand)
 
 
 def run_lightning_cli(argv: list[str]) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import DataError
+from distill.utils import read_json
 
 
 @dataclass
@@ -66,7 +67,13 @@ def profile_specs(specs: list[str], input_shape: tuple[int, ...]) -> list[Profil
     profiles = []
     for spec in specs:
         name, kwargs = parse_network_spec(spec)
-        net = build_segmentation_network(name, input_shape[1], 2, **kwargs)
+        try:
+            net = build_segmentation_network(name, input_shape[1], 2, **kwargs)
+        except DataError:
+            raise
+        except (RuntimeError, ValueError) as err:  # an impossible option value, e.g. width=-4
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise DataError(f"network spec {spec!r}: cannot build it with these options ({reason})") from None
         profiles.append(profile_network(spec, net, input_shape))
     return profiles
 
@@ -76,10 +83,12 @@ def profile_results(results_path: str | Path, input_shape: tuple[int, ...]) -> l
     from distill.modules.checkpoints import load_network
 
     path = Path(results_path)
-    if not path.is_file():
-        raise DataError(f"{path}: results file not found (run `distill table` first)")
+    runs = read_json(path, "results file", list, " (run `distill table` first)")
     rows: dict[str, list[dict]] = {}
-    for run in json.loads(path.read_text()):
+    for index, run in enumerate(runs):
+        missing = {"name", "best_checkpoint", "val_score"} - set(run if isinstance(run, dict) else ())
+        if missing:
+            raise DataError(f"{path}: entry {index} is not a finished run (lacks {', '.join(sorted(missing))})")
         rows.setdefault(run["name"], []).append(run)
     profiles = []
     for name, runs in rows.items():

@@ -3,7 +3,9 @@
 :func:`run_experiment` fits an experiment YAML in its own folder, tests the checkpoint chosen on
 validation data, measures the deployable network (parameters, CPU latency) and leaves a
 :class:`RunResult` as ``result.json``, so a re-started table or teachers command skips finished
-runs. :func:`run_cli_subprocess` runs a ``distill <subcommand> ...`` command line as a child
+runs: those with the same resolved configuration (its fingerprint is in ``result.json``; a run
+finished with other settings is refused, naming them). SIGTERM stops a run with a one-line
+:class:`~distill.errors.Terminated` naming it (:mod:`distill.termination`). :func:`run_cli_subprocess` runs a ``distill <subcommand> ...`` command line as a child
 process instead (a sweep point: the command as ``wandb agent`` would run it, isolated from the
 parent) and reads its metric back from the CSV log.
 """
@@ -11,6 +13,7 @@ parent) and reads its metric back from the CSV log.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -18,11 +21,15 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from distill.errors import DataError
-from distill.utils import read_yaml, write_text_atomic
+import yaml
+
+from distill.errors import DataError, Terminated
+from distill.termination import EXIT_STATUS as TERMINATED_EXIT_STATUS
+from distill.termination import received_sigterm, stop_on_sigterm
+from distill.utils import read_json, read_yaml, write_text_atomic
 
 
 @dataclass
@@ -40,6 +47,11 @@ class RunResult:
     log_dir: str
     manifest: str | None = None
     predictions: str | None = None
+    config_sha256: str | None = None  # of the resolved configuration it was trained with (:func:`settings_sha256`)
+
+
+# Trainer flags that change what a run shows, not what it trains: left out of its fingerprint.
+DISPLAY_ONLY_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary")
 
 
 def slug(name: str) -> str:
@@ -50,6 +62,62 @@ def slug(name: str) -> str:
 def run_config(result: RunResult) -> dict:
     """The configuration a finished run was trained with (its saved ``config.yaml``)."""
     return read_yaml(Path(result.log_dir) / "config.yaml", "saved run config")
+
+
+def resolved_settings(config: dict) -> dict:
+    """A run's resolved configuration (as saved in its ``config.yaml``) without the display-only trainer flags."""
+    trainer = {k: v for k, v in (config.get("trainer") or {}).items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
+    return {**config, "trainer": trainer}
+
+
+def settings_sha256(settings: dict) -> str:
+    """Fingerprint of :func:`resolved_settings`: two runs share it exactly when they were configured alike."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def setting_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``"dotted.key: A then, B now"`` for every leaf on which two configurations differ."""
+    differences = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += setting_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return differences
+
+
+def read_run_result(path: Path) -> RunResult:
+    """A finished run's ``result.json``; a damaged or incomplete one is a one-line DataError naming it."""
+    remedy = f"delete {path.parent} to train that run again"
+    try:
+        data = read_json(path, "run result")
+    except DataError as err:
+        raise DataError(f"{err}; {remedy}") from None
+    known = {f.name for f in fields(RunResult)}
+    missing = {f.name for f in fields(RunResult) if f.default is MISSING} | {"config_sha256"}
+    missing -= {key for key, value in data.items() if value is not None}
+    if missing or set(data) - known:
+        problem = f"lacks {', '.join(sorted(missing))}" if missing else f"unknown keys {sorted(set(data) - known)}"
+        raise DataError(f"{path}: incomplete run result ({problem}); {remedy}")
+    return RunResult(**data)
+
+
+def check_same_settings(done: Path, finished: RunResult, settings: dict) -> None:
+    """Refuse a finished run whose configuration differs from ``settings``, naming the differences."""
+    if finished.config_sha256 == settings_sha256(settings):
+        return
+    saved = Path(finished.log_dir) / "config.yaml"
+    differences = (
+        setting_differences(resolved_settings(read_yaml(saved, "saved run config")), settings)
+        if saved.is_file()
+        else []
+    )
+    shown = "; ".join(differences[:3]) + (f"; {len(differences) - 3} more" if len(differences) > 3 else "")
+    raise DataError(
+        f"{done}: this run finished with other settings ({shown or 'configuration fingerprint differs'}); "
+        f"use another --out, or delete {done.parent} to train it again"
+    )
 
 
 def checkpoint_callback(trainer):
@@ -77,37 +145,52 @@ def run_experiment(
     ``callbacks`` are added to the config's (e.g. a progress display). A W&B run (if the config logs
     to W&B) is named ``<name>/seed_<seed>`` in the group ``group`` unless the config names them.
 
-    Finished runs (``root_dir/result.json``) are read back instead of trained again.
+    A finished run (``root_dir/result.json``) is read back instead of trained again when its resolved
+    configuration is the same (its fingerprint, ``config_sha256``), else refused in one line naming
+    what differs. SIGTERM stops the run with :class:`~distill.errors.Terminated` naming it.
     """
+    from distill.callbacks import sigterm_note
     from distill.lightning_cli import DistillCLI
     from distill.wandb_logging import finish_wandb_runs, label_wandb_runs
 
     done = root_dir / "result.json"
-    if done.is_file():
-        return RunResult(**json.loads(done.read_text()))
+    finished = read_run_result(done) if done.is_file() else None
     if not Path(config).is_file():
         raise DataError(f"{config}: experiment config not found")
-    with warnings.catch_warnings():  # the caller passes ``args`` on purpose while ``sys.argv`` holds its own
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = DistillCLI(
-            args=[
-                "--config",
-                config,
-                *overrides,
-                f"--seed_everything={seed}",
-                f"--trainer.default_root_dir={root_dir}",
-            ],
-            run=False,
-        )
-    cli.trainer.callbacks.extend(callbacks or [])
-    label_wandb_runs(cli.trainer, group or slug(name), f"{name}/seed_{seed}")
-    try:
-        return _fit_test_measure(cli, config, name, seed, predict, done)
-    finally:
-        finish_wandb_runs(cli.trainer)
+    trainer = None
+
+    def interrupted() -> str:
+        return f"run {name!r} (seed {seed}) in {root_dir}: interrupted by SIGTERM{sigterm_note(trainer)}; rerun to train it again"
+
+    with stop_on_sigterm(interrupted):
+        with warnings.catch_warnings():  # the caller passes ``args`` on purpose while ``sys.argv`` holds its own
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = DistillCLI(
+                args=[
+                    "--config",
+                    config,
+                    *overrides,
+                    f"--seed_everything={seed}",
+                    f"--trainer.default_root_dir={root_dir}",
+                ],
+                run=False,
+            )
+        trainer = cli.trainer
+        settings = resolved_settings(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)))
+        if finished is not None:
+            check_same_settings(done, finished, settings)
+            return finished
+        trainer.callbacks.extend(callbacks or [])
+        label_wandb_runs(trainer, group or slug(name), f"{name}/seed_{seed}")
+        try:
+            return _fit_test_measure(cli, config, name, seed, predict, done, settings_sha256(settings))
+        finally:
+            finish_wandb_runs(trainer)
 
 
-def _fit_test_measure(cli, config: str, name: str, seed: int, predict: bool, done: Path) -> RunResult:
+def _fit_test_measure(
+    cli, config: str, name: str, seed: int, predict: bool, done: Path, config_sha256: str
+) -> RunResult:
     """The body of :func:`run_experiment` once the run is configured."""
     from lightning.pytorch.callbacks import BasePredictionWriter
 
@@ -144,7 +227,10 @@ def _fit_test_measure(cli, config: str, name: str, seed: int, predict: bool, don
         best_checkpoint=selector.best_model_path,
         log_dir=str(cli.trainer.log_dir),
         predictions=predictions,
+        config_sha256=config_sha256,
     )
+    if received_sigterm():  # it came in the last batch or while testing: the run is not marked finished
+        raise Terminated()
     write_text_atomic(done, json.dumps(asdict(result), indent=2))
     return result
 
@@ -177,11 +263,24 @@ def last_logged(run_dir: Path, metric: str) -> float | None:
     return float(values[-1]) if values else None
 
 
+class ProcessKilled(Exception):
+    """A child process was stopped by a signal (killed, or SIGTERM), not by an error of its own."""
+
+
+def stopped_by_signal(returncode: int) -> bool:
+    """Whether a child's exit status means a signal stopped it: killed by one (negative status: the
+    OOM killer's SIGKILL, a SIGTERM without handler) or ``distill``'s own exit after SIGTERM (143)."""
+    return returncode < 0 or returncode == TERMINATED_EXIT_STATUS
+
+
 def run_cli_subprocess(argv: list[str], run_dir: Path, metric: str, overrides: Sequence[str] = ()) -> float | None:
     """Run a ``distill ...`` command line in a child process with W&B disabled (output in
-    ``run_dir/output.log``); its last logged ``metric``, or None when it failed or never logged it."""
+    ``run_dir/output.log``); its last logged ``metric``, or None when it failed or never logged it.
+    Raises :class:`ProcessKilled` when a signal stopped it (:func:`stopped_by_signal`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with open(run_dir / "output.log", "w") as log:
         result = subprocess.run(lightning_argv(argv, run_dir, overrides), env=env, stdout=log, stderr=subprocess.STDOUT)
+    if stopped_by_signal(result.returncode):
+        raise ProcessKilled(f"exit status {result.returncode}")
     return last_logged(run_dir, metric) if result.returncode == 0 else None

@@ -7,9 +7,12 @@ a point runs here exactly as ``wandb agent`` would run it, plus three overrides:
 directory ``<out>/point-NNN``, a CSV logger there (whatever logger the command selects), and
 ``WANDB_MODE=disabled``. Each point runs as a subprocess of the CLI
 (:func:`distill.runs.run_cli_subprocess`); its metric is the last logged value of ``metric.name``
-in its ``metrics.csv``. Every finished point is appended to
-``<out>/sweep.csv``, so an interrupted sweep resumes where it stopped (the points of ``grid`` and
-``random`` sweeps are a fixed sequence; ``bayes`` replays the finished points into Optuna).
+in its ``metrics.csv``. Every point run is appended to ``<out>/sweep.csv`` with its status:
+``finished`` (metric logged), ``failed`` (the command exited with an error of its own, e.g. a bad
+value, or never logged the metric: kept, never rerun) or ``killed`` (a signal stopped it: killed,
+or SIGTERM; see :func:`distill.runs.stopped_by_signal`), so an interrupted sweep resumes where it
+stopped and reruns its killed points (the points of ``grid`` and ``random`` sweeps are a fixed
+sequence; ``bayes`` retries the killed points first and replays the others into Optuna).
 
 Methods: ``grid`` (every combination of ``values``/``value`` parameters), ``random``
 (``values``, ``uniform``, ``log_uniform_values``, ``int_uniform``, ``q_uniform``, ``normal``),
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.errors import DataError
-from distill.runs import run_cli_subprocess
+from distill.runs import ProcessKilled, run_cli_subprocess
 from distill.utils import read_yaml
 
 METHODS = ("grid", "random", "bayes")
@@ -148,7 +151,8 @@ def build_argv(spec: SweepSpec, point: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class SweepResult:
-    """One finished point: index, "finished" or "failed", metric (None if failed), parameters, run dir."""
+    """One point run: index, "finished", "failed" or "killed" (module docstring), metric (None unless
+    finished), parameters, run dir."""
 
     point: int
     status: str
@@ -191,6 +195,12 @@ def _append_result(csv_path: Path, result: SweepResult) -> None:
         )
 
 
+def latest_results(results: list[SweepResult]) -> list[SweepResult]:
+    """The newest record of each point, by point (a killed point that was retried has two)."""
+    latest = {r.point: r for r in results}
+    return [latest[point] for point in sorted(latest)]
+
+
 def best_result(results: list[SweepResult], goal: str) -> SweepResult | None:
     """The finished point with the best metric for ``goal``."""
     finished = [r for r in results if r.metric is not None and not math.isnan(r.metric)]
@@ -211,7 +221,7 @@ def run_sweep(
     execute: Execute = run_cli_subprocess,
     log: Callable[[str], None] = print,
 ) -> list[SweepResult]:
-    """Run the sweep file ``path`` locally into ``out``; returns every recorded point.
+    """Run the sweep file ``path`` locally into ``out``; returns each point's newest record.
 
     Args:
         count: points to run in this call (grid: default all remaining; random/bayes: required).
@@ -225,10 +235,11 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "sweep.csv"
     results = read_results(csv_path)
-    done = {r.point for r in results}
+    killed = [r for r in latest_results(results) if r.status == "killed"]
+    done = {r.point for r in latest_results(results)} - {r.point for r in killed}
     if spec.method != "grid" and count is None:
         raise DataError(f"{spec.path}: a {spec.method} sweep needs --count")
-    points = _points(spec, seed, results)
+    points = _points(spec, seed, results, killed)
     ran = 0
     for index, params in points:
         if count is not None and ran >= count:
@@ -237,29 +248,35 @@ def run_sweep(
             continue
         run_dir = out / f"point-{index:03d}"
         log(f"point {index}: {json.dumps(params)}")
-        metric = execute(build_argv(spec, params), run_dir, spec.metric_name, overrides)
-        metric = None if metric is None else float(metric)
-        result = SweepResult(index, "finished" if metric is not None else "failed", metric, params, str(run_dir))
+        try:
+            metric = execute(build_argv(spec, params), run_dir, spec.metric_name, overrides)
+            metric = None if metric is None else float(metric)
+            status, outcome = ("finished" if metric is not None else "failed"), f"{spec.metric_name} = {metric}"
+        except ProcessKilled as err:
+            metric, status, outcome = None, "killed", f"stopped by a signal ({err}); a rerun retries it"
+        result = SweepResult(index, status, metric, params, str(run_dir))
         _append_result(csv_path, result)
         results.append(result)  # before the next proposal: bayes learns from it
-        log(f"point {index}: {spec.metric_name} = {metric}")
+        log(f"point {index}: {outcome}")
         ran += 1
-    best = best_result(results, spec.goal)
+    best = best_result(latest_results(results), spec.goal)
     if best is not None:
         log(f"best point {best.point} ({spec.metric_name} = {best.metric:g}, {spec.goal}): {json.dumps(best.params)}")
-    return results
+    return latest_results(results)
 
 
-def _points(spec: SweepSpec, seed: int, results: list[SweepResult]) -> Iterator[tuple[int, dict]]:
+def _points(
+    spec: SweepSpec, seed: int, results: list[SweepResult], killed: list[SweepResult]
+) -> Iterator[tuple[int, dict]]:
     """(index, params) proposals. Grid and random: a fixed sequence (resume skips recorded
-    indices); bayes: new indices, each proposal made after the previous one's result was appended
-    to ``results``."""
+    indices but the ``killed``); bayes: the ``killed`` points again, then new indices, each
+    proposal made after the previous one's result was appended to ``results``."""
     if spec.method == "grid":
         return (pair for pair in enumerate(grid_points(spec)))
     if spec.method == "random":
         rng = np.random.default_rng(seed)
         return ((index, random_point(spec, rng)) for index in itertools.count())
-    return _bayes_points(spec, seed, results)
+    return itertools.chain(((r.point, r.params) for r in killed), _bayes_points(spec, seed, results))
 
 
 def _bayes_points(spec: SweepSpec, seed: int, results: list[SweepResult]) -> Iterator[tuple[int, dict]]:
@@ -271,7 +288,7 @@ def _bayes_points(spec: SweepSpec, seed: int, results: list[SweepResult]) -> Ite
     distributions = {name: _optuna_distribution(optuna, p) for name, p in spec.parameters.items()}
     # Seeded by the history's length: a resumed study does not redraw the first study's random starts.
     study = optuna.create_study(direction=spec.goal, sampler=optuna.samplers.TPESampler(seed=seed + len(results)))
-    for result in sorted(results, key=lambda r: r.point):  # resume: replay what is recorded
+    for result in [r for r in latest_results(results) if r.status != "killed"]:  # resume: replay what is recorded
         study.add_trial(
             optuna.trial.create_trial(
                 params=result.params,

@@ -43,8 +43,11 @@ the pre-training's ``test/probe_acc``); ``show: false`` keeps a run out of the t
 (e.g. one teacher for all student seeds: its row then has one seed).
 
 Each run trains in ``<out>/<run slug>/seed_<s>/`` (:func:`distill.runs.run_experiment`) and leaves
-``result.json`` there when finished; a re-started table skips finished runs. The table (mean +- std over seeds; deltas
-as mean +- std of the per-seed differences) is printed and saved as ``results.md``,
+``result.json`` there when finished; a re-started table skips finished runs with the same resolved
+configuration and refuses ones finished with other settings (use another ``--out``). Run names must
+be distinct (also as folder names); one table at a time works in an ``--out`` (a lock). SIGTERM
+stops the table at once, naming the run it interrupted (exit 143). The table (mean +- std over
+seeds; deltas as mean +- std of the per-seed differences) is printed and saved as ``results.md``,
 ``results.csv``, ``results.json``, ``site_dice.png`` (rows with per-site metrics) and
 ``phase_ribbons_<video>.png`` (ground truth vs every row's test phase predictions, rows that write
 them, e.g. the TCN; first seed, three test videos), all by :mod:`distill.report`; earlier files are
@@ -62,7 +65,7 @@ from distill.errors import DataError
 from distill.limit_trained import train_limit_trained_teachers
 from distill.progress import QUIET_TRAINER_OVERRIDES, TableProgress, quiet_lightning
 from distill.runs import RunResult, run_experiment, slug
-from distill.utils import read_yaml, unique_path, write_text_atomic
+from distill.utils import folder_lock, read_yaml, unique_path, write_text_atomic
 
 RUN_KEYS = {
     "name",
@@ -98,22 +101,43 @@ class TableSpec:
     notes: list[str] = field(default_factory=list)
 
 
-def load_table_spec(path: str | Path) -> TableSpec:
-    """Read and check a table spec; a one-line DataError naming the file and the mistake otherwise."""
+def load_table_spec(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> TableSpec:
+    """Read and check a table spec; a one-line DataError naming the file and the mistake otherwise
+    (also an ``extends`` chain that comes back to a spec, and two runs with one name or folder)."""
     path = Path(path)
     raw = read_yaml(path, "table spec")
     if "extends" in raw:
-        base = load_table_spec(path.parent / raw.pop("extends"))
+        base_path = path.parent / str(raw.pop("extends"))
+        chain = (*_extended_by, path.resolve())
+        if base_path.resolve() in chain:
+            cycle = " -> ".join(p.name for p in (*chain, base_path))
+            raise DataError(f"{path}: 'extends' makes a cycle ({cycle})")
+        base = load_table_spec(base_path, chain)
         raw = {**asdict(base), **raw, "overrides": base.overrides + list(raw.get("overrides", []))}
     unknown = set(raw) - SPEC_KEYS
     if unknown:
         raise DataError(f"{path}: unknown key(s) {sorted(unknown)} (known: extends, {', '.join(sorted(SPEC_KEYS))})")
+    if not isinstance(raw.get("runs", []), list):
+        raise DataError(f"{path}: 'runs' must be a list of runs, got {raw['runs']!r}")
     names: dict[str, dict] = {}
+    folders: dict[str, str] = {}
     for run in raw.get("runs", []):
-        if set(run) - RUN_KEYS or "name" not in run or not ({"config", "teachers"} & set(run)):
+        if (
+            not isinstance(run, dict)
+            or set(run) - RUN_KEYS
+            or "name" not in run
+            or not ({"config", "teachers"} & set(run))
+        ):
             raise DataError(
                 f"{path}: run {run} needs 'name' and 'config' (or 'teachers'); "
                 f"optional: {', '.join(sorted(RUN_KEYS - {'name', 'config'}))}"
+            )
+        name = run["name"] = str(run["name"])
+        if name in names:
+            raise DataError(f"{path}: two runs are named {name!r}; each run needs its own name")
+        if folders.setdefault(slug(name), name) != name:
+            raise DataError(
+                f"{path}: runs {folders[slug(name)]!r} and {name!r} would share the folder {slug(name)!r}; rename one"
             )
         for key in CHAINED_KEYS:
             ref = run.get(key)
@@ -184,14 +208,23 @@ def run_table(
     """Train and test every run of a spec over seeds; print and save the table.
 
     ``verbose=False``: one progress bar instead of Lightning's logs and warnings (:mod:`distill.progress`).
+    ``out_dir`` is locked meanwhile: a second table on it is refused (:func:`distill.utils.folder_lock`).
     """
     spec = load_table_spec(spec_path)
     out_dir = Path(out_dir)
-    num_seeds = seeds or spec.seeds
+    with folder_lock(out_dir, "`distill table`"):
+        return _run_table(spec, out_dir, extra_overrides, seeds or spec.seeds, verbose)
+
+
+def _run_table(
+    spec: TableSpec, out_dir: Path, extra_overrides: list[str] | None, num_seeds: int, verbose: bool
+) -> list[RunResult]:
+    """The body of :func:`run_table` once ``out_dir`` is locked."""
     done: dict[str, dict[int, RunResult | list[RunResult]]] = {}
     results: list[RunResult] = []
     progress = TableProgress(num_seeds * len(spec.runs), enabled=not verbose)
-    with contextlib.nullcontext() if verbose else quiet_lightning():
+    # closed also when a run fails, so that its one-line error starts on a line of its own
+    with contextlib.closing(progress), contextlib.nullcontext() if verbose else quiet_lightning():
         for seed in range(num_seeds):
             for run in spec.runs:
                 if run.get("train_once") and seed > 0:  # trained at seed 0, reused by every seed's dependents
@@ -238,7 +271,6 @@ def run_table(
                 if run.get("show", True):
                     results.append(result)
                 progress.finish_run()
-    progress.close()
     table = report.format_table(spec.title, spec.columns, spec.compare, results, report.fill_notes(spec.notes, results))
     print("\n" + table)
     out_dir.mkdir(parents=True, exist_ok=True)

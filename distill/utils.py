@@ -1,7 +1,9 @@
-"""Small helpers shared by the entry points: output paths from names, unique and atomic file writes, the one YAML reader."""
+"""Small helpers shared by the entry points: output paths from names, unique and atomic file writes, a folder lock,
+the one YAML reader, a JSON reader."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -59,6 +61,31 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+@contextmanager
+def folder_lock(folder: str | Path, holder: str) -> Iterator[None]:
+    """Hold ``folder/.lock`` inside the block (``fcntl.flock``, the holder's pid written in it), so
+    two processes never work in one folder at once: the second is refused in one line naming the
+    folder and the first one's pid. The system drops the lock when its process ends, even by kill -9."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DataError(
+                f"{folder}: in use by another {holder} (pid {pid}); wait for it to end or use another folder"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """``Path(path).write_text(text)``, atomically (:func:`atomic_write`)."""
     with atomic_write(path) as temporary:
@@ -91,6 +118,23 @@ def read_yaml(path: str | Path, what: str, expect: type | None = dict, missing_h
     if data is None and expect is not None:
         return expect()
     if expect is not None and not isinstance(data, expect):
+        raise DataError(f"{path}: a {what} must be {_yaml_kind(expect)} at the top level, got {_yaml_kind(type(data))}")
+    return data
+
+
+def read_json(path: str | Path, what: str, expect: type = dict, missing_hint: str = "") -> Any:
+    """The data of the JSON file ``path`` (a ``what``, e.g. "run result"); a one-line :class:`DataError`
+    naming the file when it is missing (then ``missing_hint``), not valid JSON (e.g. truncated: line
+    and column) or not an ``expect`` at the top level."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found{missing_hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" at line {err.lineno}, column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise DataError(f"{path}: {what} is not valid JSON (truncated or damaged){where}") from None
+    if not isinstance(data, expect):
         raise DataError(f"{path}: a {what} must be {_yaml_kind(expect)} at the top level, got {_yaml_kind(type(data))}")
     return data
 

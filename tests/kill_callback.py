@@ -1,4 +1,5 @@
-"""A callback for the resume tests: the process kills itself with SIGKILL at a given global step.
+"""A callback for the resume and interruption tests: the process sends itself a signal (SIGKILL
+unless told otherwise) at a given global step.
 
 It runs before the checkpoint callbacks (Lightning orders those last), so the step it dies at is
 trained but not saved: the resumed run must redo it exactly.
@@ -13,9 +14,10 @@ import lightning as L
 
 
 class KillAtStep(L.Callback):
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signal_name: str = "SIGKILL") -> None:
         self.step = step
+        self.signum = signal.Signals[signal_name]
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)

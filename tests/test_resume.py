@@ -1,4 +1,4 @@
-"""Exact resume: a training process killed with SIGKILL mid-epoch and resumed from ``last.ckpt``
+"""Exact resume: a training process killed with SIGKILL or SIGTERM mid-epoch and resumed from ``last.ckpt``
 ends with the same weights and logged metrics as the uninterrupted run, bit for bit."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -17,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS, SAVE_EVERY, KILL_AT = 4, 2, 3, 7  # last.ckpt at steps 3, 4 (epoch end), 6; killed at 7
 
 
-def write_config(path: Path, data_root: Path, run_dir: Path, num_workers: int, kill: bool) -> Path:
-    """The teacher experiment at toy scale, last.ckpt every SAVE_EVERY steps, optionally dying at step KILL_AT."""
+def write_config(path: Path, data_root: Path, run_dir: Path, num_workers: int, kill: str | None = None) -> Path:
+    """The teacher experiment at toy scale, last.ckpt every SAVE_EVERY steps, optionally sent the signal
+    ``kill`` (e.g. "SIGKILL") at step KILL_AT."""
     config = yaml.safe_load((REPO / "experiments/prostate/teacher.yaml").read_text())
     callbacks = [
         {
@@ -28,7 +30,9 @@ def write_config(path: Path, data_root: Path, run_dir: Path, num_workers: int, k
         {"class_path": "distill.callbacks.LastCheckpoint", "init_args": {"every_n_train_steps": SAVE_EVERY}},
     ]
     if kill:
-        callbacks.append({"class_path": "kill_callback.KillAtStep", "init_args": {"step": KILL_AT}})
+        callbacks.append(
+            {"class_path": "kill_callback.KillAtStep", "init_args": {"step": KILL_AT, "signal_name": kill}}
+        )
     config["trainer"].update(
         default_root_dir=str(run_dir),
         max_epochs=EPOCHS,
@@ -71,32 +75,50 @@ def logged_rows(run_dir: Path, version: int) -> dict[tuple, dict[str, str]]:
     return {(int(row["step"]), tuple(sorted(row))): row for row in rows}
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(synthetic_prostate_root, tmp_path):
-    """The uninterrupted run loads in the main process, the killed and resumed ones with 2 workers:
-    order and augmentation depend on (seed, epoch, sample) only, so the results are the same."""
-    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
-    full = distill_fit(write_config(tmp_path / "full.yaml", synthetic_prostate_root, full_dir, 0, kill=False))
+@pytest.fixture(scope="module")
+def full_run(synthetic_prostate_root, tmp_path_factory) -> Path:
+    """The uninterrupted run (data loaded in the main process)."""
+    tmp_path = tmp_path_factory.mktemp("full")
+    full = distill_fit(write_config(tmp_path / "full.yaml", synthetic_prostate_root, tmp_path / "run", 0))
     assert full.returncode == 0, full.stderr[-2000:]
+    return tmp_path / "run"
 
-    killed = distill_fit(write_config(tmp_path / "killed.yaml", synthetic_prostate_root, killed_dir, 2, kill=True))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM"])
+def test_killed_mid_epoch_then_resume_matches_uninterrupted_run(full_run, synthetic_prostate_root, tmp_path, kill):
+    """The killed and resumed runs load with 2 workers: order and augmentation depend on (seed,
+    epoch, sample) only, so the results are the same as the uninterrupted run's. SIGKILL: the
+    newest last.ckpt (step 6) is resumed; SIGTERM (a scheduler's, `timeout`'s): the run stops at the
+    next batch, writes last.ckpt there (step 7) and exits 143 saying so."""
+    killed_dir = tmp_path / "killed"
+    killed = distill_fit(write_config(tmp_path / "killed.yaml", synthetic_prostate_root, killed_dir, 2, kill=kill))
     last = killed_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    if kill == "SIGKILL":
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    else:
+        assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-2000:]
+        assert killed.stderr.strip().splitlines()[-1] == (
+            f"error: fit: interrupted by SIGTERM at epoch 1, step 7; wrote {last} (resume: --ckpt_path={last})"
+        )
+        assert not (last.parent / "fit_complete.json").exists()  # not a finished run
     saved = torch.load(last, weights_only=True)
-    assert saved["global_step"] == 6 and saved["epoch"] == 1  # mid-epoch: 2 of the epoch's 4 batches done
+    saved_step = {"SIGKILL": 6, "SIGTERM": 7}[kill]
+    assert saved["global_step"] == saved_step and saved["epoch"] == 1  # mid-epoch
 
-    resume_config = write_config(tmp_path / "resume.yaml", synthetic_prostate_root, killed_dir, 2, kill=False)
+    resume_config = write_config(tmp_path / "resume.yaml", synthetic_prostate_root, killed_dir, 2)
     resumed = distill_fit(resume_config, f"--ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (killed_dir / "lightning_logs" / "version_1" / "checkpoints" / "fit_complete.json").is_file()
 
     final = {
         name: torch.load(run / "lightning_logs" / f"version_{v}" / "checkpoints" / "last.ckpt", weights_only=True)
-        for name, run, v in (("full", full_dir, 0), ("resumed", killed_dir, 1))
+        for name, run, v in (("full", full_run, 0), ("resumed", killed_dir, 1))
     }
     assert final["full"]["global_step"] == final["resumed"]["global_step"] == EPOCHS * STEPS_PER_EPOCH
     for key, weights in final["full"]["state_dict"].items():
         assert torch.equal(weights, final["resumed"]["state_dict"][key]), key
 
-    expected, got = logged_rows(full_dir, 0), logged_rows(killed_dir, 1)
-    assert got and {step for step, _ in got} == {step for step, _ in expected if step >= 6}
+    expected, got = logged_rows(full_run, 0), logged_rows(killed_dir, 1)
+    assert got and {step for step, _ in got} == {step for step, _ in expected if step >= saved_step}
     for key, row in got.items():
         assert row == expected[key], key

@@ -254,11 +254,8 @@ def test_missing_data_root_is_a_one_line_error(tmp_path, capsys):
 def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
     """The demo's path at toy scale, then resume from last.ckpt and predict NIfTI masks."""
     out = tmp_path / "table"
-    results = run_table(
-        REPO / "experiments/prostate/tables/single_teacher.yaml",
-        out,
-        [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", "--model.init_args.eval_batch_size=64"],
-    )
+    overrides = [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", "--model.init_args.eval_batch_size=64"]
+    results = run_table(REPO / "experiments/prostate/tables/single_teacher.yaml", out, overrides)
     assert [r.name for r in results] == ["teacher (U-Net)", "student (no KD)", "student + KD"]
     for result in results:
         assert 0.0 <= result.metrics["test/dice"] <= 1.0 and result.metrics["test/hd95"] > 0
@@ -274,8 +271,8 @@ def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
     ]
     assert (out / "site_dice.png").stat().st_size > 0
 
-    # A restarted table finds the finished runs and trains nothing again.
-    again = run_table(REPO / "experiments/prostate/tables/single_teacher.yaml", out, [])
+    # A restarted table (same settings) finds the finished runs and trains nothing again.
+    again = run_table(REPO / "experiments/prostate/tables/single_teacher.yaml", out, overrides)
     assert [r.metrics for r in again] == [r.metrics for r in results] and (out / "results-1.md").is_file()
 
     # Resume the KD run from its last checkpoint: training continues at the saved step.

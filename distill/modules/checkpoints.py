@@ -17,17 +17,28 @@ from torch import nn
 from distill.errors import DataError
 from distill.modules.families import NETWORK_FAMILIES
 
+FIT_COMPLETE = "fit_complete.json"  # written next to its checkpoints when a fit ends normally (FitCompletion)
+
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the newest ``best*.ckpt`` (else ``last*.ckpt``) under a run directory."""
+    """A checkpoint file, or under a run directory the newest ``best*.ckpt`` (else ``last*.ckpt``) of a
+    finished fit: one with :data:`FIT_COMPLETE` next to it (a run stopped before its end does not count)."""
     path = Path(path)
     if path.is_file():
         return path
     if path.is_dir():
+        unfinished = False
         for pattern in ("best*.ckpt", "last*.ckpt"):
             found = sorted(path.rglob(pattern), key=lambda p: p.stat().st_mtime)
-            if found:
-                return found[-1]
+            finished = [p for p in found if (p.parent / FIT_COMPLETE).is_file()]
+            if finished:
+                return finished[-1]
+            unfinished = unfinished or bool(found)
+        if unfinished:
+            raise DataError(
+                f"{path}: no finished run here (checkpoints, but no {FIT_COMPLETE} next to them: the training was "
+                "stopped before its end); finish it or point to a checkpoint file"
+            )
         raise DataError(f"{path}: no best*.ckpt or last*.ckpt under this run directory (train the teacher first)")
     raise DataError(f"{path}: checkpoint not found (train the teacher first, or fix the path)")
 

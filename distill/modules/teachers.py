@@ -309,10 +309,12 @@ def read_teacher_manifest(path: str | Path) -> list[ManifestEntry]:
     path = Path(path)
     raw = read_yaml(path, "teacher manifest", missing_hint=" (train the teachers with `distill teachers` first)")
     entries = raw.get("teachers")
-    if not entries:
+    if not entries or not isinstance(entries, list):
         raise DataError(f"{path}: a teacher manifest needs a non-empty 'teachers' list")
     result = []
     for entry in entries:
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: teacher entry {entry!r} must be a mapping with name, checkpoint and sha256")
         missing = {"name", "checkpoint", "sha256"} - set(entry)
         if missing:
             raise DataError(f"{path}: teacher entry {entry.get('name', entry)} lacks {', '.join(sorted(missing))}")
