@@ -31,6 +31,7 @@ from distill.errors import DataError
 from distill.formats.nifti import read_nifti, write_mask_like
 
 METADATA_KEY = "distill.preprocessing"  # ONNX metadata key of the settings below, JSON
+MAX_IMAGE_SIZE = 4096  # in-plane network size; larger metadata is refused before anything is allocated
 
 
 def resize_weights(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
@@ -130,12 +131,46 @@ class OnnxSegmenter:
         metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in metadata:
             raise DataError(f"{model_path}: no {METADATA_KEY} metadata; export the model with `distill export`")
-        self.preprocessing = json.loads(metadata[METADATA_KEY])
-        if "num_slices" not in self.preprocessing:
-            task = self.preprocessing.get("task", "non-segmentation")
+        try:
+            self.preprocessing = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError as err:
+            raise DataError(f"{model_path}: {METADATA_KEY} metadata is not JSON ({err.msg})") from None
+        if not isinstance(self.preprocessing, dict) or "num_slices" not in self.preprocessing:
+            task = self.preprocessing.get("task", "non-segmentation") if isinstance(self.preprocessing, dict) else "?"
             raise DataError(f"{model_path}: a {task} model, not a segmentation student")
+        self.model_path = model_path
+        self.check_preprocessing()
         self.input_name = self.session.get_inputs()[0].name
         self.batch_size = batch_size
+
+    def check_preprocessing(self) -> None:
+        """Refuse metadata out of range or disagreeing with the graph's declared input and output shapes
+        (``(batch, num_slices, size, size)`` in, ``(batch, num_classes, size, size)`` out; symbolic axes pass)."""
+        settings, where = self.preprocessing, f"{self.model_path}: {METADATA_KEY}"
+        for key, low, high in (("image_size", 8, MAX_IMAGE_SIZE), ("num_slices", 1, 63), ("num_classes", 2, 1000)):
+            value = settings.get(key, 2 if key == "num_classes" else None)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise DataError(f"{where}: {key} = {value!r}, expected an integer in [{low}, {high}]")
+        if settings["num_slices"] % 2 == 0:
+            raise DataError(f"{where}: num_slices = {settings['num_slices']} must be odd (slice s and k on each side)")
+        if settings.get("normalization") not in ("zscore", "percentile"):
+            raise DataError(
+                f"{where}: normalization = {settings.get('normalization')!r}, expected zscore or percentile"
+            )
+        size, classes = settings["image_size"], settings.get("num_classes", 2)
+        for role, declared, expected in (
+            ("input", self.session.get_inputs()[0].shape, (settings["num_slices"], size, size)),
+            ("output", self.session.get_outputs()[0].shape, (classes, size, size)),
+        ):
+            self.check_shape(role, tuple(declared)[1:], expected)
+
+    def check_shape(self, role: str, shape: tuple, expected: tuple) -> None:
+        """DataError if a fixed axis of ``shape`` (``(C, H, W)`` past the batch axis) differs from ``expected``."""
+        if len(shape) != len(expected) or any(isinstance(a, int) and a != b for a, b in zip(shape, expected)):
+            raise DataError(
+                f"{self.model_path}: the model's {role} is {'x'.join(map(str, shape))} per slice but its metadata "
+                f"says {'x'.join(map(str, expected))} (channels x size x size); re-export it with `distill export`"
+            )
 
     def network_input(self, image: np.ndarray) -> np.ndarray:
         """(S, H0, W0) raw volume -> (S, num_slices, size, size) float32 network input."""
@@ -152,6 +187,8 @@ class OnnxSegmenter:
         chunks = []
         for start in range(0, stacks.shape[0], self.batch_size):
             logits = self.session.run(None, {self.input_name: stacks[start : start + self.batch_size]})[0]
+            size = self.preprocessing["image_size"]
+            self.check_shape("output", logits.shape[1:], (self.preprocessing.get("num_classes", 2), size, size))
             chunks.append(resize_planes(logits, image.shape[-2:], antialias=False))
         return np.concatenate(chunks)
 

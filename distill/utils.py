@@ -3,9 +3,11 @@ the one YAML reader, a JSON reader."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +50,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """Write ``path`` all at once: yields a temporary path in the same folder (same suffixes, hidden
     name) to write to; on success it is flushed to disk and renamed over ``path``, on error removed.
 
-    A kill or a full disk therefore leaves either the old file or the new one, never a truncated one.
+    A kill or a full disk therefore leaves either the old file or the new one, never a truncated one;
+    a full disk is a one-line DataError naming ``path`` (:func:`is_disk_full`), after the temporary
+    file is removed.
     """
     path = Path(path)
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
@@ -57,8 +61,38 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         with open(temporary, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)
+    except Exception as err:
+        if not isinstance(err, DataError) and is_disk_full(err, path.parent):
+            raise DataError(
+                f"{path}: disk full while writing it; the partial file was removed and any earlier {path.name} kept "
+                "(free space, then rerun)"
+            ) from None
+        raise
     finally:
         temporary.unlink(missing_ok=True)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_MESSAGES = ("No space left on device", "os error 28", "Disk quota exceeded")
+
+
+def is_disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether a failed write to ``folder`` ran out of space: an ENOSPC/EDQUOT ``OSError`` anywhere in the
+    chain, a writer's message saying so (safetensors: ``os error 28``), or a writer that hides the cause
+    (``torch.save``: ``unexpected pos``) while the disk has under 1 MiB left (measured before the partial
+    file is removed)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(message in str(err) for message in DISK_FULL_MESSAGES):
+            return True
+        err = err.__cause__ or err.__context__
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 @contextmanager

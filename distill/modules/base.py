@@ -17,7 +17,9 @@ A method subclasses :class:`DistillModuleBase` and fills in its hooks::
         def loss_terms(self, batch, outputs): ...  # {"ce": scalar, "kd": scalar}
         def evaluation_outputs(self, batch): ...   # (logits, labels): the metric's update arguments
 
-and inherits ``training_step`` (weighted sum + logging of every term as ``train/<name>``),
+and inherits ``training_step`` (weighted sum + logging of every term as ``train/<name>``; a
+NaN/inf loss stops the run, naming the terms and outputs, and no checkpoint is written with
+non-finite weights: :mod:`distill.modules.finite`),
 ``validation_step`` / ``test_step`` (the metric's results logged as ``val/<name>`` and
 ``test/<name>`` alike) and ``save_hyperparameters`` over every constructor argument but the
 optimiser.
@@ -35,6 +37,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from distill.losses import check_loss_weights, weighted_sum
+from distill.modules.finite import check_training_loss, raise_if_non_finite
 from distill.types import NonNegativeFloat, NonNegativeInt
 
 
@@ -126,6 +129,7 @@ class DistillModuleBase(L.LightningModule):
         outputs = self.training_outputs(batch)
         terms = self.loss_terms(batch, outputs)
         loss = weighted_sum(terms, self.loss_weights, owner=type(self).__name__)
+        check_training_loss(loss, terms, outputs, self.current_epoch, self.global_step)
         batch_size = self.batch_size(batch)
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=batch_size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
@@ -166,6 +170,12 @@ class DistillModuleBase(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        raise_if_non_finite(
+            checkpoint["state_dict"],
+            f"training stopped at epoch {self.current_epoch}, step {self.global_step}",
+            "weights or buffers",
+            "the model diverged; this checkpoint is not written: lower the learning rate",
+        )
         if self.network_family is not None:
             checkpoint["network_family"] = self.network_family
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from distill.errors import DataError
 from distill.modules.families import NETWORK_FAMILIES
+from distill.modules.finite import raise_if_non_finite
 
 FIT_COMPLETE = "fit_complete.json"  # written next to its checkpoints when a fit ends normally (FitCompletion)
 
@@ -83,7 +84,8 @@ def checkpoint_family(payload: Mapping, path: Path, family: str | None) -> str:
 
 
 def load_network(path: str | Path, family: str | None = None, overrides: Mapping | None = None) -> nn.Module:
-    """Rebuild the trained network stored in a checkpoint and load its weights (frozen, eval mode).
+    """Rebuild the trained network stored in a checkpoint and load its weights (frozen, eval mode);
+    weights or buffers with NaN/inf are refused, naming the file and the tensors.
 
     Args:
         path: a Lightning ``.ckpt``, a state dict (``.pt``/``.pth``) or ``.safetensors`` file, or a
@@ -104,6 +106,7 @@ def load_network(path: str | Path, family: str | None = None, overrides: Mapping
     state = payload["state_dict"]
     if any(k.startswith(spec.prefix) for k in state):
         state = {k[len(spec.prefix) :]: v for k, v in state.items() if k.startswith(spec.prefix)}
+    raise_if_non_finite(state, str(path), "weights", "a diverged or damaged training; retrain it")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -1,7 +1,7 @@
 """Teacher-output cache: the teachers' logits computed once per training slice, reused every epoch.
 
 The cache is one ``.safetensors`` file: ``logits`` (N, K, C, H, W) float16 for the N training
-samples in the DataModule's order, and a fingerprint of the data (cases, slices, size,
+samples in the DataModule's order (NaN/inf refused when written and when read), and a fingerprint of the data (cases, slices, size,
 normalisation) and of the teachers (content hashes). A cache built from other data, another
 size or other teachers is refused, naming the file.
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import DataError
+from distill.modules.finite import raise_if_non_finite
 from distill.utils import atomic_write
 
 CACHE_PROTOCOL = ("teacher_cache_fingerprint", "teacher_cache_inputs", "attach_teacher_outputs")
@@ -34,7 +35,11 @@ def compute_teacher_logits(teachers, batches) -> torch.Tensor:
     """Run the (loaded) teachers over un-augmented input batches -> (N, K, C, H, W) float16."""
     device = next(teachers.parameters()).device
     chunks = [torch.stack(teachers(batch.to(device))[0], dim=1).half().cpu() for batch in batches]
-    return torch.cat(chunks)
+    logits = torch.cat(chunks)
+    raise_if_non_finite(
+        {"logits": logits}, "teacher cache", "teacher outputs", "a teacher's logits overflow float16 or are NaN"
+    )
+    return logits
 
 
 def write_teacher_cache(path: Path, logits: torch.Tensor, fingerprint: dict) -> None:
@@ -66,6 +71,7 @@ def read_teacher_cache(path: Path, fingerprint: dict) -> torch.Tensor:
             f"{path}: teacher cache was built for other {', '.join(differing)}; "
             "delete it or point teacher_cache to a new file"
         )
+    raise_if_non_finite({"logits": logits}, str(path), "cached teacher logits", "a damaged cache; delete it to rebuild")
     return logits
 
 
