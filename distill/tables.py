@@ -12,10 +12,10 @@ data, then tested), overrides applied to every run, the columns, and which runs 
     columns:                          # default: Dice (per site and mean) and HD95
       - {metric: test/dice, label: Dice, groups: true}   # groups: one column per test/dice/<group>
       - {metric: test/hd95, label: HD95 mm, format: .2f}
-    runs:
-      - {name: teacher, config: experiments/prostate/teacher.yaml}
-      - {name: teachers by site, teachers: experiments/prostate/teachers/by_site.yaml}
-      - {name: student + KD, config: experiments/prostate/student_kd.yaml, teacher: teacher}
+    runs:                             # config / teachers files: relative to this spec's folder
+      - {name: teacher, config: ../teacher.yaml}
+      - {name: teachers by site, teachers: ../teachers/by_site.yaml}
+      - {name: student + KD, config: ../student_kd.yaml, teacher: teacher}
       - {name: student + 1 limit-trained, config: ..., teacher: teachers by site, teacher_index: 0}
       - {name: student + all limit-trained, config: ..., teachers: teachers by site}  # manifest
     compare:
@@ -32,6 +32,25 @@ Chained runs (pre-training -> fine-tuning -> features -> temporal model)::
       - {name: pretrain, config: .../moco.yaml, show: false}
       - {name: finetune, config: .../finetune.yaml, init_from: pretrain, predict: true, show: false}
       - {name: MoCo v2, config: .../tcn.yaml, features_from: finetune}
+
+A run's ``config`` (and a ``teachers:`` YAML) is relative to the folder of the spec that names it
+(an absolute path stays as it is), so specs work wherever the package is installed; ``extends``
+is relative to that folder too.
+
+A grid entry expands into runs: every combination of its axes (the first axis outermost), each
+giving its ``runs`` templates in order, with ``{field}`` in their strings replaced by the fields of
+that combination (a value that is exactly ``"{field}"`` takes the field's value as it is; a null
+drops the key). An axis value is a mapping of fields, or a plain value: then the field is the
+axis's own name::
+
+      - grid:
+          budget: [{budget: 100%, videos: 1.0}, {budget: 25%, videos: 0.25}]
+          init: [{init: MoCo v2, pretraining: "pre-training: MoCo v2"}, {init: scratch, pretraining: null}]
+        runs:
+          - {name: "{init} {budget} finetune", config: ../finetune.yaml, init_from: "{pretraining}",
+             predict: true, show: false, overrides: ["--data.init_args.train_videos={videos}"]}
+          - {name: "{init} {budget}", config: ../tcn.yaml, features_from: "{init} {budget} finetune",
+             overrides: ["--data.init_args.train_videos={videos}"]}
 
 ``init_from: <run>`` passes that run's best checkpoint as ``pretrained_checkpoint``;
 ``predict: true`` also runs ``predict`` with the best checkpoint after testing (the config's
@@ -57,6 +76,9 @@ never overwritten.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,6 +128,8 @@ def load_table_spec(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> Ta
     (also an ``extends`` chain that comes back to a spec, and two runs with one name or folder)."""
     path = Path(path)
     raw = read_yaml(path, "table spec")
+    if "runs" in raw:  # grids expanded, files named relative to this spec's folder
+        raw["runs"] = [resolve_run_paths(run, path.parent) for run in expand_grids(path, raw["runs"])]
     if "extends" in raw:
         base_path = path.parent / str(raw.pop("extends"))
         chain = (*_extended_by, path.resolve())
@@ -117,8 +141,6 @@ def load_table_spec(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> Ta
     unknown = set(raw) - SPEC_KEYS
     if unknown:
         raise DataError(f"{path}: unknown key(s) {sorted(unknown)} (known: extends, {', '.join(sorted(SPEC_KEYS))})")
-    if not isinstance(raw.get("runs", []), list):
-        raise DataError(f"{path}: 'runs' must be a list of runs, got {raw['runs']!r}")
     names: dict[str, dict] = {}
     folders: dict[str, str] = {}
     for run in raw.get("runs", []):
@@ -165,6 +187,61 @@ def load_table_spec(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> Ta
         seeds=seeds,
         notes=list(raw.get("notes") or []),
     )
+
+
+def expand_grids(path: Path, runs) -> list:
+    """``runs`` with every grid entry replaced by its runs (the module docstring); DataError naming ``path`` otherwise."""
+    if not isinstance(runs, list):
+        raise DataError(f"{path}: 'runs' must be a list of runs, got {runs!r}")
+    expanded = []
+    for entry in runs:
+        if not (isinstance(entry, dict) and "grid" in entry):
+            expanded.append(entry)
+            continue
+        axes, templates = entry["grid"], entry.get("runs")
+        if set(entry) != {"grid", "runs"} or not isinstance(axes, dict) or not axes or not isinstance(templates, list):
+            raise DataError(
+                f"{path}: a grid entry is {{grid: {{axis: [values, ...], ...}}, runs: [run, ...]}}, got {entry}"
+            )
+        for axis, values in axes.items():
+            if not isinstance(values, list) or not values:
+                raise DataError(f"{path}: grid axis {axis!r} must be a non-empty list of values, got {values!r}")
+        for combination in itertools.product(*axes.values()):
+            fields: dict = {}
+            for axis, value in zip(axes, combination):
+                fields.update(value if isinstance(value, dict) else {axis: value})
+            expanded += [_fill(path, template, fields) for template in templates]
+    return expanded
+
+
+def _fill(path: Path, template, fields: dict):
+    """``template`` (a run, or a value in it) with its ``{field}`` placeholders replaced; a key whose
+    value is exactly a placeholder of a null field is dropped."""
+    if isinstance(template, dict):
+        filled = {key: _fill(path, value, fields) for key, value in template.items()}
+        return {key: value for key, value in filled.items() if value is not None or template[key] is None}
+    if isinstance(template, list):
+        return [_fill(path, value, fields) for value in template]
+    if not isinstance(template, str):
+        return template
+    whole = re.fullmatch(r"\{(\w+)\}", template)
+    if whole and whole.group(1) in fields:
+        return fields[whole.group(1)]
+
+    def field(match: re.Match) -> str:
+        if match.group(1) not in fields:
+            raise DataError(f"{path}: grid run {template!r} names {match.group(0)}, which is not a field of its grid")
+        return str(fields[match.group(1)])
+
+    return re.sub(r"\{(\w+)\}", field, template)
+
+
+def resolve_run_paths(run, folder: Path):
+    """``run`` with its ``config`` (and a ``teachers:`` YAML of a run without config) relative to ``folder``."""
+    if not isinstance(run, dict):
+        return run
+    keys = ["config"] if "config" in run else ["teachers"]
+    return {**run, **{key: os.path.normpath(folder / str(run[key])) for key in keys if isinstance(run.get(key), str)}}
 
 
 def run_overrides(run: dict, seed: int, done: dict[str, dict[int, RunResult | list[RunResult]]]) -> list[str]:
