@@ -84,10 +84,10 @@ from pathlib import Path
 
 from distill import report
 from distill.errors import DataError
-from distill.limit_trained import train_limit_trained_teachers
+from distill.limit_trained import load_teachers_spec, train_limit_trained_teachers
 from distill.progress import QUIET_TRAINER_OVERRIDES, TableProgress, quiet_lightning
 from distill.runs import RunResult, run_experiment, slug
-from distill.utils import folder_lock, read_yaml, unique_path, write_text_atomic
+from distill.utils import folder_lock, read_extending_yaml, read_yaml, unique_path, write_text_atomic
 
 RUN_KEYS = {
     "name",
@@ -275,6 +275,51 @@ def upstream_metrics(run: dict, seed: int, done: dict[str, dict[int, RunResult |
     return metrics
 
 
+# Teachers of a ``by_site`` spec without a site list: one per site of the data, planned as the 6 sites
+# of the prostate release (the progress display's estimate only).
+PLANNED_SITES = 6
+
+
+def progress_plan(spec: TableSpec, num_seeds: int, extra_overrides: list[str]) -> list[tuple[int, str]]:
+    """(epochs, config file) of every run the table will start, in order, for :class:`TableProgress`:
+    a ``train_once`` run's reuse trains nothing; a teachers run trains each of its teachers."""
+    plan = []
+    for seed in range(num_seeds):
+        for run in spec.runs:
+            if run.get("train_once") and seed > 0:
+                plan.append((0, ""))
+            elif "config" in run:
+                overrides = [*spec.overrides, *run.get("overrides", []), *extra_overrides]
+                plan.append((planned_epochs(run["config"], overrides), run["config"]))
+            else:
+                teachers = load_teachers_spec(run["teachers"])
+                overrides = [
+                    *spec.overrides,
+                    *run.get("overrides", []),
+                    *teachers.get("overrides", []),
+                    *extra_overrides,
+                ]
+                count = len(teachers.get("sites") or teachers.get("case_lists") or []) or teachers.get("num_teachers")
+                epochs = planned_epochs(teachers["config"], overrides)
+                plan.append((epochs * int(count or PLANNED_SITES), teachers["config"]))
+    return plan
+
+
+def planned_epochs(config: str, overrides: list[str]) -> int:
+    """The epochs a run of ``config`` trains: the last ``--trainer.max_epochs`` of ``overrides``, else
+    the config's (Lightning's default, 1000, when it sets none)."""
+    epochs = ((read_extending_yaml(config, "experiment config").get("trainer") or {}).get("max_epochs")) or 1000
+    for i, arg in enumerate(overrides):
+        if arg.startswith("--trainer.max_epochs="):
+            epochs = arg.split("=", 1)[1]
+        elif arg == "--trainer.max_epochs" and i + 1 < len(overrides):
+            epochs = overrides[i + 1]
+    try:
+        return max(int(epochs), 0)
+    except ValueError:  # not a number: the run itself refuses it in one line
+        return 0
+
+
 def run_table(
     spec_path: str | Path,
     out_dir: str | Path,
@@ -299,7 +344,7 @@ def _run_table(
     """The body of :func:`run_table` once ``out_dir`` is locked."""
     done: dict[str, dict[int, RunResult | list[RunResult]]] = {}
     results: list[RunResult] = []
-    progress = TableProgress(num_seeds * len(spec.runs), enabled=not verbose)
+    progress = TableProgress(progress_plan(spec, num_seeds, list(extra_overrides or [])), enabled=not verbose)
     # closed also when a run fails, so that its one-line error starts on a line of its own
     with contextlib.closing(progress), contextlib.nullcontext() if verbose else quiet_lightning():
         for seed in range(num_seeds):
@@ -330,7 +375,7 @@ def _run_table(
                     )
                     done.setdefault(run["name"], {})[seed] = teachers
                     results += teachers
-                    progress.finish_run()
+                    progress.finish_run(teachers)
                     continue
                 overrides += run_overrides(run, seed, done)
                 result = run_experiment(
@@ -347,7 +392,7 @@ def _run_table(
                 done.setdefault(run["name"], {})[seed] = result
                 if run.get("show", True):
                     results.append(result)
-                progress.finish_run()
+                progress.finish_run(result)
     table = report.format_table(spec.title, spec.columns, spec.compare, results, report.fill_notes(spec.notes, results))
     print("\n" + table)
     out_dir.mkdir(parents=True, exist_ok=True)
