@@ -11,6 +11,24 @@ from data_modules.synth_prostate import write_synthetic_prostate
 
 os.environ["WANDB_MODE"] = "disabled"  # no test talks to W&B; a test wanting offline runs sets it itself
 
+# The tiny scale of every prostate experiment a test trains (`from conftest import TINY`): 32 px,
+# width-4 networks, one epoch of two batches, no loader processes; a test adds what it needs after.
+TINY = [
+    "--data.init_args.image_size=32",
+    "--data.init_args.num_workers=0",
+    "--data.init_args.batch_size=8",
+    "--data.init_args.load_threads=1",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--model.init_args.network_kwargs.width=4",
+]
+# Lightning's progress bar and model summary off, a log line at every step (metrics.csv has every step)
+QUIET = [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.log_every_n_steps=1",
+]
+
 
 @pytest.fixture(scope="session")
 def synthetic_prostate_root(tmp_path_factory) -> Path:

@@ -9,17 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--data.init_args.image_size=32",
-    "--data.init_args.num_workers=0",
-    "--data.init_args.batch_size=8",
-    "--data.init_args.load_threads=1",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--model.init_args.network_kwargs.width=4",
-]
 CHATTER = ("LOCAL_RANK", "GPU available", "UserWarning", "`Trainer.fit` stopped", "Tip:", "Trainable params")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from data_modules.surgical_layout import extract_dataset_frames, split_videos
 from data_modules.synth_surgical import write_synthetic_surgical
 from distill.formats.phases import read_phase_file
 from distill.runs import slug
-from distill.tables import run_table
+from distill.tables import load_table_spec, run_table
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_OVERRIDES = [
@@ -51,13 +52,12 @@ def one_thread():
 
 def toy_spec(tmp_path: Path) -> Path:
     """The demo spec reduced to its pre-training runs and the 25 % rows, with toy-scale overrides per run."""
-    spec = yaml.safe_load((REPO / "experiments/surgical/tables/demo.yaml").read_text())
+    spec = asdict(load_table_spec(REPO / "experiments/surgical/tables/demo.yaml"))  # grid expanded, paths absolute
     runs = [run for run in spec["runs"] if run["name"].startswith("pre-training") or "25%" in run["name"]]
     for run in runs:
         config = Path(run["config"]).name
         extra = ["--trainer.max_epochs=2"] if config == "tcn.yaml" else IMAGE_OVERRIDES
         moco = MOCO_OVERRIDES if config.startswith("moco") else []
-        run["config"] = str(REPO / run["config"])
         run["overrides"] = [*run.get("overrides", []), *extra, *moco, *COMMON_OVERRIDES]
     spec.update(runs=runs, seeds=1, compare=[c for c in spec["compare"] if "25%" in c["baseline"]])
     path = tmp_path / "toy.yaml"
