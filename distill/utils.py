@@ -131,7 +131,7 @@ def read_extending_yaml(path: str | Path, what: str, _chain: tuple[Path, ...] = 
     data = read_yaml(path, what)
     if "extends" not in data:
         return data
-    base_path = path.parent / str(data.pop("extends"))
+    base_path = Path(os.path.normpath(path.parent / str(data.pop("extends"))))
     chain = (*_chain, path.resolve())
     if base_path.resolve() in chain:
         raise DataError(f"{path}: 'extends' makes a cycle ({' -> '.join(p.name for p in (*chain, base_path))})")
