@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,11 @@ class DistillCLI(LightningCLI):
         """Parse, then refuse before any work: bad YAML, a bad ``--ckpt_path`` (missing, not a
         checkpoint, refused pickle, truncated, another architecture than the config's), evaluation
         without a checkpoint, an output folder that cannot be written."""
-        super().parse_arguments(parser, expand_config_files(list(sys.argv[1:] if args is None else args)))
+        expanded = expand_config_files(list(sys.argv[1:] if args is None else args))
+        with warnings.catch_warnings():
+            if args is None:  # the command line itself, its --config files expanded: not a second command line
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, expanded)
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return

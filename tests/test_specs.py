@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.cli import main
 from distill.errors import DataError
 from distill.lightning_cli import DistillCLI
 from distill.limit_trained import load_teachers_spec
@@ -113,3 +114,17 @@ def test_progress_plan_reads_epochs_from_configs_and_overrides():
     teacher, teachers, student = (epochs for epochs, _ in plan[:3])
     assert (teacher, teachers, student) == (8, 6 * 12, 6)  # run overrides, the teachers spec's, the table's
     assert plan[len(spec.runs)] == (0, "") and plan[len(spec.runs) + 1] == (0, "")  # train_once: reused at seed 1
+
+
+def test_a_bad_extends_through_the_cli_is_one_line(tmp_path):
+    (tmp_path / "missing.yaml").write_text("extends: nothere.yaml\n")
+    (tmp_path / "typo.yaml").write_text(
+        f"extends: {REPO / 'experiments/prostate/teacher.yaml'}\nmodel: {{init_args: {{bogus: 1}}}}\n"
+    )
+    for name, expected in [
+        ("missing.yaml", f"error: {tmp_path / 'nothere.yaml'}: config file not found"),
+        ("typo.yaml", "error: Option 'bogus' is not accepted"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(tmp_path / name), f"--trainer.default_root_dir={tmp_path / 'run'}"])
+        assert str(exit_info.value.code).startswith(expected) and "\n" not in str(exit_info.value.code)
