@@ -174,7 +174,7 @@ class TableProgress:
         eta = self.eta_seconds()
         remaining = "?" if eta is None else self.bar.format_interval(eta)
         self.bar.set_description_str(self.name, refresh=False)
-        self.bar.set_postfix_str(f"<{remaining}, {status}", refresh=False)
+        self.bar.set_postfix_str(f"ETA {remaining}, {status}", refresh=False)
         epochs = self.plan[self.runs_done][0] if self.runs_done < len(self.plan) else 0
         current = (self.run_work_done + self.trainer_work) / (epochs * self.batches) if epochs and self.batches else 0.0
         self.bar.update(self.runs_done + min(current, 1.0) - self.bar.n)

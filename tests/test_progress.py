@@ -103,7 +103,7 @@ def test_a_bar_with_the_eta_on_a_terminal_and_nothing_when_disabled():
     progress.close()
     drawn = terminal.getvalue()
     assert "\r" in drawn and "1.0/2 runs" in drawn and "[1/2]" not in drawn  # redrawn in place, no run lines
-    assert re.search(r"<00:05, starting", drawn)  # 5 s for 4 units of work, 4 units left
+    assert re.search(r", ETA 00:05, starting\]", drawn)  # 5 s for 4 units of work, 4 units left
     quiet = io.StringIO()
     silent = TableProgress([(1, "a.yaml")], enabled=False, clock=clock, stream=quiet)
     train(silent, clock, "first", epochs=1, batches=4, seconds_per_batch=1.0)
