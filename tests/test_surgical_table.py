@@ -12,7 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from data_modules.surgical_layout import extract_dataset_frames, split_videos
@@ -41,15 +40,6 @@ COMMON_OVERRIDES = [
 ]
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_spec(tmp_path: Path) -> Path:
     """The demo spec reduced to its pre-training runs and the 25 % rows, with toy-scale overrides per run."""
     spec = asdict(load_table_spec(REPO / "experiments/surgical/tables/demo.yaml"))  # grid expanded, paths absolute
@@ -65,7 +55,7 @@ def toy_spec(tmp_path: Path) -> Path:
     return path
 
 
-def test_surgical_table_chains_pretraining_finetuning_and_tcn(tmp_path, monkeypatch, one_thread):
+def test_surgical_table_chains_pretraining_finetuning_and_tcn(tmp_path, monkeypatch):
     data = tmp_path / "data"
     write_synthetic_surgical(data / "cholec80", "cholec80", num_videos=6, seed=0, size=(48, 56), duration_s=(3.0, 4.0))
     extract_dataset_frames(
