@@ -257,9 +257,11 @@ def packaged_experiments() -> Path:
     repository's ``experiments/`` folder, linked into the package and shipped in the wheel)."""
     from importlib.resources import files
 
+    from distill.errors import DataError
+
     root = files("distill") / "experiments"
     if not isinstance(root, Path) or not root.is_dir():  # e.g. imported from a zip: specs name files by path
-        raise RuntimeError(f"distill: packaged experiments not found as a folder ({root}); reinstall the package")
+        raise DataError(f"{root}: the packaged experiments are not a folder; reinstall the package with pip")
     return root
 
 
