@@ -25,8 +25,8 @@ def run(command: list[str], cwd: Path, env: dict | None = None) -> str:
     return done.stdout + done.stderr
 
 
-def build_wheel(tmp_path: Path) -> Path:
-    """The wheel of a copy of the checkout (setuptools builds in the source folder: not in this one)."""
+def copy_sources(tmp_path: Path) -> Path:
+    """A copy of the checkout's package sources (setuptools builds in the source folder: not in this one)."""
     source = tmp_path / "source"
     source.mkdir()
     for name in SOURCES:
@@ -34,6 +34,11 @@ def build_wheel(tmp_path: Path) -> Path:
             shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(REPO / name, source / name)
+    return source
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    source = copy_sources(tmp_path)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"), "."], source)
     (wheel,) = (tmp_path / "dist").glob("distill_medimg-*.whl")
@@ -81,3 +86,15 @@ def test_wheel_runs_the_demo_from_an_empty_folder(tmp_path, synthetic_prostate_r
     for row in ("teacher (U-Net)", "student (no KD)", "student + KD"):
         assert f"| {row} |" in table
     assert sorted(p.name for p in work.iterdir()) == ["runs"]  # nothing written outside --out
+
+
+def test_the_editable_install_reads_the_experiments_of_its_checkout(tmp_path):
+    """What `make test` installs (`pip install -e`): the packaged experiments are the checkout's folder."""
+    source = copy_sources(tmp_path)
+    venv = scratch_venv(tmp_path)
+    python = str(venv / "bin" / "python")
+    pip = [python, "-m", "pip", "--disable-pip-version-check", "install", "--no-deps", "--no-index"]
+    run([*pip, "--no-build-isolation", "-e", str(source)], tmp_path)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    where = run([python, "-c", "import distill.cli as c; print(c.packaged_experiments().resolve())"], tmp_path, env)
+    assert Path(where.strip()) == (source / "experiments").resolve()
