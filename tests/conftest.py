@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from data_modules.surgical_layout import extract_dataset_frames
 from data_modules.synth_prostate import write_synthetic_prostate
+from data_modules.synth_surgical import write_synthetic_surgical
 
 os.environ["WANDB_MODE"] = "disabled"  # no test talks to W&B; a test wanting offline runs sets it itself
 # One intra-op thread per test process and its children: `make test` runs two workers on two cores,
@@ -16,6 +19,9 @@ os.environ["WANDB_MODE"] = "disabled"  # no test talks to W&B; a test wanting of
 # thread, 8.9 s with two, on a loaded 2-core machine).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+SURGICAL_VIDEO_SIZE = (64, 80)  # (H, W) of the synthetic videos of synthetic_cholec80
+NUM_CHOLEC80 = 6
 
 # The tiny scale of every prostate experiment a test trains (`from conftest import TINY`): 32 px,
 # width-4 networks, one epoch of two batches, no loader processes; a test adds what it needs after.
@@ -44,3 +50,17 @@ def synthetic_prostate_root(tmp_path_factory) -> Path:
     (53 px at I2CVB and BIDMC), 14-30 slices. Read-only: copy it before modifying.
     """
     return write_synthetic_prostate(tmp_path_factory.mktemp("prostate"), seed=0, scale=0.1, size=64)
+
+
+@pytest.fixture(scope="session")
+def synthetic_cholec80(tmp_path_factory) -> SimpleNamespace:
+    """6 synthetic Cholec80 videos of 3-4 s (``root``: videos and annotations, real layout) and their
+    frames at 5 fps (``frames``; ``extracted``: the videos extracted), written once per session, two
+    extraction processes. The surgical demo's layout: ``base`` is what ``$SURGICAL_DEMO`` names. Read-only."""
+    base = tmp_path_factory.mktemp("cholec80")
+    root, frames = base / "cholec80", base / "frames"
+    write_synthetic_surgical(
+        root, "cholec80", num_videos=NUM_CHOLEC80, seed=0, size=SURGICAL_VIDEO_SIZE, duration_s=(3.0, 4.0)
+    )
+    extracted = extract_dataset_frames(root, frames, "cholec80", fps=5, workers=2, progress=False)
+    return SimpleNamespace(base=base, root=root, frames=frames, extracted=extracted)

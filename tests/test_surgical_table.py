@@ -2,7 +2,7 @@
 distillation) -> phase fine-tuning with feature export -> TCN -> relaxed metrics, rows and ribbons.
 
 The spec is the demo spec's pre-training runs and 25 % rows, with toy overrides (32 px, a 16-key
-queue, 2 training batches, 1-2 epochs) on 6 synthetic videos of 3-4 s."""
+queue, 2 training batches, 1-2 epochs) on the session's 6 synthetic videos of 3-4 s."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_modules.surgical_layout import extract_dataset_frames, split_videos
-from data_modules.synth_surgical import write_synthetic_surgical
+from data_modules.surgical_layout import split_videos
 from distill.formats.phases import read_phase_file
 from distill.runs import slug
 from distill.tables import load_table_spec, run_table
@@ -55,12 +54,8 @@ def toy_spec(tmp_path: Path) -> Path:
     return path
 
 
-def test_surgical_table_chains_pretraining_finetuning_and_tcn(tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    write_synthetic_surgical(data / "cholec80", "cholec80", num_videos=6, seed=0, size=(48, 56), duration_s=(3.0, 4.0))
-    extract_dataset_frames(
-        data / "cholec80", data / "frames", "cholec80", fps=5, size=(40, 40), workers=1, progress=False
-    )
+def test_surgical_table_chains_pretraining_finetuning_and_tcn(synthetic_cholec80, tmp_path, monkeypatch):
+    data = synthetic_cholec80.base
     monkeypatch.setenv("SURGICAL_DEMO", str(data))
     out = tmp_path / "table"
 
