@@ -18,10 +18,10 @@ from distill.termination import handle_sigterm
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRAINING_COMMANDS = (*LIGHTNING_SUBCOMMANDS, "table", "teachers", "demo")  # may log to W&B: offline without a key
 DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate options of the demo
-DEMO_TABLES = {
-    "prostate": "experiments/prostate/tables/demo.yaml",
-    "prostate-multi": "experiments/prostate/tables/demo_multi_teacher.yaml",
-    "surgical": "experiments/surgical/tables/demo.yaml",
+DEMO_TABLES = {  # in the packaged experiments (:func:`packaged_experiments`)
+    "prostate": "prostate/tables/demo.yaml",
+    "prostate-multi": "prostate/tables/demo_multi_teacher.yaml",
+    "surgical": "surgical/tables/demo.yaml",
 }
 # write_synthetic_surgical and extract_dataset_frames options of the surgical demo (5 fps holds the 1 fps frames too)
 DEMO_SURGICAL_DATA = {"num_videos": 10, "size": (96, 120), "duration_s": (20.0, 40.0)}
@@ -252,7 +252,17 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     sweep.set_defaults(func=run)
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+def packaged_experiments() -> Path:
+    """The experiment YAMLs and table specs installed with the package (``distill/experiments``: the
+    repository's ``experiments/`` folder, linked into the package and shipped in the wheel)."""
+    from importlib.resources import files
+
+    from distill.errors import DataError
+
+    root = files("distill") / "experiments"
+    if not isinstance(root, Path) or not root.is_dir():  # e.g. imported from a zip: specs name files by path
+        raise DataError(f"{root}: the packaged experiments are not a folder; reinstall the package with pip")
+    return root
 
 
 def add_table_commands(commands: argparse._SubParsersAction) -> None:
@@ -311,13 +321,18 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
         "--seeds", type=positive_int, default=None, help="training seeds per row (default: the spec's, 3)"
     )
     demo.add_argument("--verbose", action="store_true", help="Lightning's logs and warnings of every run")
+    demo.epilog = (
+        "Any further --key=value arguments are LightningCLI overrides for every run, e.g. --trainer.max_epochs=2"
+    )
 
     def run_demo(args: argparse.Namespace) -> None:
         from data_modules.synth_prostate import write_synthetic_prostate
         from distill.tables import run_table
 
         if args.task == "surgical":
-            run_surgical_demo(Path(args.out or "runs/surgical_demo"), args.seed, args.seeds, args.verbose)
+            run_surgical_demo(
+                Path(args.out or "runs/surgical_demo"), args.seed, args.seeds, args.verbose, args.lightning_overrides
+            )
             return
         out = Path(args.out or ("runs/demo" if args.task == "prostate" else f"runs/demo_{args.task.replace('-', '_')}"))
         data_root = out / "data" / "prostate"
@@ -327,9 +342,9 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
             lambda folder: write_synthetic_prostate(folder, **DEMO_PROSTATE_DATA, seed=args.seed),
         )
         run_table(
-            REPO_ROOT / DEMO_TABLES[args.task],
+            packaged_experiments() / DEMO_TABLES[args.task],
             out,
-            [f"--data.init_args.data_root={data_root}"],
+            [f"--data.init_args.data_root={data_root}", *args.lightning_overrides],
             seeds=args.seeds,
             verbose=args.verbose,
         )
@@ -351,9 +366,12 @@ def write_demo_data_once(folder: Path, what: str, write) -> None:
     partial.rename(folder)
 
 
-def run_surgical_demo(out: Path, data_seed: int, seeds: int | None, verbose: bool = False) -> None:
+def run_surgical_demo(
+    out: Path, data_seed: int, seeds: int | None, verbose: bool = False, overrides: list[str] | None = None
+) -> None:
     """Synthetic Cholec80 videos and their frames under ``out/data`` (kept between runs), then the
-    surgical demo table in ``out`` (its YAMLs read the data from ``$SURGICAL_DEMO``).
+    surgical demo table in ``out`` (its YAMLs read the data from ``$SURGICAL_DEMO``), with ``overrides``
+    for every run.
 
     Training uses one intra-op thread: the loader workers take the other core of a 2-core
     machine, and on a shared machine two spinning OpenMP threads are several times slower."""
@@ -376,7 +394,7 @@ def run_surgical_demo(out: Path, data_seed: int, seeds: int | None, verbose: boo
     )  # skips finished videos
     os.environ["SURGICAL_DEMO"] = str(data)
     torch.set_num_threads(1)
-    run_table(REPO_ROOT / DEMO_TABLES["surgical"], out, seeds=seeds, verbose=verbose)
+    run_table(packaged_experiments() / DEMO_TABLES["surgical"], out, overrides, seeds=seeds, verbose=verbose)
 
 
 def add_profile_command(commands: argparse._SubParsersAction) -> None:
@@ -458,7 +476,7 @@ def run_command(argv: list[str]) -> None:
         return
     parser = build_tool_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in ("table", "teachers", "sweep"):
+    if unknown and args.command not in ("table", "teachers", "sweep", "demo"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.lightning_overrides = unknown
     args.func(args)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -23,7 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from distill.callbacks import FitCompletion, RandomStateCheckpoint, sigterm_note
 from distill.errors import DataError
 from distill.termination import stop_on_sigterm
-from distill.utils import atomic_write, read_yaml, unique_path
+from distill.utils import atomic_write, read_extending_yaml, read_yaml, unique_path
 from distill.wandb_logging import WandbResultPlots
 
 # Model options that define the network's shape: a checkpoint must agree with the config on them.
@@ -44,16 +46,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, temporary)
 
 
-def check_yaml_files(args: list[str]) -> None:
-    """Refuse a ``--config`` file that is missing, not valid YAML or not a mapping, in one line naming the file (and line)."""
+def expand_config_files(args: list[str]) -> list[str]:
+    """``args`` with each ``--config`` file that ``extends`` another replaced by its resolved YAML text
+    (:func:`distill.utils.read_extending_yaml`: the base file, deep-updated by this one's keys).
+    A ``--config`` file that is missing, not valid YAML or not a mapping is refused in one line naming
+    the file (and line)."""
+    expanded = list(args)
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args):
-            path = Path(args[i + 1])
+            where, path = i + 1, Path(args[i + 1])
         elif arg.startswith("--config="):
-            path = Path(arg.split("=", 1)[1])
+            where, path = i, Path(arg.split("=", 1)[1])
         else:
             continue
-        read_yaml(path, "config file")
+        if "extends" in read_yaml(path, "config file"):
+            text = yaml.safe_dump(read_extending_yaml(path, "config file"), sort_keys=False)
+            expanded[where] = text if where == i + 1 else f"--config={text}"
+    return expanded
 
 
 def load_checkpoint_for_cli(path: str | Path) -> dict[str, Any]:
@@ -232,8 +241,11 @@ class DistillCLI(LightningCLI):
         """Parse, then refuse before any work: bad YAML, a bad ``--ckpt_path`` (missing, not a
         checkpoint, refused pickle, truncated, another architecture than the config's), evaluation
         without a checkpoint, an output folder that cannot be written."""
-        check_yaml_files(list(sys.argv[1:] if args is None else args))
-        super().parse_arguments(parser, args)
+        expanded = expand_config_files(list(sys.argv[1:] if args is None else args))
+        with warnings.catch_warnings():
+            if args is None:  # the command line itself, its --config files expanded: not a second command line
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, expanded)
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return

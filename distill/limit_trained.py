@@ -5,7 +5,7 @@ teacher and writes ``<out>/manifest.yaml`` (checkpoint, content hash, training s
 validation score of each), which a multi-teacher student points at
 (``model.init_args.teachers``). Spec::
 
-    config: experiments/prostate/teacher.yaml   # the teacher experiment
+    config: ../teacher.yaml   # the teacher experiment, relative to this spec's folder (or absolute)
     partition: by_site        # by_site (one teacher per site) | random (K disjoint parts) | case_lists
     sites: [RUNMC, BMC]       # by_site: which sites (default: every site with training cases)
     num_teachers: 3           # random
@@ -19,6 +19,7 @@ the training seed; each teacher's validation score is on the full validation spl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ def load_teachers_spec(path: str | Path) -> dict:
         raise DataError(f"{path}: partition must be one of {', '.join(PARTITIONS)}, got {spec.get('partition')!r}")
     if "config" not in spec:
         raise DataError(f"{path}: needs 'config' (the teacher experiment YAML)")
+    spec["config"] = os.path.normpath(path.parent / str(spec["config"]))
     if spec["partition"] == "random" and int(spec.get("num_teachers", 0)) < 2:
         raise DataError(f"{path}: partition random needs num_teachers >= 2")
     if spec["partition"] == "case_lists" and not spec.get("case_lists"):

@@ -12,10 +12,10 @@ data, then tested), overrides applied to every run, the columns, and which runs 
     columns:                          # default: Dice (per site and mean) and HD95
       - {metric: test/dice, label: Dice, groups: true}   # groups: one column per test/dice/<group>
       - {metric: test/hd95, label: HD95 mm, format: .2f}
-    runs:
-      - {name: teacher, config: experiments/prostate/teacher.yaml}
-      - {name: teachers by site, teachers: experiments/prostate/teachers/by_site.yaml}
-      - {name: student + KD, config: experiments/prostate/student_kd.yaml, teacher: teacher}
+    runs:                             # config / teachers files: relative to this spec's folder
+      - {name: teacher, config: ../teacher.yaml}
+      - {name: teachers by site, teachers: ../teachers/by_site.yaml}
+      - {name: student + KD, config: ../student_kd.yaml, teacher: teacher}
       - {name: student + 1 limit-trained, config: ..., teacher: teachers by site, teacher_index: 0}
       - {name: student + all limit-trained, config: ..., teachers: teachers by site}  # manifest
     compare:
@@ -32,6 +32,25 @@ Chained runs (pre-training -> fine-tuning -> features -> temporal model)::
       - {name: pretrain, config: .../moco.yaml, show: false}
       - {name: finetune, config: .../finetune.yaml, init_from: pretrain, predict: true, show: false}
       - {name: MoCo v2, config: .../tcn.yaml, features_from: finetune}
+
+A run's ``config`` (and a ``teachers:`` YAML) is relative to the folder of the spec that names it
+(an absolute path stays as it is), so specs work wherever the package is installed; ``extends``
+is relative to that folder too.
+
+A grid entry expands into runs: every combination of its axes (the first axis outermost), each
+giving its ``runs`` templates in order, with ``{field}`` in their strings replaced by the fields of
+that combination (a value that is exactly ``"{field}"`` takes the field's value as it is; a null
+drops the key). An axis value is a mapping of fields, or a plain value: then the field is the
+axis's own name::
+
+      - grid:
+          budget: [{budget: 100%, videos: 1.0}, {budget: 25%, videos: 0.25}]
+          init: [{init: MoCo v2, pretraining: "pre-training: MoCo v2"}, {init: scratch, pretraining: null}]
+        runs:
+          - {name: "{init} {budget} finetune", config: ../finetune.yaml, init_from: "{pretraining}",
+             predict: true, show: false, overrides: ["--data.init_args.train_videos={videos}"]}
+          - {name: "{init} {budget}", config: ../tcn.yaml, features_from: "{init} {budget} finetune",
+             overrides: ["--data.init_args.train_videos={videos}"]}
 
 ``init_from: <run>`` passes that run's best checkpoint as ``pretrained_checkpoint``;
 ``predict: true`` also runs ``predict`` with the best checkpoint after testing (the config's
@@ -57,15 +76,18 @@ never overwritten.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distill import report
 from distill.errors import DataError
-from distill.limit_trained import train_limit_trained_teachers
+from distill.limit_trained import load_teachers_spec, train_limit_trained_teachers
 from distill.progress import QUIET_TRAINER_OVERRIDES, TableProgress, quiet_lightning
 from distill.runs import RunResult, run_experiment, slug
-from distill.utils import folder_lock, read_yaml, unique_path, write_text_atomic
+from distill.utils import folder_lock, read_extending_yaml, read_yaml, unique_path, write_text_atomic
 
 RUN_KEYS = {
     "name",
@@ -106,6 +128,8 @@ def load_table_spec(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> Ta
     (also an ``extends`` chain that comes back to a spec, and two runs with one name or folder)."""
     path = Path(path)
     raw = read_yaml(path, "table spec")
+    if "runs" in raw:  # grids expanded, files named relative to this spec's folder
+        raw["runs"] = [resolve_run_paths(run, path.parent) for run in expand_grids(path, raw["runs"])]
     if "extends" in raw:
         base_path = path.parent / str(raw.pop("extends"))
         chain = (*_extended_by, path.resolve())
@@ -117,8 +141,6 @@ def load_table_spec(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> Ta
     unknown = set(raw) - SPEC_KEYS
     if unknown:
         raise DataError(f"{path}: unknown key(s) {sorted(unknown)} (known: extends, {', '.join(sorted(SPEC_KEYS))})")
-    if not isinstance(raw.get("runs", []), list):
-        raise DataError(f"{path}: 'runs' must be a list of runs, got {raw['runs']!r}")
     names: dict[str, dict] = {}
     folders: dict[str, str] = {}
     for run in raw.get("runs", []):
@@ -167,6 +189,61 @@ def load_table_spec(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> Ta
     )
 
 
+def expand_grids(path: Path, runs) -> list:
+    """``runs`` with every grid entry replaced by its runs (the module docstring); DataError naming ``path`` otherwise."""
+    if not isinstance(runs, list):
+        raise DataError(f"{path}: 'runs' must be a list of runs, got {runs!r}")
+    expanded = []
+    for entry in runs:
+        if not (isinstance(entry, dict) and "grid" in entry):
+            expanded.append(entry)
+            continue
+        axes, templates = entry["grid"], entry.get("runs")
+        if set(entry) != {"grid", "runs"} or not isinstance(axes, dict) or not axes or not isinstance(templates, list):
+            raise DataError(
+                f"{path}: a grid entry is {{grid: {{axis: [values, ...], ...}}, runs: [run, ...]}}, got {entry}"
+            )
+        for axis, values in axes.items():
+            if not isinstance(values, list) or not values:
+                raise DataError(f"{path}: grid axis {axis!r} must be a non-empty list of values, got {values!r}")
+        for combination in itertools.product(*axes.values()):
+            fields: dict = {}
+            for axis, value in zip(axes, combination):
+                fields.update(value if isinstance(value, dict) else {axis: value})
+            expanded += [_fill(path, template, fields) for template in templates]
+    return expanded
+
+
+def _fill(path: Path, template, fields: dict):
+    """``template`` (a run, or a value in it) with its ``{field}`` placeholders replaced; a key whose
+    value is exactly a placeholder of a null field is dropped."""
+    if isinstance(template, dict):
+        filled = {key: _fill(path, value, fields) for key, value in template.items()}
+        return {key: value for key, value in filled.items() if value is not None or template[key] is None}
+    if isinstance(template, list):
+        return [_fill(path, value, fields) for value in template]
+    if not isinstance(template, str):
+        return template
+    whole = re.fullmatch(r"\{(\w+)\}", template)
+    if whole and whole.group(1) in fields:
+        return fields[whole.group(1)]
+
+    def field(match: re.Match) -> str:
+        if match.group(1) not in fields:
+            raise DataError(f"{path}: grid run {template!r} names {match.group(0)}, which is not a field of its grid")
+        return str(fields[match.group(1)])
+
+    return re.sub(r"\{(\w+)\}", field, template)
+
+
+def resolve_run_paths(run, folder: Path):
+    """``run`` with its ``config`` (and a ``teachers:`` YAML of a run without config) relative to ``folder``."""
+    if not isinstance(run, dict):
+        return run
+    keys = ["config"] if "config" in run else ["teachers"]
+    return {**run, **{key: os.path.normpath(folder / str(run[key])) for key in keys if isinstance(run.get(key), str)}}
+
+
 def run_overrides(run: dict, seed: int, done: dict[str, dict[int, RunResult | list[RunResult]]]) -> list[str]:
     """Overrides that wire a run to the teacher runs it names (same seed)."""
     extra = []
@@ -198,6 +275,51 @@ def upstream_metrics(run: dict, seed: int, done: dict[str, dict[int, RunResult |
     return metrics
 
 
+# Teachers of a ``by_site`` spec without a site list: one per site of the data, planned as the 6 sites
+# of the prostate release (the progress display's estimate only).
+PLANNED_SITES = 6
+
+
+def progress_plan(spec: TableSpec, num_seeds: int, extra_overrides: list[str]) -> list[tuple[int, str]]:
+    """(epochs, config file) of every run the table will start, in order, for :class:`TableProgress`:
+    a ``train_once`` run's reuse trains nothing; a teachers run trains each of its teachers."""
+    plan = []
+    for seed in range(num_seeds):
+        for run in spec.runs:
+            if run.get("train_once") and seed > 0:
+                plan.append((0, ""))
+            elif "config" in run:
+                overrides = [*spec.overrides, *run.get("overrides", []), *extra_overrides]
+                plan.append((planned_epochs(run["config"], overrides), run["config"]))
+            else:
+                teachers = load_teachers_spec(run["teachers"])
+                overrides = [
+                    *spec.overrides,
+                    *run.get("overrides", []),
+                    *teachers.get("overrides", []),
+                    *extra_overrides,
+                ]
+                count = len(teachers.get("sites") or teachers.get("case_lists") or []) or teachers.get("num_teachers")
+                epochs = planned_epochs(teachers["config"], overrides)
+                plan.append((epochs * int(count or PLANNED_SITES), teachers["config"]))
+    return plan
+
+
+def planned_epochs(config: str, overrides: list[str]) -> int:
+    """The epochs a run of ``config`` trains: the last ``--trainer.max_epochs`` of ``overrides``, else
+    the config's (Lightning's default, 1000, when it sets none)."""
+    epochs = ((read_extending_yaml(config, "experiment config").get("trainer") or {}).get("max_epochs")) or 1000
+    for i, arg in enumerate(overrides):
+        if arg.startswith("--trainer.max_epochs="):
+            epochs = arg.split("=", 1)[1]
+        elif arg == "--trainer.max_epochs" and i + 1 < len(overrides):
+            epochs = overrides[i + 1]
+    try:
+        return max(int(epochs), 0)
+    except ValueError:  # not a number: the run itself refuses it in one line
+        return 0
+
+
 def run_table(
     spec_path: str | Path,
     out_dir: str | Path,
@@ -222,7 +344,7 @@ def _run_table(
     """The body of :func:`run_table` once ``out_dir`` is locked."""
     done: dict[str, dict[int, RunResult | list[RunResult]]] = {}
     results: list[RunResult] = []
-    progress = TableProgress(num_seeds * len(spec.runs), enabled=not verbose)
+    progress = TableProgress(progress_plan(spec, num_seeds, list(extra_overrides or [])), enabled=not verbose)
     # closed also when a run fails, so that its one-line error starts on a line of its own
     with contextlib.closing(progress), contextlib.nullcontext() if verbose else quiet_lightning():
         for seed in range(num_seeds):
@@ -253,7 +375,7 @@ def _run_table(
                     )
                     done.setdefault(run["name"], {})[seed] = teachers
                     results += teachers
-                    progress.finish_run()
+                    progress.finish_run(teachers)
                     continue
                 overrides += run_overrides(run, seed, done)
                 result = run_experiment(
@@ -270,7 +392,7 @@ def _run_table(
                 done.setdefault(run["name"], {})[seed] = result
                 if run.get("show", True):
                     results.append(result)
-                progress.finish_run()
+                progress.finish_run(result)
     table = report.format_table(spec.title, spec.columns, spec.compare, results, report.fill_notes(spec.notes, results))
     print("\n" + table)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -156,6 +156,31 @@ def read_yaml(path: str | Path, what: str, expect: type | None = dict, missing_h
     return data
 
 
+def read_extending_yaml(path: str | Path, what: str, _chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping of the YAML file ``path`` (:func:`read_yaml`) with its ``extends: BASE.yaml`` applied:
+    BASE (relative to ``path``'s folder; it may extend another) updated by this file's keys, mappings
+    merged key by key at every depth, any other value (a list, a number) replaced as a whole.
+    A chain that comes back to a file is a one-line DataError."""
+    path = Path(path)
+    data = read_yaml(path, what)
+    if "extends" not in data:
+        return data
+    base_path = Path(os.path.normpath(path.parent / str(data.pop("extends"))))
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        raise DataError(f"{path}: 'extends' makes a cycle ({' -> '.join(p.name for p in (*chain, base_path))})")
+    return deep_update(read_extending_yaml(base_path, what, chain), data)
+
+
+def deep_update(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s keys: mappings merged key by key at every depth, other values replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_update(merged[key], value) if both else value
+    return merged
+
+
 def read_json(path: str | Path, what: str, expect: type = dict, missing_hint: str = "") -> Any:
     """The data of the JSON file ``path`` (a ``what``, e.g. "run result"); a one-line :class:`DataError`
     naming the file when it is missing (then ``missing_hint``), not valid JSON (e.g. truncated: line

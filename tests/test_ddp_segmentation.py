@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QUIET, TINY
 
 from distill.cli import main
 from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_key
@@ -25,20 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEACHER, STUDENT = REPO / "experiments/prostate/teacher.yaml", REPO / "experiments/prostate/student_kd.yaml"
 # 1 val and 5 test cases: odd counts, so the sampler of 2 ranks repeats one volume in each loop.
 SITES = "--data.init_args.sites=[RUNMC,I2CVB,UCL,BIDMC,HK]"
-TINY = [
-    SITES,
-    "--data.init_args.image_size=32",
-    "--data.init_args.num_workers=0",
-    "--data.init_args.batch_size=4",
-    "--data.init_args.load_threads=1",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.accelerator=cpu",
-    "--model.init_args.network_kwargs.width=4",
-]
+OVERRIDES = [SITES, *TINY, *QUIET, "--data.init_args.batch_size=4", "--trainer.accelerator=cpu"]
 
 
 def test_volume_metrics_count_a_repeated_volume_once_in_any_order():
@@ -78,7 +66,7 @@ def run_ddp(subcommand: str, config: Path, run_dir: Path, *extra: str) -> None:
         subcommand,
         "--config",
         str(config),
-        *TINY,
+        *OVERRIDES,
         *extra,
         f"--trainer.default_root_dir={run_dir}",
         "--trainer.strategy=ddp",
@@ -100,7 +88,7 @@ def run_one_process(subcommand: str, config: Path, run_dir: Path, *extra: str) -
                 subcommand,
                 "--config",
                 str(config),
-                *TINY,
+                *OVERRIDES,
                 *extra,
                 f"--trainer.default_root_dir={run_dir}",
                 "--trainer.devices=1",

@@ -1,5 +1,6 @@
-"""Every YAML under experiments/ is usable as written: run configs instantiate through the CLI,
-table and teacher specs load and name configs that exist (sweep files: tests/test_sweep.py)."""
+"""Every YAML under experiments/ is usable as written, from any working directory: run configs
+(also those that ``extends`` another) instantiate through the CLI, table and teacher specs load and
+name configs that exist (sweep files: tests/test_sweep.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,18 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import yaml
 
 from distill.lightning_cli import DistillCLI
 from distill.limit_trained import load_teachers_spec
 from distill.tables import load_table_spec
+from distill.utils import read_extending_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 YAMLS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if p.parent.name != "sweeps")
 
 
 def kind(path: Path) -> str:
-    raw = yaml.safe_load(path.read_text())
+    raw = read_extending_yaml(path, "experiment YAML")
     if "model" in raw:
         return "run"
     if "trainer" in raw:
@@ -28,7 +29,7 @@ def kind(path: Path) -> str:
 
 @pytest.mark.parametrize("config", YAMLS, ids=[str(p.relative_to(REPO / "experiments")) for p in YAMLS])
 def test_experiment_yaml_is_usable_as_written(config, tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(tmp_path)  # specs name their files relative to their own folder, not the working directory
     what = kind(config)
     assert what != "unknown", f"{config}: neither a run config, a config fragment, a table spec nor a teachers spec"
     if what in ("run", "fragment"):
@@ -45,7 +46,7 @@ def test_experiment_yaml_is_usable_as_written(config, tmp_path, monkeypatch):
         spec = load_table_spec(config)
         for run in spec.runs:
             referenced = run.get("config") or run.get("teachers")
-            assert referenced is None or not referenced.endswith(".yaml") or (REPO / referenced).is_file(), referenced
+            assert referenced is None or not referenced.endswith(".yaml") or Path(referenced).is_file(), referenced
     else:
         spec = load_teachers_spec(config)
-        assert (REPO / spec["config"]).is_file()
+        assert Path(spec["config"]).is_file()

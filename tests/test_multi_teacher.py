@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import QUIET, TINY
 
 from distill.cli import main
 from distill.errors import DataError
@@ -21,18 +22,7 @@ from distill.modules import FrozenTeachers, MultiTeacherDistillModule
 from distill.modules.checkpoints import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--data.init_args.image_size=32",
-    "--data.init_args.num_workers=0",
-    "--data.init_args.batch_size=8",
-    "--data.init_args.load_threads=1",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.log_every_n_steps=1",
-    "--model.init_args.network_kwargs.width=4",
-]
+OVERRIDES = [*TINY, *QUIET]
 
 # Two teachers on one pixel: A is undecided, B says class 0 with probability 3/4.
 LOGITS_A, LOGITS_B = [0.0, 0.0], [math.log(3.0), 0.0]
@@ -175,7 +165,7 @@ def multi_args(root: Path, manifest: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--config",
         str(REPO / "experiments/prostate/student_multi_teacher.yaml"),
-        *TINY,
+        *OVERRIDES,
         f"--data.init_args.data_root={root}",
         f"--model.init_args.teachers={manifest}",
         f"--trainer.default_root_dir={out}",
@@ -365,7 +355,7 @@ def test_limit_trained_teachers_and_multi_teacher_table_over_seeds(synthetic_pro
     )
     from distill.tables import run_table
 
-    overrides = [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", "--trainer.limit_val_batches=2"]
+    overrides = [*OVERRIDES, f"--data.init_args.data_root={synthetic_prostate_root}", "--trainer.limit_val_batches=2"]
     results = run_table(spec, tmp_path / "out", overrides)
     assert sorted({(r.name, r.seed) for r in results}) == sorted(
         [("teachers: RUNMC", 0), ("teachers: BMC", 0)]  # train_once: the seed-0 teachers serve every seed

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY
 
 from distill.cli import main
 from distill.errors import DataError
@@ -21,16 +22,7 @@ from distill.errors import DataError
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = REPO / "experiments/prostate/student_baseline.yaml"
 TEACHER = REPO / "experiments/prostate/teacher.yaml"
-TINY = [
-    "--data.init_args.image_size=32",
-    "--data.init_args.num_workers=0",
-    "--data.init_args.batch_size=8",
-    "--data.init_args.load_threads=1",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
-    "--model.init_args.network_kwargs.width=4",
-]
+OVERRIDES = [*TINY, "--trainer.limit_val_batches=1"]
 
 
 def one_line_exit(argv: list[str]) -> str:
@@ -62,7 +54,7 @@ def test_sigterm_stops_a_table_at_once_naming_the_run(synthetic_prostate_root, t
     spec.write_text(f"runs:\n  - {{name: first, config: {killed_config}}}\n  - {{name: second, config: {STUDENT}}}\n")
     out = tmp_path / "out"
     done = distill(
-        "table", str(spec), "--out", str(out), *TINY, f"--data.init_args.data_root={synthetic_prostate_root}"
+        "table", str(spec), "--out", str(out), *OVERRIDES, f"--data.init_args.data_root={synthetic_prostate_root}"
     )
     run_dir = out / "first" / "seed_0"
     last = run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -103,7 +95,7 @@ def test_finished_runs_are_keyed_by_their_configuration(synthetic_prostate_root,
     spec = tmp_path / "table.yaml"
     spec.write_text(f"runs:\n  - {{name: student, config: {STUDENT}}}\n")
     out = tmp_path / "out"
-    args = ["table", str(spec), "--out", str(out), *TINY, f"--data.init_args.data_root={synthetic_prostate_root}"]
+    args = ["table", str(spec), "--out", str(out), *OVERRIDES, f"--data.init_args.data_root={synthetic_prostate_root}"]
     main(args)
     done = out / "student" / "seed_0" / "result.json"
     result = json.loads(done.read_text())

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import QUIET, TINY
 from safetensors.torch import save_file
 
 from distill.cli import main
@@ -20,18 +21,7 @@ from distill.modules.checkpoints import file_sha256, load_segmentation_network
 from distill.tables import run_table
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--data.init_args.image_size=32",
-    "--data.init_args.num_workers=0",
-    "--data.init_args.batch_size=8",
-    "--data.init_args.load_threads=1",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=3",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.log_every_n_steps=1",
-    "--model.init_args.network_kwargs.width=4",
-]
+OVERRIDES = [*TINY, *QUIET, "--trainer.limit_train_batches=3"]
 
 
 def metrics_rows(log_dir: Path) -> list[dict[str, str]]:
@@ -243,7 +233,7 @@ def test_missing_data_root_is_a_one_line_error(tmp_path, capsys):
                 "fit",
                 "--config",
                 str(REPO / "experiments/prostate/teacher.yaml"),
-                *TINY,
+                *OVERRIDES,
                 f"--data.init_args.data_root={tmp_path / 'nowhere'}",
                 f"--trainer.default_root_dir={tmp_path / 'run'}",
             ]
@@ -254,7 +244,11 @@ def test_missing_data_root_is_a_one_line_error(tmp_path, capsys):
 def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
     """The demo's path at toy scale, then resume from last.ckpt and predict NIfTI masks."""
     out = tmp_path / "table"
-    overrides = [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", "--model.init_args.eval_batch_size=64"]
+    overrides = [
+        *OVERRIDES,
+        f"--data.init_args.data_root={synthetic_prostate_root}",
+        "--model.init_args.eval_batch_size=64",
+    ]
     results = run_table(REPO / "experiments/prostate/tables/single_teacher.yaml", out, overrides)
     assert [r.name for r in results] == ["teacher (U-Net)", "student (no KD)", "student + KD"]
     for result in results:
@@ -283,7 +277,7 @@ def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
     kd_args = [
         "--config",
         str(REPO / "experiments/prostate/student_kd.yaml"),
-        *TINY,
+        *OVERRIDES,
         f"--data.init_args.data_root={synthetic_prostate_root}",
         f"--model.init_args.teacher_checkpoint={teacher_ckpt}",
         f"--trainer.default_root_dir={tmp_path / 'kd'}",

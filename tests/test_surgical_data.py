@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import NUM_CHOLEC80, SURGICAL_VIDEO_SIZE
 from skimage import data as skimage_data
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -45,18 +46,7 @@ from distill.errors import DataError
 from distill.formats.features import save_video_features
 from distill.formats.phases import CHOLEC80_TOOLS, read_phase_file, write_phase_file
 
-SIZE = (64, 80)  # (H, W) of the synthetic videos
-NUM_CHOLEC80 = 6
-
-
-@pytest.fixture(scope="module")
-def cholec(tmp_path_factory) -> SimpleNamespace:
-    """6 synthetic Cholec80 videos and their frames at 5 fps (extracted with 2 processes). Read-only."""
-    base = tmp_path_factory.mktemp("cholec80")
-    root, frames = base / "cholec80", base / "frames"
-    write_synthetic_surgical(root, "cholec80", num_videos=NUM_CHOLEC80, seed=0, size=SIZE, duration_s=(3.0, 4.0))
-    extracted = extract_dataset_frames(root, frames, "cholec80", fps=5, workers=2, progress=False)
-    return SimpleNamespace(root=root, frames=frames, extracted=extracted)
+SIZE = SURGICAL_VIDEO_SIZE  # (H, W) of the synthetic videos
 
 
 @pytest.fixture(scope="module")
@@ -85,25 +75,25 @@ def decoded_frames(path: Path) -> list[np.ndarray]:
 # Synthetic trees
 
 
-def test_synthetic_cholec80_has_the_release_layout_and_formats(cholec):
+def test_synthetic_cholec80_has_the_release_layout_and_formats(synthetic_cholec80):
     names = [f"video{i:02d}" for i in range(1, NUM_CHOLEC80 + 1)]
-    assert sorted(p.name for p in (cholec.root / "videos").iterdir()) == [f"{n}.mp4" for n in names]
+    assert sorted(p.name for p in (synthetic_cholec80.root / "videos").iterdir()) == [f"{n}.mp4" for n in names]
     for name in names:
-        phase_path = cholec.root / "phase_annotations" / f"{name}-phase.txt"
+        phase_path = synthetic_cholec80.root / "phase_annotations" / f"{name}-phase.txt"
         assert phase_path.read_text().startswith("Frame\tPhase\n0\tPreparation\n")
         frames, labels = read_phase_file(phase_path)
-        video = decoded_frames(cholec.root / "videos" / f"{name}.mp4")
-        capture = cv2.VideoCapture(str(cholec.root / "videos" / f"{name}.mp4"))
+        video = decoded_frames(synthetic_cholec80.root / "videos" / f"{name}.mp4")
+        capture = cv2.VideoCapture(str(synthetic_cholec80.root / "videos" / f"{name}.mp4"))
         assert capture.get(cv2.CAP_PROP_FPS) == 25
         assert len(video) == len(frames) == capture.get(cv2.CAP_PROP_FRAME_COUNT)
         assert video[0].shape == (*SIZE, 3)
         np.testing.assert_array_equal(frames, np.arange(len(frames)))
         first_seen = [int(np.argmax(labels == phase)) for phase in np.unique(labels)]
         assert first_seen == sorted(first_seen)  # phases start in the canonical order
-        tool_frames, flags = read_tool_file(cholec.root / "tool_annotations" / f"{name}-tool.txt")
+        tool_frames, flags = read_tool_file(synthetic_cholec80.root / "tool_annotations" / f"{name}-tool.txt")
         np.testing.assert_array_equal(tool_frames, np.arange(0, len(frames), 25))
         assert flags.shape == (len(tool_frames), len(CHOLEC80_TOOLS))
-    header = (cholec.root / "tool_annotations" / "video01-tool.txt").read_text().splitlines()[0]
+    header = (synthetic_cholec80.root / "tool_annotations" / "video01-tool.txt").read_text().splitlines()[0]
     assert header == "Frame\tGrasper\tBipolar\tHook\tScissors\tClipper\tIrrigator\tSpecimenBag"
 
 
@@ -155,25 +145,27 @@ def test_crop_black_margin_keeps_the_bounding_box_of_the_image():
     assert crop_black_margin(black).shape == black.shape
 
 
-def test_extracted_frames_are_named_by_25fps_index_and_margin_is_cut(cholec):
-    assert cholec.extracted == [f"video{i:02d}" for i in range(1, NUM_CHOLEC80 + 1)]
+def test_extracted_frames_are_named_by_25fps_index_and_margin_is_cut(synthetic_cholec80):
+    assert synthetic_cholec80.extracted == [f"video{i:02d}" for i in range(1, NUM_CHOLEC80 + 1)]
     pattern = FramePattern()
-    for video in cholec.extracted:
-        num_frames = len(read_phase_file(cholec.root / "phase_annotations" / f"{video}-phase.txt")[0])
-        np.testing.assert_array_equal(pattern.list_frames(cholec.frames, video), np.arange(0, num_frames, 5))
-        assert (cholec.frames / video / COMPLETION_MARKER).is_file()
-    raw = decoded_frames(cholec.root / "videos" / "video01.mp4")[0]
-    extracted = cv2.imread(str(cholec.frames / "video01" / "0.jpg"))
+    for video in synthetic_cholec80.extracted:
+        num_frames = len(read_phase_file(synthetic_cholec80.root / "phase_annotations" / f"{video}-phase.txt")[0])
+        np.testing.assert_array_equal(
+            pattern.list_frames(synthetic_cholec80.frames, video), np.arange(0, num_frames, 5)
+        )
+        assert (synthetic_cholec80.frames / video / COMPLETION_MARKER).is_file()
+    raw = decoded_frames(synthetic_cholec80.root / "videos" / "video01.mp4")[0]
+    extracted = cv2.imread(str(synthetic_cholec80.frames / "video01" / "0.jpg"))
     assert extracted.shape == (250, 250, 3)
     middle = SIZE[0] // 2
     assert raw[middle, 0].max() <= 15  # the video has a black side margin ...
     assert cv2.cvtColor(extracted, cv2.COLOR_BGR2GRAY)[125, :3].min() > 15  # ... which the frames no longer have
 
 
-def test_extraction_skips_finished_videos_and_redoes_an_interrupted_one(cholec, tmp_path):
+def test_extraction_skips_finished_videos_and_redoes_an_interrupted_one(synthetic_cholec80, tmp_path):
     frames = tmp_path / "frames"
-    shutil.copytree(cholec.frames, frames)
-    assert extract_dataset_frames(cholec.root, frames, fps=5, workers=1, progress=False) == []
+    shutil.copytree(synthetic_cholec80.frames, frames)
+    assert extract_dataset_frames(synthetic_cholec80.root, frames, fps=5, workers=1, progress=False) == []
     finished = (frames / "video01" / "0.jpg").stat().st_mtime_ns
     # video02 interrupted: no marker yet, half of its frames written, one of them corrupt.
     (frames / "video02" / COMPLETION_MARKER).unlink()
@@ -181,7 +173,7 @@ def test_extraction_skips_finished_videos_and_redoes_an_interrupted_one(cholec, 
     for frame in all_frames[len(all_frames) // 2 :]:
         (frames / "video02" / f"{frame}.jpg").unlink()
     (frames / "video02" / "0.jpg").write_bytes(b"partial")
-    assert extract_dataset_frames(cholec.root, frames, fps=5, workers=1, progress=False) == ["video02"]
+    assert extract_dataset_frames(synthetic_cholec80.root, frames, fps=5, workers=1, progress=False) == ["video02"]
     np.testing.assert_array_equal(FramePattern().list_frames(frames, "video02"), all_frames)
     assert read_frame(frames / "video02" / "0.jpg").shape == (3, 250, 250)
     assert (frames / "video01" / "0.jpg").stat().st_mtime_ns == finished
@@ -189,24 +181,30 @@ def test_extraction_skips_finished_videos_and_redoes_an_interrupted_one(cholec, 
     with pytest.raises(
         DataError, match="holds a finished extraction with other settings .*fps=5.*--overwrite"
     ) as error:
-        extract_dataset_frames(cholec.root, frames, fps=1, workers=1, progress=False)
+        extract_dataset_frames(synthetic_cholec80.root, frames, fps=1, workers=1, progress=False)
     assert_one_line_naming(error, frames / "video01")
     assert (frames / "video01" / "5.jpg").is_file()  # nothing was deleted
     assert (
-        len(extract_dataset_frames(cholec.root, frames, fps=1, workers=1, progress=False, overwrite=True))
+        len(extract_dataset_frames(synthetic_cholec80.root, frames, fps=1, workers=1, progress=False, overwrite=True))
         == NUM_CHOLEC80
     )
     assert not (frames / "video01" / "5.jpg").exists() and (frames / "video01" / "25.jpg").is_file()
 
 
-def test_tecno_frame_pattern_is_written_and_read(cholec, tmp_path):
+def test_tecno_frame_pattern_is_written_and_read(synthetic_cholec80, tmp_path):
     frames = tmp_path / "tecno"
     extract_dataset_frames(
-        cholec.root, frames, fps=1, size=(240, 240), frame_pattern=TECNO_FRAME_PATTERN, workers=1, progress=False
+        synthetic_cholec80.root,
+        frames,
+        fps=1,
+        size=(240, 240),
+        frame_pattern=TECNO_FRAME_PATTERN,
+        workers=1,
+        progress=False,
     )
     assert (frames / "video01" / "video01_000025.png").is_file()
     module = SurgicalPhaseDataModule(
-        frames, cholec.root, frame_pattern=TECNO_FRAME_PATTERN, fps=1, batch_size=2, num_workers=0
+        frames, synthetic_cholec80.root, frame_pattern=TECNO_FRAME_PATTERN, fps=1, batch_size=2, num_workers=0
     )
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))
@@ -283,8 +281,8 @@ def assert_labels_match_annotations(index, annotations: dict[str, Path], dataset
         assert [truth[f] for f in index.frames[rows].tolist()] == index.labels[rows].tolist()
 
 
-def test_ssl_datamodule_gives_two_augmented_views_of_non_test_frames(cholec):
-    module = SurgicalSSLDataModule(cholec.frames, cholec.root, batch_size=4, num_workers=2)
+def test_ssl_datamodule_gives_two_augmented_views_of_non_test_frames(synthetic_cholec80):
+    module = SurgicalSSLDataModule(synthetic_cholec80.frames, synthetic_cholec80.root, batch_size=4, num_workers=2)
     module.setup("fit")
     assert set(module.sets["train"].index.videos) == set(module.splits["train"] + module.splits["val"])
     assert not set(module.sets["train"].index.videos) & set(module.splits["test"])
@@ -302,18 +300,18 @@ def test_ssl_datamodule_gives_two_augmented_views_of_non_test_frames(cholec):
     assert val_batch["image"].shape[1:] == (3, 224, 224) and set(val_batch["video"]) <= set(module.splits["val"])
 
 
-def test_ssl_datamodule_reads_unlabeled_frame_folders(cholec):
-    module = SurgicalSSLDataModule(cholec.frames, dataset="unlabeled", fps=5, batch_size=2, num_workers=0)
+def test_ssl_datamodule_reads_unlabeled_frame_folders(synthetic_cholec80):
+    module = SurgicalSSLDataModule(synthetic_cholec80.frames, dataset="unlabeled", fps=5, batch_size=2, num_workers=0)
     module.setup("fit")
     index = module.sets["train"].index
     assert index.videos == [f"video{i:02d}" for i in range(1, NUM_CHOLEC80 + 1)]
     assert (index.labels == -1).all() and (index.frames % 5 == 0).all()
-    assert len(index) == sum(len(FramePattern().list_frames(cholec.frames, v)) for v in index.videos)
+    assert len(index) == sum(len(FramePattern().list_frames(synthetic_cholec80.frames, v)) for v in index.videos)
     assert module.val_dataloader() == []
 
 
-def test_phase_datamodule_labels_splits_and_budget(cholec):
-    module = SurgicalPhaseDataModule(cholec.frames, cholec.root, batch_size=3, num_workers=0)
+def test_phase_datamodule_labels_splits_and_budget(synthetic_cholec80):
+    module = SurgicalPhaseDataModule(synthetic_cholec80.frames, synthetic_cholec80.root, batch_size=3, num_workers=0)
     module.setup(None)
     splits = module.splits
     assert splits == {"train": ["video01", "video02"], "val": ["video03"], "test": ["video04", "video05", "video06"]}
@@ -328,7 +326,7 @@ def test_phase_datamodule_labels_splits_and_budget(cholec):
         assert labels_by_frame(module.annotations[video])[frame] == label
     # Evaluation images: resized, centre-cropped and ImageNet-normalised.
     item = module.sets["val"][1]
-    raw = read_frame(cholec.frames / item["video"] / f"{item['frame']}.jpg")
+    raw = read_frame(synthetic_cholec80.frames / item["video"] / f"{item['frame']}.jpg")
     expected = F.normalize(F.center_crop(F.resize(raw, 250), 224).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
     torch.testing.assert_close(item["image"], expected)
     # Feature extraction reads every video at 5 fps.
@@ -336,16 +334,17 @@ def test_phase_datamodule_labels_splits_and_budget(cholec):
     predict = module.sets["predict"].index
     assert predict.videos == [f"video{i:02d}" for i in range(1, NUM_CHOLEC80 + 1)] and (predict.frames % 5 == 0).all()
     assert (
-        predict.frames[predict.video_ids == 0].tolist() == FramePattern().list_frames(cholec.frames, "video01").tolist()
+        predict.frames[predict.video_ids == 0].tolist()
+        == FramePattern().list_frames(synthetic_cholec80.frames, "video01").tolist()
     )
 
-    budget = SurgicalPhaseDataModule(cholec.frames, cholec.root, train_videos=1, num_workers=0)
+    budget = SurgicalPhaseDataModule(synthetic_cholec80.frames, synthetic_cholec80.root, train_videos=1, num_workers=0)
     budget.setup("fit")
     assert budget.sets["train"].index.videos == ["video01"] and budget.splits["val"] == ["video03"]
 
 
-def test_phase_class_weights_are_median_frequency(cholec):
-    module = SurgicalPhaseDataModule(cholec.frames, cholec.root, num_workers=0, split="tecno")
+def test_phase_class_weights_are_median_frequency(synthetic_cholec80):
+    module = SurgicalPhaseDataModule(synthetic_cholec80.frames, synthetic_cholec80.root, num_workers=0, split="tecno")
     module.setup("fit")
     counts = np.bincount(module.sets["train"].index.labels, minlength=7)
     frequency = counts / counts.sum()
@@ -368,13 +367,13 @@ def test_phase_datamodule_on_m2cai16(m2cai):
     assert first["frame"] == 0 and first["label"] == 0  # TrocarPlacement
 
 
-def test_feature_datamodule_gives_one_video_per_batch(cholec, tmp_path):
+def test_feature_datamodule_gives_one_video_per_batch(synthetic_cholec80, tmp_path):
     features_dir = tmp_path / "features"
-    for annotation in sorted((cholec.root / "phase_annotations").iterdir()):
+    for annotation in sorted((synthetic_cholec80.root / "phase_annotations").iterdir()):
         video = annotation.name.removesuffix("-phase.txt")
         frames, _ = phase_labels_at(annotation, "cholec80", fps=5)
         save_video_features(features_dir, video, np.repeat(frames[:, None], 8, axis=1).astype(np.float16), frames)
-    module = PhaseFeatureDataModule(features_dir, cholec.root, num_workers=0)
+    module = PhaseFeatureDataModule(features_dir, synthetic_cholec80.root, num_workers=0)
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))
     (video,) = batch["video"]
@@ -388,14 +387,14 @@ def test_feature_datamodule_gives_one_video_per_batch(cholec, tmp_path):
 
     save_video_features(features_dir, "video05", np.zeros((len(frames), 4), np.float32), frames)
     with pytest.raises(DataError, match=r"video05\.npy: 4 features per frame, video\d+\.npy has 8"):
-        PhaseFeatureDataModule(features_dir, cholec.root, num_workers=0).setup("test")
+        PhaseFeatureDataModule(features_dir, synthetic_cholec80.root, num_workers=0).setup("test")
 
     (features_dir / "video05.npy").unlink()
     with pytest.raises(DataError, match=r"video05\.npy: feature file not found"):
-        PhaseFeatureDataModule(features_dir, cholec.root, num_workers=0).setup("test")
+        PhaseFeatureDataModule(features_dir, synthetic_cholec80.root, num_workers=0).setup("test")
     save_video_features(features_dir, "video05", np.zeros((2, 8), np.float32), np.array([0, 10**6]))
     with pytest.raises(DataError, match=r"video05_frames\.npy: frame 1000000 is not annotated"):
-        PhaseFeatureDataModule(features_dir, cholec.root, num_workers=0).setup("test")
+        PhaseFeatureDataModule(features_dir, synthetic_cholec80.root, num_workers=0).setup("test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,20 +410,20 @@ def assert_one_line_naming(error: pytest.ExceptionInfo, path: Path) -> None:
     assert "\n" not in message and str(path) in message
 
 
-def test_unknown_phase_name_is_reported_with_its_file(cholec, tmp_path):
-    root = copy_tree(cholec.root, tmp_path)
+def test_unknown_phase_name_is_reported_with_its_file(synthetic_cholec80, tmp_path):
+    root = copy_tree(synthetic_cholec80.root, tmp_path)
     annotation = root / "phase_annotations" / "video02-phase.txt"
     lines = annotation.read_text().splitlines()
     lines[5] = "4\tAppendectomy"
     annotation.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match="unknown phase name 'Appendectomy'") as error:
-        SurgicalPhaseDataModule(cholec.frames, root, num_workers=0).setup("fit")
+        SurgicalPhaseDataModule(synthetic_cholec80.frames, root, num_workers=0).setup("fit")
     assert_one_line_naming(error, annotation)
 
 
 @pytest.mark.parametrize("change", [+30, -30])
-def test_annotation_longer_or_shorter_than_the_video(cholec, tmp_path, change):
-    root = copy_tree(cholec.root, tmp_path)
+def test_annotation_longer_or_shorter_than_the_video(synthetic_cholec80, tmp_path, change):
+    root = copy_tree(synthetic_cholec80.root, tmp_path)
     annotation = root / "phase_annotations" / "video03-phase.txt"
     frames, labels = read_phase_file(annotation)
     count = len(frames) + change
@@ -435,8 +434,8 @@ def test_annotation_longer_or_shorter_than_the_video(cholec, tmp_path, change):
     assert extract_dataset_frames(root, tmp_path / "frames", frame_tolerance=30, workers=1, progress=False)
 
 
-def test_missing_annotation_file(cholec, tmp_path):
-    root = copy_tree(cholec.root, tmp_path)
+def test_missing_annotation_file(synthetic_cholec80, tmp_path):
+    root = copy_tree(synthetic_cholec80.root, tmp_path)
     (root / "phase_annotations" / "video04-phase.txt").unlink()
     with pytest.raises(DataError, match="annotation file not found") as error:
         extract_dataset_frames(root, tmp_path / "frames", workers=1, progress=False)
@@ -458,8 +457,8 @@ def zero_stream(content: bytes) -> bytes:
     ],
     ids=["garbage", "truncated", "damaged-stream"],
 )
-def test_unreadable_or_truncated_video(cholec, tmp_path, damage, message):
-    root = copy_tree(cholec.root, tmp_path)
+def test_unreadable_or_truncated_video(synthetic_cholec80, tmp_path, damage, message):
+    root = copy_tree(synthetic_cholec80.root, tmp_path)
     video = root / "videos" / "video02.mp4"
     video.write_bytes(damage(video.read_bytes()))
     (root / "videos" / "video04.mp4").write_bytes(b"not a video")
@@ -484,15 +483,15 @@ def test_empty_video_folder(tmp_path):
     assert_one_line_naming(error, tmp_path / "frames" / "video01")
 
 
-def test_frame_folder_missing_frames_the_labels_need(cholec, m2cai, tmp_path):
-    frames = copy_tree(cholec.frames, tmp_path)
+def test_frame_folder_missing_frames_the_labels_need(synthetic_cholec80, m2cai, tmp_path):
+    frames = copy_tree(synthetic_cholec80.frames, tmp_path)
     (frames / "video02" / "50.jpg").unlink()
     with pytest.raises(DataError, match="frame missing") as error:
-        SurgicalPhaseDataModule(frames, cholec.root, num_workers=0).setup("fit")
+        SurgicalPhaseDataModule(frames, synthetic_cholec80.root, num_workers=0).setup("fit")
     assert_one_line_naming(error, frames / "video02" / "50.jpg")
     shutil.rmtree(frames / "video01")
     with pytest.raises(DataError, match="frame missing") as error:
-        SurgicalSSLDataModule(frames, cholec.root, num_workers=0).setup("fit")
+        SurgicalSSLDataModule(frames, synthetic_cholec80.root, num_workers=0).setup("fit")
     assert_one_line_naming(error, frames / "video01" / "0.jpg")
     # Frames extracted at 1 fps cannot serve a 5 fps DataModule.
     with pytest.raises(DataError, match="frame missing") as error:
@@ -579,12 +578,19 @@ def test_opencv_augmentations_match_torchvision_with_the_same_random_parameters(
 
 
 @pytest.mark.parametrize("module_class", [SurgicalPhaseDataModule, SurgicalSSLDataModule])
-def test_training_position_and_augmentation_survive_a_state_roundtrip(cholec, module_class):
+def test_training_position_and_augmentation_survive_a_state_roundtrip(synthetic_cholec80, module_class):
     """A fresh DataModule given the state of one that served 2 batches of epoch 1 serves its 3rd batch next, same pixels."""
 
     def build():
         module = module_class(
-            cholec.frames, cholec.root, fps=1, image_size=32, resize_size=40, batch_size=1, num_workers=0, seed=3
+            synthetic_cholec80.frames,
+            synthetic_cholec80.root,
+            fps=1,
+            image_size=32,
+            resize_size=40,
+            batch_size=1,
+            num_workers=0,
+            seed=3,
         )
         module.setup("fit")
         return module

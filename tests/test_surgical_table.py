@@ -2,23 +2,22 @@
 distillation) -> phase fine-tuning with feature export -> TCN -> relaxed metrics, rows and ribbons.
 
 The spec is the demo spec's pre-training runs and 25 % rows, with toy overrides (32 px, a 16-key
-queue, 2 training batches, 1-2 epochs) on 6 synthetic videos of 3-4 s."""
+queue, 2 training batches, 1-2 epochs) on the session's 6 synthetic videos of 3-4 s."""
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from data_modules.surgical_layout import extract_dataset_frames, split_videos
-from data_modules.synth_surgical import write_synthetic_surgical
+from data_modules.surgical_layout import split_videos
 from distill.formats.phases import read_phase_file
 from distill.runs import slug
-from distill.tables import run_table
+from distill.tables import load_table_spec, run_table
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_OVERRIDES = [
@@ -40,24 +39,14 @@ COMMON_OVERRIDES = [
 ]
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def toy_spec(tmp_path: Path) -> Path:
     """The demo spec reduced to its pre-training runs and the 25 % rows, with toy-scale overrides per run."""
-    spec = yaml.safe_load((REPO / "experiments/surgical/tables/demo.yaml").read_text())
+    spec = asdict(load_table_spec(REPO / "experiments/surgical/tables/demo.yaml"))  # grid expanded, paths absolute
     runs = [run for run in spec["runs"] if run["name"].startswith("pre-training") or "25%" in run["name"]]
     for run in runs:
         config = Path(run["config"]).name
         extra = ["--trainer.max_epochs=2"] if config == "tcn.yaml" else IMAGE_OVERRIDES
         moco = MOCO_OVERRIDES if config.startswith("moco") else []
-        run["config"] = str(REPO / run["config"])
         run["overrides"] = [*run.get("overrides", []), *extra, *moco, *COMMON_OVERRIDES]
     spec.update(runs=runs, seeds=1, compare=[c for c in spec["compare"] if "25%" in c["baseline"]])
     path = tmp_path / "toy.yaml"
@@ -65,12 +54,8 @@ def toy_spec(tmp_path: Path) -> Path:
     return path
 
 
-def test_surgical_table_chains_pretraining_finetuning_and_tcn(tmp_path, monkeypatch, one_thread):
-    data = tmp_path / "data"
-    write_synthetic_surgical(data / "cholec80", "cholec80", num_videos=6, seed=0, size=(48, 56), duration_s=(3.0, 4.0))
-    extract_dataset_frames(
-        data / "cholec80", data / "frames", "cholec80", fps=5, size=(40, 40), workers=1, progress=False
-    )
+def test_surgical_table_chains_pretraining_finetuning_and_tcn(synthetic_cholec80, tmp_path, monkeypatch):
+    data = synthetic_cholec80.base
     monkeypatch.setenv("SURGICAL_DEMO", str(data))
     out = tmp_path / "table"
 

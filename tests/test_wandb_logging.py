@@ -6,23 +6,13 @@ import struct
 from pathlib import Path
 
 import wandb
+from conftest import QUIET, TINY
 
 from distill.runs import run_experiment
 from distill.wandb_logging import default_wandb_offline
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--data.init_args.image_size=32",
-    "--data.init_args.num_workers=0",
-    "--data.init_args.batch_size=8",
-    "--data.init_args.load_threads=1",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--model.init_args.network_kwargs.width=4",
-]
+OVERRIDES = [*TINY, *QUIET]
 
 
 def test_offline_unless_a_key_or_a_mode_is_configured(tmp_path):
@@ -52,7 +42,7 @@ def test_table_run_with_wandb_logger_writes_an_offline_run(synthetic_prostate_ro
     )
     result = run_experiment(
         str(REPO / "experiments/prostate/student_baseline.yaml"),
-        [*TINY, f"--data.init_args.data_root={synthetic_prostate_root}", f"--trainer.logger={loggers}"],
+        [*OVERRIDES, f"--data.init_args.data_root={synthetic_prostate_root}", f"--trainer.logger={loggers}"],
         root,
         "student",
         seed=1,
