@@ -122,10 +122,12 @@ def canonical_site(name: str, key: str = "sites", available: Sequence[str] = ())
     return other
 
 
-def discover_cases(data_root: str | Path, sites: Sequence[str] | None = None) -> list[ProstateCase]:
+def discover_cases(
+    data_root: str | Path, sites: Sequence[str] | None = None, exclude: Sequence[str | Path] = ()
+) -> list[ProstateCase]:
     """Find every case of the requested sites (all site folders when ``sites`` is None) of the
     ``sites`` layout. A folder with another name than the release's sites is read when ``sites``
-    lists it (by its exact name, case-insensitively).
+    lists it (by its exact name, case-insensitively); ``exclude`` folders (unlabelled images) are skipped.
 
     Returns cases ordered by site (``SITES`` order, then other names) and case number.
     """
@@ -137,8 +139,11 @@ def discover_cases(data_root: str | Path, sites: Sequence[str] | None = None) ->
             f"`distill data synth-prostate --out {root}`)"
         )
     listed = {str(name).upper() for name in sites or ()}
+    skipped = {(root / folder).resolve() for folder in exclude}
     folders: dict[str, Path] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.resolve() in skipped:
+            continue
         site = _SITE_LOOKUP.get(folder.name.upper())
         if site is None:
             if sites is None:
@@ -781,7 +786,7 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
         hp = self.hparams
         root = Path(hp.data_root)
         if hp.layout == "sites":
-            return discover_cases(root, hp.sites)
+            return discover_cases(root, hp.sites, exclude=hp.unlabeled_images or ())
         if not root.is_dir():
             raise DataError(f"{root}: data root not found (layout: {hp.layout})")
         if hp.layout == "datalist":
