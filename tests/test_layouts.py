@@ -175,9 +175,9 @@ def test_labeled_cases_count_fraction_list_and_determinism(synthetic_prostate_ro
         assert [c.key for c in three.case_splits[split]] == [c.key for c in full.case_splits[split]]
         assert all(case.labeled for case in three.case_splits[split])
     with pytest.raises(DataError, match="labeled_cases: 10 requested, 6 labelled training cases available"):
-        module(synthetic_prostate_root, labeled_cases=10).case_splits
+        _ = module(synthetic_prostate_root, labeled_cases=10).case_splits
     with pytest.raises(DataError, match="labeled_cases: HK/Case99 not among the labelled training cases"):
-        module(synthetic_prostate_root, labeled_cases=["HK/Case99"]).case_splits
+        _ = module(synthetic_prostate_root, labeled_cases=["HK/Case99"]).case_splits
     with pytest.raises(DataError, match=r"labeled_cases: a fraction must be in \(0, 1\)"):
         module(synthetic_prostate_root, labeled_cases=1.5)
 
@@ -208,7 +208,7 @@ def test_batches_say_which_slices_are_labelled_and_unlabelled_images_are_include
         assert not batch["label"][~batch["labeled"]].any()
     assert all(case.labeled for case in data.case_splits["all"])  # what val/test/predict draw from
     with pytest.raises(DataError, match="nowhere: unlabelled image folder not found"):
-        module(root, sites=["HK"], unlabeled_images=["nowhere"]).case_splits
+        _ = module(root, sites=["HK"], unlabeled_images=["nowhere"]).case_splits
 
 
 class ShiftTeacher(torch.nn.Module):
@@ -307,6 +307,7 @@ TINY = [
     "--data.init_args.load_threads=1",
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--trainer.log_every_n_steps=1",
@@ -341,7 +342,7 @@ def fit_and_test(config: str, run_dir: Path, *options: str) -> dict[str, float]:
 
 def test_datalist_and_nnunet_fit_and_test_through_the_cli(layouts, tmp_path):
     metrics = fit_and_test(
-        "experiments/prostate/teacher.yaml",
+        "experiments/prostate/student_baseline.yaml",
         tmp_path / "datalist",
         f"--data.init_args.data_root={layouts['datalist']}",
         "--data.init_args.layout=datalist",
@@ -364,10 +365,8 @@ def test_datalist_and_nnunet_fit_and_test_through_the_cli(layouts, tmp_path):
 def test_msd_zonal_teacher_distils_into_a_zonal_student_through_the_cli(layouts, tmp_path):
     (tmp_path / "zonal.yaml").write_text(ZONAL_TWO_CHANNEL)
     data = [f"--data.init_args.data_root={layouts['msd']}", "--data.init_args.layout=msd"]
-    teacher = fit_and_test(
-        "experiments/prostate/teacher.yaml", tmp_path / "teacher", "--config", str(tmp_path / "zonal.yaml"), *data
-    )
-    assert {"test/dice_PZ", "test/dice_TZ", "test/dice/msd"} <= set(teacher)
+    teacher = ["--config", str(REPO / "experiments/prostate/teacher.yaml"), "--config", str(tmp_path / "zonal.yaml")]
+    main(["fit", *teacher, *data, *TINY, f"--trainer.default_root_dir={tmp_path / 'teacher'}"])
     student = fit_and_test(
         "experiments/prostate/student_kd.yaml",
         tmp_path / "student",
@@ -377,6 +376,7 @@ def test_msd_zonal_teacher_distils_into_a_zonal_student_through_the_cli(layouts,
         f"--model.init_args.teacher_checkpoint={tmp_path / 'teacher'}",
     )
     assert student["test/dice"] == pytest.approx((student["test/dice_PZ"] + student["test/dice_TZ"]) / 2)
+    assert {"test/hd95_PZ", "test/hd95_TZ", "test/dice/msd"} <= set(student)
     rows = list(csv.DictReader((tmp_path / "student" / "lightning_logs" / "version_0" / "metrics.csv").open()))
     kd = [float(row["train/kd"]) for row in rows if row.get("train/kd")]
     assert kd and all(value > 0 for value in kd)
