@@ -149,6 +149,27 @@ def test_bad_layout_input_is_one_line_naming_the_file(layouts, tmp_path):
         module(tmp_path, split="datalist")
 
 
+def test_synth_prostate_writes_a_layout(tmp_path):
+    command = [
+        "data",
+        "synth-prostate",
+        "--out",
+        str(tmp_path),
+        "--layout",
+        "nnunet",
+        "--scale",
+        "0.05",
+        "--size",
+        "16",
+    ]
+    main(command)
+    data = module(tmp_path, layout="nnunet", channels=2, labels=ZONAL, image_size=16, predict_split="all")
+    assert len(data.case_splits["all"]) == 4  # 2 RUNMC + 2 BMC cases
+    assert {tuple(v["label"].unique().tolist()) for v in data.predict_dataloader()} == {(0, 1, 2)}
+    with pytest.raises(SystemExit, match="already holds files"):
+        main(command)
+
+
 # --- semi-supervised training cases ------------------------------------------------------------
 
 

@@ -118,7 +118,8 @@ class SegmentationModule(DistillModuleBase):
         if classes is not None and classes != hp.num_classes:
             raise DataError(
                 f"model.init_args.num_classes={hp.num_classes} differs from the data's {classes} classes "
-                f"(background + {', '.join(data.class_names)} of data.init_args.labels); set num_classes: {classes}"
+                f"(background + {', '.join(getattr(data, 'class_names', ()))} of data.init_args.labels); "
+                f"set num_classes: {classes}"
             )
         if hp.class_names is None and getattr(data, "class_names", None) is not None:
             self.class_names = list(data.class_names)
@@ -127,7 +128,7 @@ class SegmentationModule(DistillModuleBase):
             metrics.groups += [site for site in getattr(data, "site_names", ()) if site not in metrics.groups]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, S, H, W) slices -> (B, num_classes, H, W) logits."""
+        """(B, in_channels, H, W) slice stacks -> (B, num_classes, H, W) logits."""
         return self.net(self.to_memory_format(image))
 
     def deployable_network(self) -> nn.Module:
