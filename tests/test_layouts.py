@@ -401,6 +401,9 @@ def test_msd_zonal_teacher_distils_into_a_zonal_student_through_the_cli(layouts,
     rows = list(csv.DictReader((tmp_path / "student" / "lightning_logs" / "version_0" / "metrics.csv").open()))
     kd = [float(row["train/kd"]) for row in rows if row.get("train/kd")]
     assert kd and all(value > 0 for value in kd)
+    best = tmp_path / "student" / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
+    with pytest.raises(SystemExit, match=r"best\.ckpt: trained on 2 MRI channels .*reads one channel per volume"):
+        main(["export", str(best), "--out", str(tmp_path / "student.onnx")])
     # a 2-class model on zonal data, or a 3-slice model on 2 channels: one line each
     with pytest.raises(SystemExit) as exit_info:
         main(
