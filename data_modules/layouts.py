@@ -31,12 +31,20 @@ from pathlib import Path
 from monai.data import load_decathlon_datalist
 
 from distill.errors import DataError
+from distill.formats.sites import PROSTATE_SITES, SITE_ALIASES
 
 LAYOUTS: tuple[str, ...] = ("sites", "datalist", "msd", "nnunet")
 #: The lists of a Decathlon datalist and the split each one feeds (``split: datalist``).
 DATALIST_SPLITS: dict[str, str] = {"training": "train", "validation": "val", "test": "test"}
 NIFTI_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii")
 _CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")
+#: Upper-case release site names and aliases -> canonical release site.
+SITE_LOOKUP = {name.upper(): name for name in PROSTATE_SITES} | {a.upper(): s for a, s in SITE_ALIASES.items()}
+
+
+def site_name(name: str) -> str:
+    """A release site under another spelling or alias is that site ("isbi" -> "RUNMC"); others as written."""
+    return SITE_LOOKUP.get(name.upper(), name)
 
 
 @dataclass(frozen=True)
@@ -138,11 +146,14 @@ def datalist_cases(
                 if not file.is_file():
                     raise DataError(f"{where}: {file} not found")
             if label is None and key != "training":
-                raise DataError(f"{where}: {files[0]} has no 'label' (only training images may be unlabelled)")
+                raise DataError(
+                    f"{where}: {files[0]} has no 'label' (only training images may be unlabelled; "
+                    "for the Decathlon's label-free test list use layout: msd)"
+                )
             # site/case from the file as written: MONAI turns values naming an existing path into paths
             fields = original if isinstance(original, dict) else {}
             case_id = str(fields.get("case") or nifti_stem(files[0]) or files[0].stem)
-            site = str(fields.get("site") or default_site)
+            site = site_name(str(fields.get("site") or default_site))
             label_path = Path(label) if label is not None else None
             cases.append(ProstateCase(site, case_id, files[0], label_path, tuple(files[1:]), DATALIST_SPLITS[key]))
     return _unique_cases(cases, path)
@@ -184,7 +195,7 @@ def nnunet_cases(root: str | Path, channels: int = 1) -> list[ProstateCase]:
         for c, file in enumerate(files):
             if not file.is_file():
                 raise DataError(f"{file}: channel {c} ({names.get(str(c), '?')}) of case {case_id} not found")
-        cases.append(ProstateCase(root.name, case_id, files[0], label, tuple(files[1:])))
+        cases.append(ProstateCase(site_name(root.name), case_id, files[0], label, tuple(files[1:])))
     return cases
 
 

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_modules.augment import SliceAugmentation
 from data_modules.layouts import (
     LAYOUTS,
+    SITE_LOOKUP,
     ProstateCase,
     datalist_cases,
     image_folder_cases,
@@ -64,7 +65,7 @@ MASK_SUFFIXES: tuple[str, ...] = ("_segmentation", "_Segmentation")
 _CASE_FILE = re.compile(rf"^Case(\d+)({'|'.join(map(re.escape, MASK_SUFFIXES))})?(\.nii(?:\.gz)?)$")
 #: Mask and image must share one grid: their voxel spacings and affines may differ this much (mm).
 GRID_TOLERANCE_MM = 1e-3
-_SITE_LOOKUP = {name.upper(): name for name in SITES} | {alias.upper(): site for alias, site in SITE_ALIASES.items()}
+_SITE_LOOKUP = SITE_LOOKUP
 _KNOWN_SITES = f"known sites: {', '.join(SITES)} (aliases: {', '.join(f'{a} = {s}' for a, s in SITE_ALIASES.items())})"
 #: ``labels: whole_gland``: every gland label of the release (1 peripheral, 2 central/transition zone) is class 1.
 WHOLE_GLAND: dict[str, list[int]] = {"gland": [1, 2]}
