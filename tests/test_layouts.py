@@ -135,6 +135,18 @@ def test_bad_layout_input_is_one_line_naming_the_file(layouts, tmp_path):
     with pytest.raises(DataError, match=r"imagesTr/prostate_03_0001\.nii\.gz: channel 1 \(ADC\) of case prostate_03"):
         module(nnunet, layout="nnunet", channels=2).setup("fit")
     assert len(module(nnunet, layout="nnunet", channels=1).case_splits["all"]) == 6  # T2 only: channel 1 unused
+    shutil.copy(layouts["nnunet"] / "imagesTr" / "prostate_03_0001.nii.gz", nnunet / "imagesTr")  # restored
+    (nnunet / "imagesTs").mkdir()  # label-free images, nnU-Net names: one case of two channel files
+    for channel in ("0000", "0001"):
+        shutil.copy(
+            nnunet / "imagesTr" / f"prostate_00_{channel}.nii.gz", nnunet / "imagesTs" / f"scan_{channel}.nii.gz"
+        )
+    extra = module(nnunet, layout="nnunet", channels=2, unlabeled_images=["imagesTs"]).case_splits["train"][-1]
+    assert (extra.key, extra.labeled) == ("imagesTs/scan", False)
+    assert [path.name for path in extra.image_paths] == ["scan_0000.nii.gz", "scan_0001.nii.gz"]
+    (nnunet / "imagesTs" / "scan_0001.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"imagesTs/scan_0001\.nii\.gz: channel 1 of case scan not found"):
+        _ = module(nnunet, layout="nnunet", channels=2, unlabeled_images=["imagesTs"]).case_splits
     spec = json.loads((nnunet / "dataset.json").read_text())
     (nnunet / "dataset.json").write_text(json.dumps(spec | {"file_ending": ".mha"}))
     with pytest.raises(DataError, match=r"nnunet/dataset\.json: file_ending '\.mha' is not read here"):
