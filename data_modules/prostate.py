@@ -72,7 +72,7 @@ WHOLE_GLAND: dict[str, list[int]] = {"gland": [1, 2]}
 #: Labels as written in YAML: ``whole_gland`` or {class name: file value or values}.
 LabelMap = Literal["whole_gland"] | dict[str, int | list[int]]
 #: ``labeled_cases`` as written in YAML: a number of cases, a fraction of them, or a list of "SITE/Case" keys.
-LabeledCases = PositiveInt | float | list[str]
+LabeledCases = int | float | list[str]
 
 
 @dataclass(frozen=True)
@@ -735,7 +735,12 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        fraction = labeled_cases if isinstance(labeled_cases, float) else 0.5
+        labeled_ok = (
+            labeled_cases is None
+            or isinstance(labeled_cases, (list, tuple))
+            or (isinstance(labeled_cases, float) and 0 < labeled_cases < 1)
+            or (isinstance(labeled_cases, int) and not isinstance(labeled_cases, bool) and labeled_cases >= 1)
+        )
         checks = {
             "split": (split in SPLIT_METHODS, " or ".join(SPLIT_METHODS)),
             "held_out_site": (split != "leave_one_site_out" or held_out_site, "required for split=leave_one_site_out"),
@@ -750,7 +755,7 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
             "background_fraction": (0 <= background_fraction <= 1, "must be in [0, 1]"),
             "predict_split": (predict_split in ("test", "all"), "test or all"),
             "layout": (layout in LAYOUTS, " or ".join(LAYOUTS)),
-            "labeled_cases": (0 < fraction < 1, "a fraction must be in (0, 1); give a number of cases as an int"),
+            "labeled_cases": (labeled_ok, "a number of cases >= 1, a fraction in (0, 1) or a list of SITE/Case keys"),
         }
         if split == "datalist":
             checks["split"] = (layout == "datalist", "split=datalist needs layout=datalist")

@@ -211,8 +211,9 @@ def test_labeled_cases_count_fraction_list_and_determinism(synthetic_prostate_ro
         _ = module(synthetic_prostate_root, labeled_cases=10).case_splits
     with pytest.raises(DataError, match="labeled_cases: HK/Case99 not among the labelled training cases"):
         _ = module(synthetic_prostate_root, labeled_cases=["HK/Case99"]).case_splits
-    with pytest.raises(DataError, match=r"labeled_cases: a fraction must be in \(0, 1\)"):
-        module(synthetic_prostate_root, labeled_cases=1.5)
+    for bad in (1.5, 0, 0.0):
+        with pytest.raises(DataError, match=r"labeled_cases: a number of cases >= 1, a fraction in \(0, 1\)"):
+            module(synthetic_prostate_root, labeled_cases=bad)
 
 
 def test_batches_say_which_slices_are_labelled_and_unlabelled_images_are_included(synthetic_prostate_root, tmp_path):
