@@ -105,7 +105,10 @@ def _unique_cases(cases: list[ProstateCase], source: Path) -> list[ProstateCase]
     seen: dict[str, ProstateCase] = {}
     for case in cases:
         if case.key in seen:
-            raise DataError(f"{source}: {seen[case.key].image_path} and {case.image_path} are both case {case.key}")
+            raise DataError(
+                f"{source}: {seen[case.key].image_path} and {case.image_path} are both case {case.key} "
+                "(rename one, or give datalist entries a 'case' field)"
+            )
         seen[case.key] = case
     return cases
 

@@ -118,6 +118,16 @@ def test_datalist_lists_sites_and_unlabelled_entries(layouts, tmp_path):
         "Nijmegen/Case02",
     ]
     assert data.site_names == ["Boston", "Nijmegen"]  # any site names
+    two_files = {"image": ["RUNMC/Case00.nii.gz", "BMC/Case00.nii.gz"], "label": "RUNMC/Case00_segmentation.nii.gz"}
+    (tmp_path / "channels.json").write_text(json.dumps({"training": [two_files | {"case": "both"}]}))
+    options = {"layout": "datalist", "datalist": str(tmp_path / "channels.json"), "predict_split": "all"}
+    with pytest.raises(DataError, match=r"BMC/Case00\.nii\.gz: channel shape .* differs from"):  # other grid
+        next(iter(module(tmp_path, channels=2, **options).predict_dataloader()))
+    two_files["image"][1] = "RUNMC/Case00.nii.gz"  # the same file twice: two equal channels
+    (tmp_path / "channels.json").write_text(json.dumps({"training": [two_files | {"case": "both"}]}))
+    volume = next(iter(module(tmp_path, channels=2, **options).predict_dataloader()))
+    assert (volume["case"], volume["image"].shape[1]) == ("both", 6)
+    assert torch.equal(volume["image"][:, :3], volume["image"][:, 3:])
     spec["validation"].append({"image": "BMC/Case09.nii.gz", "label": "BMC/Case09_Segmentation.nii.gz"})
     (tmp_path / "list.json").write_text(json.dumps(spec))
     with pytest.raises(DataError, match=r"list\.json: validation entry 1: .*BMC/Case09\.nii\.gz not found"):
