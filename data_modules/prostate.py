@@ -1,26 +1,32 @@
-"""Multi-site prostate T2 MRI (MS-Net/SAML release): reader, splits and DataModule.
+"""Prostate MRI segmentation data (the MS-Net/SAML release and the common public layouts):
+readers, splits and the DataModule.
 
-Layout read::
+Layouts (``layout:``, see :mod:`data_modules.layouts`): ``sites`` (default, the release)::
 
     <data_root>/RUNMC/Case00.nii.gz  Case00_segmentation.nii.gz  ...   (alias folder ISBI)
     <data_root>/BMC/Case00.nii.gz    Case00_Segmentation.nii.gz  ...   (alias folder ISBI_1.5)
-    <data_root>/I2CVB/  UCL/  BIDMC/  HK/
+    <data_root>/I2CVB/  UCL/  BIDMC/  HK/   (other folder names: list them in ``sites:``)
 
-Volumes are nibabel (X, Y, Z) arrays with Z axial; they are transposed to (S, H0, W0) = (Z, X, Y)
-so slices come first. Masks {0, 1, 2} (zonal) are merged into the binary whole gland. Each volume
-is normalised and resized to ``image_size`` once, when it enters a per-process cache; training
-draws 2.5D stacks of ``num_slices`` adjacent slices predicting the centre slice, evaluation gets
-whole volumes with the mask at the original resolution (3D Dice / HD95 in mm).
+``datalist`` (MONAI Decathlon-style ``dataset.json``), ``msd`` (Task05_Prostate) and ``nnunet``
+(nnU-Net v2 raw). Volumes are nibabel (X, Y, Z[, C]) arrays with Z axial; they are transposed to
+(C, S, H0, W0) = (channel, Z, X, Y) so slices come first. Masks become class indices through
+``labels``: the whole gland (any of {1, 2} -> 1, the default) or a mapping such as zonal
+``{PZ: 1, TZ: 2}`` (class k = the k-th entry). Each volume is normalised (per channel) and resized
+to ``image_size`` once, when it enters a per-process cache; training draws 2.5D stacks of
+``num_slices`` adjacent slices of every channel predicting the centre slice, evaluation gets whole
+volumes with the mask at the original resolution (3D Dice / HD95 in mm).
 Splits are always by case, derived from ``seed`` only (identical on every DDP rank).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
 import threading
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,15 @@ from monai.utils import convert_to_tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.augment import SliceAugmentation
+from data_modules.layouts import (
+    LAYOUTS,
+    SITE_LOOKUP,
+    ProstateCase,
+    datalist_cases,
+    image_folder_cases,
+    msd_cases,
+    nnunet_cases,
+)
 from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
 from distill.formats.nifti import read_nifti
@@ -45,28 +60,19 @@ from distill.utils import read_yaml
 
 SITES: tuple[str, ...] = PROSTATE_SITES
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-SPLIT_METHODS: tuple[str, ...] = ("per_site", "leave_one_site_out", "case_list")
+SPLIT_METHODS: tuple[str, ...] = ("per_site", "leave_one_site_out", "case_list", "datalist")
 MASK_SUFFIXES: tuple[str, ...] = ("_segmentation", "_Segmentation")
 _CASE_FILE = re.compile(rf"^Case(\d+)({'|'.join(map(re.escape, MASK_SUFFIXES))})?(\.nii(?:\.gz)?)$")
 #: Mask and image must share one grid: their voxel spacings and affines may differ this much (mm).
 GRID_TOLERANCE_MM = 1e-3
-_SITE_LOOKUP = {name.upper(): name for name in SITES} | {alias.upper(): site for alias, site in SITE_ALIASES.items()}
+_SITE_LOOKUP = SITE_LOOKUP
 _KNOWN_SITES = f"known sites: {', '.join(SITES)} (aliases: {', '.join(f'{a} = {s}' for a, s in SITE_ALIASES.items())})"
-
-
-@dataclass(frozen=True)
-class ProstateCase:
-    """One case on disk: canonical site name, case id ("Case05"), image and mask paths."""
-
-    site: str
-    case: str
-    image_path: Path
-    mask_path: Path
-
-    @property
-    def key(self) -> str:
-        """ "SITE/CaseXX", the name used in case lists."""
-        return f"{self.site}/{self.case}"
+#: ``labels: whole_gland``: every gland label of the release (1 peripheral, 2 central/transition zone) is class 1.
+WHOLE_GLAND: dict[str, list[int]] = {"gland": [1, 2]}
+#: Labels as written in YAML: ``whole_gland`` or {class name: file value or values}.
+LabelMap = Literal["whole_gland"] | dict[str, int | list[int]]
+#: ``labeled_cases`` as written in YAML: a number of cases, a fraction of them, or a list of "SITE/Case" keys.
+LabeledCases = int | float | list[str]
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,9 @@ class ProstateVolume:
     """One case ready for training and evaluation.
 
     Attributes:
-        image: float32 (S, H, W), normalised and resized to ``image_size``.
-        mask: uint8 (S, H, W), binary gland mask resized (nearest) like ``image``.
-        label: uint8 (S, H0, W0), binary gland mask at the original resolution.
+        image: float32 (C, S, H, W), every channel normalised and resized to ``image_size``.
+        mask: uint8 (S, H, W), class indices resized (nearest) like ``image``; all 0 when unlabelled.
+        label: uint8 (S, H0, W0), class indices at the original resolution; all 0 when unlabelled.
         spacing: float64 (3,), voxel size in mm along (S, H0, W0).
         affine: float64 (4, 4), the NIfTI affine of the image file.
     """
@@ -88,19 +94,43 @@ class ProstateVolume:
     spacing: torch.Tensor
     affine: torch.Tensor
 
+    @property
+    def labeled(self) -> bool:
+        """Whether ``mask`` / ``label`` come from a mask file (else they are an all-zero placeholder)."""
+        return self.case.labeled
 
-def canonical_site(name: str, key: str = "sites") -> str:
-    """Canonical site name for ``name`` (case-insensitive, aliases accepted); ``key`` names the option in errors."""
+
+def _site_order(site: str) -> tuple[int, str]:
+    """Sort key of a site: the release's sites in their usual order, then other names alphabetically."""
+    return (SITES.index(site), "") if site in SITES else (len(SITES), site)
+
+
+def _natural(text: str) -> tuple:
+    """Sort key ordering digits by value ("Case2" < "Case10")."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def canonical_site(name: str, key: str = "sites", available: Sequence[str] = ()) -> str:
+    """Canonical site name for ``name``: a release site (case-insensitive, aliases accepted) or one of
+    the ``available`` sites of the data read; ``key`` names the option in errors."""
     site = _SITE_LOOKUP.get(str(name).upper())
-    if site is None:
-        raise DataError(f"{key}: unknown site {name!r}; {_KNOWN_SITES}")
-    return site
+    if site is not None:
+        return site
+    other = next((s for s in available if s.upper() == str(name).upper()), None)
+    if other is None:
+        read = f"; sites read: {', '.join(available)}" if available else ""
+        raise DataError(f"{key}: unknown site {name!r}; {_KNOWN_SITES}{read}")
+    return other
 
 
-def discover_cases(data_root: str | Path, sites: Sequence[str] | None = None) -> list[ProstateCase]:
-    """Find every case of the requested sites (all site folders when ``sites`` is None).
+def discover_cases(
+    data_root: str | Path, sites: Sequence[str] | None = None, exclude: Sequence[str | Path] = ()
+) -> list[ProstateCase]:
+    """Find every case of the requested sites (all site folders when ``sites`` is None) of the
+    ``sites`` layout. A folder with another name than the release's sites is read when ``sites``
+    lists it (by its exact name, case-insensitively); ``exclude`` folders (unlabelled images) are skipped.
 
-    Returns cases ordered by site (``SITES`` order) and case number.
+    Returns cases ordered by site (``SITES`` order, then other names) and case number.
     """
     root = Path(data_root)
     if not root.is_dir():
@@ -109,17 +139,27 @@ def discover_cases(data_root: str | Path, sites: Sequence[str] | None = None) ->
             f"CaseXX.nii.gz + CaseXX_segmentation.nii.gz (write a synthetic tree with "
             f"`distill data synth-prostate --out {root}`)"
         )
+    listed = {str(name).upper() for name in sites or ()}
+    skipped = {(root / folder).resolve() for folder in exclude}
     folders: dict[str, Path] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.resolve() in skipped:
+            continue
         site = _SITE_LOOKUP.get(folder.name.upper())
         if site is None:
             if sites is None:
                 raise DataError(f"{folder}: unknown site folder; {_KNOWN_SITES}; list the sites to read with `sites:`")
-            continue
+            if folder.name.upper() not in listed:
+                continue
+            site = folder.name
         if site in folders:
             raise DataError(f"{folder}: site {site} is also at {folders[site]}; keep one folder per site")
         folders[site] = folder
-    wanted = [canonical_site(name) for name in sites] if sites is not None else [s for s in SITES if s in folders]
+    wanted = (
+        [canonical_site(name, available=[s for s in folders if s not in SITES]) for name in sites]
+        if sites is not None
+        else [s for s in SITES if s in folders]
+    )
     for site in wanted:
         if site not in folders:
             raise DataError(f"{root / site}: site folder not found (found: {', '.join(folders) or 'none'})")
@@ -162,46 +202,101 @@ def _site_cases(site: str, folder: Path) -> list[ProstateCase]:
     return cases
 
 
-def read_case(case: ProstateCase) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _check_grid(path: Path, nifti, reference: Path, ref_nifti, what: str) -> None:
+    """``path`` (a mask or a channel file) must share the grid of ``reference`` (its image)."""
+    spacing = np.asarray(ref_nifti.header.get_zooms()[:3], dtype=np.float64)
+    other = np.asarray(nifti.header.get_zooms()[:3], dtype=np.float64)
+    if not np.allclose(other, spacing, rtol=0, atol=GRID_TOLERANCE_MM):
+        raise DataError(
+            f"{path}: voxel spacing {other.tolist()} mm differs from {spacing.tolist()} mm "
+            f"of its image {reference} (tolerance {GRID_TOLERANCE_MM} mm)"
+        )
+    offset = float(np.abs(np.asarray(nifti.affine) - np.asarray(ref_nifti.affine)).max())
+    if offset > GRID_TOLERANCE_MM:
+        raise DataError(
+            f"{path}: affine differs from that of its image {reference} by up to {offset:.4g} "
+            f"({what} and image must share one grid; tolerance {GRID_TOLERANCE_MM} mm)"
+        )
+
+
+def read_image_channels(case: ProstateCase, channels: int = 1) -> tuple[np.ndarray, object]:
+    """The first ``channels`` channels of a case, float32 (X, Y, Z, C), and the first file's NIfTI image.
+
+    A 4D file holds all channels (MSD: T2, ADC); otherwise each channel is its own file.
+    """
+    image, nifti = read_nifti(case.image_path, channels=True)
+    if case.channel_paths:
+        arrays = [image]
+        for path in case.channel_paths[: channels - 1]:
+            channel, channel_nifti = read_nifti(path)
+            if channel.shape != image.shape[:3]:
+                raise DataError(
+                    f"{path}: channel shape {channel.shape} differs from {image.shape[:3]} of {case.image_path}"
+                )
+            _check_grid(path, channel_nifti, case.image_path, nifti, "channel")
+            arrays.append(channel[..., None])
+        image = np.concatenate(arrays, axis=3)
+    if image.shape[3] < channels:
+        files = len(case.image_paths)
+        raise DataError(
+            f"{case.image_path}: {image.shape[3]} channel(s) in {files} file(s), data.init_args.channels={channels} "
+            f"(model input channels = channels x num_slices)"
+        )
+    return image[..., :channels], nifti
+
+
+def mask_classes(mask: np.ndarray, labels: Mapping[str, int | Sequence[int]], path: Path) -> np.ndarray:
+    """Class indices uint8 of a mask of file values: class k (1, 2, ...) = the k-th entry of ``labels``,
+    0 = background (value 0); any other value is refused, naming ``path``."""
+    classes = np.zeros(mask.shape, dtype=np.uint8)
+    valid = mask == 0
+    for index, values in enumerate(labels.values(), start=1):
+        inside = np.isin(mask, np.atleast_1d(values))
+        classes[inside] = index
+        valid |= inside
+    if not valid.all():
+        bad_values = np.unique(mask[~valid])[:5].tolist()
+        allowed = sorted({0, *(int(v) for values in labels.values() for v in np.atleast_1d(values))})
+        named = ", ".join(f"{name}: {values}" for name, values in labels.items())
+        raise DataError(
+            f"{path}: mask values must be in {{{', '.join(map(str, allowed))}}} (labels {{{named}}}), found {bad_values}"
+        )
+    return classes
+
+
+def read_case(
+    case: ProstateCase, channels: int = 1, labels: Mapping[str, int | Sequence[int]] = WHOLE_GLAND
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
     """Read and check one case.
 
     Returns:
-        image float32 (S, H0, W0); binary mask uint8 (S, H0, W0); spacing float64 (3,) in mm for
+        image float32 (S, H0, W0) for one channel, (C, S, H0, W0) for ``channels`` > 1; mask of class
+        indices uint8 (S, H0, W0) (None for an unlabelled case); spacing float64 (3,) in mm for
         (S, H0, W0); affine float64 (4, 4).
     """
-    image, nifti = read_nifti(case.image_path)
-    mask, mask_nifti = read_nifti(case.mask_path)
-    if mask.shape != image.shape:
-        raise DataError(f"{case.mask_path}: mask shape {mask.shape} differs from image shape {image.shape}")
+    image, nifti = read_image_channels(case, channels)
     spacing = np.asarray(nifti.header.get_zooms()[:3], dtype=np.float64)
-    mask_spacing = np.asarray(mask_nifti.header.get_zooms()[:3], dtype=np.float64)
-    if not np.allclose(mask_spacing, spacing, rtol=0, atol=GRID_TOLERANCE_MM):
-        raise DataError(
-            f"{case.mask_path}: voxel spacing {mask_spacing.tolist()} mm differs from {spacing.tolist()} mm "
-            f"of its image {case.image_path} (tolerance {GRID_TOLERANCE_MM} mm)"
-        )
-    offset = float(np.abs(np.asarray(mask_nifti.affine) - np.asarray(nifti.affine)).max())
-    if offset > GRID_TOLERANCE_MM:
-        raise DataError(
-            f"{case.mask_path}: affine differs from that of its image {case.image_path} by up to {offset:.4g} "
-            f"(mask and image must share one grid; tolerance {GRID_TOLERANCE_MM} mm)"
-        )
     non_finite = np.count_nonzero(~np.isfinite(image))
     if non_finite:
         raise DataError(f"{case.image_path}: {non_finite} NaN/inf voxels")
-    valid = (mask == 0) | (mask == 1) | (mask == 2)
-    if not valid.all():
-        bad_values = np.unique(mask[~valid])[:5].tolist()
-        raise DataError(f"{case.mask_path}: mask values must be in {{0, 1, 2}}, found {bad_values}")
-    gland = np.ascontiguousarray(mask.transpose(2, 0, 1) > 0, dtype=np.uint8)
-    if not gland.any():
-        rank_zero_warn(
-            f"{case.mask_path}: empty mask (no gland voxel); scored with MONAI's empty-mask conventions "
-            "(distill.metrics.segmentation.volume_dice_hd95) and flagged as empty_label in the per-volume metrics"
-        )
+    image = np.ascontiguousarray(image.transpose(3, 2, 0, 1))
+    classes = None
+    if case.mask_path is not None:
+        mask, mask_nifti = read_nifti(case.mask_path)
+        if mask.shape != tuple(nifti.shape[:3]):
+            raise DataError(
+                f"{case.mask_path}: mask shape {mask.shape} differs from image shape {tuple(nifti.shape[:3])}"
+            )
+        _check_grid(case.mask_path, mask_nifti, case.image_path, nifti, "mask")
+        classes = np.ascontiguousarray(mask_classes(mask, labels, case.mask_path).transpose(2, 0, 1))
+        if not classes.any():
+            rank_zero_warn(
+                f"{case.mask_path}: empty mask (no foreground voxel); scored with MONAI's empty-mask conventions "
+                "(distill.metrics.segmentation.volume_dice_hd95) and flagged as empty_label in the per-volume metrics"
+            )
     return (
-        np.ascontiguousarray(image.transpose(2, 0, 1)),
-        gland,
+        image[0] if channels == 1 else image,
+        classes,
         spacing[[2, 0, 1]],
         np.asarray(nifti.affine, dtype=np.float64),
     )
@@ -230,19 +325,32 @@ _VOLUME_CACHE: dict[tuple, ProstateVolume] = {}
 _VOLUME_CACHE_LOCK = threading.Lock()
 
 
-def load_volume(case: ProstateCase, image_size: int, normalization: str) -> ProstateVolume:
-    """Read, normalise and resize one case, cached per process (keyed by the files' mtime and size)."""
-    stats = [path.stat() for path in (case.image_path, case.mask_path)]
-    key = (str(case.image_path.resolve()), *((s.st_mtime_ns, s.st_size) for s in stats), image_size, normalization)
+def load_volume(
+    case: ProstateCase,
+    image_size: int,
+    normalization: str,
+    channels: int = 1,
+    labels: Mapping[str, int | Sequence[int]] = WHOLE_GLAND,
+) -> ProstateVolume:
+    """Read, normalise (each channel) and resize one case, cached per process (keyed by the case,
+    its files' mtime and size and the options)."""
+    files = [*case.image_paths[:channels], *([case.mask_path] if case.mask_path is not None else [])]
+    stats = [path.stat() for path in files]
+    label_key = tuple((name, tuple(np.atleast_1d(values).tolist())) for name, values in labels.items())
+    key = (case, *((s.st_mtime_ns, s.st_size) for s in stats), image_size, normalization, channels, label_key)
     with _VOLUME_CACHE_LOCK:
         cached = _VOLUME_CACHE.get(key)
     if cached is not None:
         return cached
-    image, mask, spacing, affine = read_case(case)
+    image, mask, spacing, affine = read_case(case, channels, labels)
+    image = torch.from_numpy(image).reshape(channels, *image.shape[-3:])
+    if mask is None:  # unlabelled: an all-zero placeholder, never scored (batch["labeled"] is False)
+        mask = np.zeros(image.shape[1:], dtype=np.uint8)
     label = torch.from_numpy(mask)
+    normalised = torch.stack([normalize_volume(channel, normalization) for channel in image])
     volume = ProstateVolume(
         case=case,
-        image=resize_slices(normalize_volume(torch.from_numpy(image), normalization), image_size, "bilinear"),
+        image=resize_slices(normalised.flatten(0, 1), image_size, "bilinear").unflatten(0, (channels, -1)),
         mask=resize_slices(label, image_size, "nearest-exact"),
         label=label,
         spacing=torch.from_numpy(spacing),
@@ -250,6 +358,17 @@ def load_volume(case: ProstateCase, image_size: int, normalization: str) -> Pros
     )
     with _VOLUME_CACHE_LOCK:
         return _VOLUME_CACHE.setdefault(key, volume)
+
+
+def volume_stacks(image: torch.Tensor, num_slices: int, slices: torch.Tensor | int | None = None) -> torch.Tensor:
+    """2.5D network inputs of a (C, S, H, W) volume: for each centre slice, its ``num_slices``
+    neighbours of every channel, channel-major (channel 0's slices s-k..s+k, then channel 1's, ...).
+
+    Returns (S, C * num_slices, H, W), or (C * num_slices, H, W) for one centre slice ``slices``.
+    """
+    rows = neighbour_slices(image.shape[1], num_slices)
+    rows = rows if slices is None else rows[slices]
+    return image[:, rows].movedim(0, -4).flatten(-4, -3)
 
 
 def neighbour_slices(num_total: int, num_slices: int) -> torch.Tensor:
@@ -273,7 +392,8 @@ def _split_site(cases: list[ProstateCase], val_fraction: float, test_fraction: f
     n_val = max(_round_half_up(val_fraction * n), int(val_fraction > 0 and n >= 3))
     n_val = max(0, min(n_val, n - 1 - n_test))
     n_test = max(0, min(n_test, n - 1 - n_val))
-    site_index = SITES.index(cases[0].site)
+    site = cases[0].site  # release sites keep their historical seeding; others by a stable hash of the name
+    site_index = SITES.index(site) if site in SITES else zlib.crc32(site.encode()) + len(SITES)
     order = np.random.default_rng([seed, site_index]).permutation(n)
     shuffled = [cases[i] for i in order]
     return shuffled[n_test + n_val :], shuffled[n_test : n_test + n_val], shuffled[:n_test]
@@ -287,7 +407,7 @@ def _by_site(cases: list[ProstateCase]) -> dict[str, list[ProstateCase]]:
 
 
 def _sorted(cases: list[ProstateCase]) -> list[ProstateCase]:
-    return sorted(cases, key=lambda c: (SITES.index(c.site), int(c.case[4:])))
+    return sorted(cases, key=lambda c: (_site_order(c.site), _natural(c.case)))
 
 
 def _read_case_list(path: str | Path, cases: list[ProstateCase]) -> dict[str, list[ProstateCase]]:
@@ -329,14 +449,17 @@ def split_cases(
 
     Args:
         split: "per_site" (fractions within every site), "leave_one_site_out" (test = all of
-            ``held_out_site``, val = ``val_fraction`` of every other site) or "case_list"
-            (YAML file ``case_list``).
+            ``held_out_site``, val = ``val_fraction`` of every other site), "case_list"
+            (YAML file ``case_list``) or "datalist" (each case's ``listed_split``: the
+            training / validation / test lists of a datalist layout).
     """
     if split == "case_list":
         return {name: _sorted(chosen) for name, chosen in _read_case_list(case_list, cases).items()}
+    if split == "datalist":
+        return {name: _sorted([c for c in cases if c.listed_split == name]) for name in SPLITS}
     parts: dict[str, list[ProstateCase]] = {name: [] for name in SPLITS}
-    held_out = canonical_site(held_out_site, "held_out_site") if split == "leave_one_site_out" else None
     groups = _by_site(cases)
+    held_out = canonical_site(held_out_site, "held_out_site", list(groups)) if split == "leave_one_site_out" else None
     if held_out is not None and held_out not in groups:
         raise DataError(f"held_out_site: {held_out} is not among the sites read ({', '.join(groups)})")
     for site, site_cases in groups.items():
@@ -367,8 +490,8 @@ def restrict_training_cases(
             raise DataError("train_cases: empty list (a teacher needs at least one training case)")
         train = [by_key[key] for key in sorted(set(train_cases))]
     if train_sites is not None:
-        keep = {canonical_site(name, "train_sites") for name in train_sites}
         available = {case.site for case in train}
+        keep = {canonical_site(name, "train_sites", sorted(available)) for name in train_sites}
         if keep - available:
             raise DataError(f"train_sites: {', '.join(sorted(keep - available))} has no training cases")
         train = [case for case in train if case.site in keep]
@@ -378,6 +501,38 @@ def restrict_training_cases(
         chosen = np.random.default_rng(seed).permutation(len(train))[:train_num_cases]
         train = [train[i] for i in sorted(chosen)]
     return train
+
+
+def keep_labels_of(
+    train: list[ProstateCase], labeled_cases: int | float | Sequence[str] | None, seed: int
+) -> list[ProstateCase]:
+    """Semi-supervised training: every training case stays, but only the chosen ones keep their mask.
+
+    ``labeled_cases`` N (int) keeps the masks of the first N labelled training cases after the
+    shuffle ``np.random.default_rng(seed).permutation`` (the cases ``train_num_cases: N`` keeps,
+    so both compare on the same labels); a float f in (0, 1) keeps round(f x count) (half up, at
+    least 1); a list keeps those "SITE/Case" keys. The others become unlabelled (``mask_path`` None).
+    """
+    if labeled_cases is None:
+        return train
+    labeled = [case for case in train if case.labeled]
+    if isinstance(labeled_cases, (list, tuple)):
+        by_key = {case.key: case for case in labeled}
+        unknown = [str(key) for key in labeled_cases if key not in by_key]
+        if unknown:
+            raise DataError(f"labeled_cases: {', '.join(unknown)} not among the labelled training cases of this split")
+        keep = set(labeled_cases)
+    else:
+        count = (
+            labeled_cases if isinstance(labeled_cases, int) else max(1, _round_half_up(labeled_cases * len(labeled)))
+        )
+        if not 1 <= count <= len(labeled):
+            raise DataError(
+                f"labeled_cases: {labeled_cases} requested, {len(labeled)} labelled training cases available"
+            )
+        chosen = np.random.default_rng(seed).permutation(len(labeled))[:count]
+        keep = {labeled[i].key for i in chosen}
+    return [case if case.key in keep else dataclasses.replace(case, mask_path=None) for case in train]
 
 
 def training_augmentation(intensity: bool = True, cached_logits: bool = False) -> SliceAugmentation:
@@ -390,13 +545,35 @@ def training_augmentation(intensity: bool = True, cached_logits: bool = False) -
     return SliceAugmentation(intensity=intensity, spatial_keys=("teacher_logits",) if cached_logits else ())
 
 
+def _label_map(labels: str | Mapping) -> dict[str, list[int]]:
+    """``labels`` as {class name: file values}, checked (one line naming ``labels`` when wrong)."""
+    if labels == "whole_gland":
+        return dict(WHOLE_GLAND)
+    if not isinstance(labels, Mapping) or not labels:
+        raise DataError(f"labels: 'whole_gland' or a mapping {{class name: mask value(s)}}, got {labels!r}")
+    mapping, seen = {}, {}
+    for name, values in labels.items():
+        values = [values] if isinstance(values, int) else list(values)
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise DataError(f"labels: class {name!r} needs positive integer mask values, got {labels[name]!r}")
+        for value in values:
+            if value in seen:
+                raise DataError(f"labels: mask value {value} is in both {seen[value]!r} and {name!r}")
+            seen[value] = name
+        mapping[str(name)] = values
+    return mapping
+
+
 class ProstateSliceDataset(Dataset):
     """Training samples: 2.5D stacks of adjacent slices with the centre slice's mask.
 
-    Item: ``{"image": float32 (num_slices, H, W), "label": int64 (H, W) in {0, 1}}``, plus
-    ``"teacher_logits"`` float16 (K, C, H, W) once cached teacher outputs are attached.
-    Slices with gland are always used; with ``foreground_only`` False all slices are, otherwise
-    a seeded ``background_fraction`` of the gland-free slices is added. Keys are indices or
+    Item: ``{"image": float32 (channels * num_slices, H, W) (see :func:`volume_stacks`),
+    "label": int64 (H, W) class indices, "labeled": bool ()}``, plus ``"teacher_logits"`` float16
+    (K, C, H, W) once cached teacher outputs are attached. ``labeled`` is False for slices of
+    unlabelled volumes, whose ``label`` is an all-zero placeholder.
+    Slices with foreground are always used; with ``foreground_only`` False all slices are, otherwise
+    a seeded ``background_fraction`` of the others is added. Unlabelled volumes give every slice
+    (which of them hold the gland is unknown without a mask). Keys are indices or
     ``(epoch, index)`` (:class:`~data_modules.resumable.ResumableSampler`); the latter augment
     with a random state drawn from ``(seed, epoch, index)``.
     """
@@ -414,13 +591,17 @@ class ProstateSliceDataset(Dataset):
         self.num_slices = num_slices
         self.transform = transform
         self.seed = seed
-        slices = [(v, s) for v, volume in enumerate(self.volumes) for s in range(volume.mask.shape[0])]
-        has_gland = torch.cat([volume.mask.flatten(1).any(1) for volume in self.volumes]).tolist() if slices else []
+        labeled = [v for v, volume in enumerate(self.volumes) if volume.labeled]
+        slices = [(v, s) for v in labeled for s in range(self.volumes[v].mask.shape[0])]
+        has_gland = torch.cat([self.volumes[v].mask.flatten(1).any(1) for v in labeled]).tolist() if slices else []
         background = [pair for pair, gland in zip(slices, has_gland) if not gland]
         if foreground_only:
             kept = _round_half_up(background_fraction * len(background))
             background = [background[i] for i in np.random.default_rng(seed).permutation(len(background))[:kept]]
-        self.samples = sorted([pair for pair, gland in zip(slices, has_gland) if gland] + background)
+        unlabeled = [
+            (v, s) for v, volume in enumerate(self.volumes) if not volume.labeled for s in range(volume.mask.shape[0])
+        ]
+        self.samples = sorted([pair for pair, gland in zip(slices, has_gland) if gland] + background + unlabeled)
         self.teacher_logits: torch.Tensor | None = None  # (N, K, C, H, W), see attach_teacher_outputs
 
     def __len__(self) -> int:
@@ -430,8 +611,10 @@ class ProstateSliceDataset(Dataset):
         epoch, index = split_key(key)
         volume_index, slice_index = self.samples[index]
         volume = self.volumes[volume_index]
-        neighbours = neighbour_slices(volume.image.shape[0], self.num_slices)[slice_index]
-        sample = {"image": volume.image[neighbours], "label": volume.mask[slice_index][None]}
+        sample = {
+            "image": volume_stacks(volume.image, self.num_slices, slice_index),
+            "label": volume.mask[slice_index][None],
+        }
         if self.teacher_logits is not None:
             sample["teacher_logits"] = self.teacher_logits[index].float().flatten(0, 1)
         if self.transform is not None:
@@ -439,7 +622,11 @@ class ProstateSliceDataset(Dataset):
                 sample = self.transform(sample)
             else:  # a ResumableSampler key: the augmentation depends on (seed, epoch, index) only
                 sample = self.transform(sample, torch.Generator().manual_seed(sample_seed(self.seed, epoch, index)))
-        item = {"image": sample["image"].float(), "label": sample["label"][0].long()}
+        item = {
+            "image": sample["image"].float(),
+            "label": sample["label"][0].long(),
+            "labeled": torch.tensor(volume.labeled),
+        }
         if self.teacher_logits is not None:
             item["teacher_logits"] = sample["teacher_logits"].half().unflatten(0, self.teacher_logits.shape[1:3])
         return item
@@ -448,7 +635,7 @@ class ProstateSliceDataset(Dataset):
 class ProstateVolumeDataset(Dataset):
     """Evaluation items, one whole volume each (use with ``batch_size=None``).
 
-    Item: ``{"image": float32 (S, num_slices, H, W), "label": int64 (S, H0, W0) binary,
+    Item: ``{"image": float32 (S, channels * num_slices, H, W), "label": int64 (S, H0, W0) class indices,
     "spacing": float64 (3,) mm, "site": str, "case": str, "image_path": str, "affine": float64 (4, 4)}``.
     """
 
@@ -462,7 +649,7 @@ class ProstateVolumeDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         volume = self.volumes[index]
         return {
-            "image": volume.image[neighbour_slices(volume.image.shape[0], self.num_slices)],
+            "image": volume_stacks(volume.image, self.num_slices),
             "label": volume.label.long(),
             "spacing": volume.spacing,
             "site": volume.case.site,
@@ -473,38 +660,53 @@ class ProstateVolumeDataset(Dataset):
 
 
 class ProstateDataModule(ResumableTraining, L.LightningDataModule):
-    """Multi-site prostate T2 MRI for 2.5D segmentation with case-level splits.
+    """Prostate MRI (any layout of :mod:`data_modules.layouts`) for 2.5D segmentation with case-level splits.
 
-    Train batches: ``{"image": float32 (B, num_slices, H, W), "label": int64 (B, H, W)}``.
+    Train batches: ``{"image": float32 (B, channels * num_slices, H, W), "label": int64 (B, H, W),
+    "labeled": bool (B,)}`` (``labeled`` False: an unlabelled slice with an all-zero ``label``).
     Val/test/predict: one volume per item (see :class:`ProstateVolumeDataset`); predict serves
-    the test cases (``predict_split="test"``) or every case read (``"all"``).
+    the test cases (``predict_split="test"``) or every labelled case read (``"all"``).
 
     Args:
-        data_root: folder holding the site folders.
-        sites: sites to read (aliases accepted); None reads every site folder.
-        split: "per_site", "leave_one_site_out" (needs ``held_out_site``) or "case_list"
-            (needs ``case_list``, a YAML file with train/val/test lists of "SITE/CaseXX").
+        data_root: folder holding the data (site folders, or a datalist / MSD / nnU-Net dataset folder).
+        sites: sites to read (aliases accepted; with ``layout: sites`` other folder names are read
+            when listed here); None reads every site.
+        split: "per_site", "leave_one_site_out" (needs ``held_out_site``), "case_list"
+            (needs ``case_list``, a YAML file with train/val/test lists of "SITE/CaseXX") or
+            "datalist" (the training / validation / test lists of ``layout: datalist``; other
+            splits pool every labelled entry and split it).
         val_fraction, test_fraction: per-site fractions ("per_site"; val only for leave-one-site-out).
         train_sites, train_num_cases, train_cases: restrict the training cases (limit-trained
             teachers) to sites, a seeded number of cases, or a list of "SITE/CaseXX"; val/test are
             unaffected.
-        num_slices: adjacent slices stacked as channels (odd).
+        num_slices: adjacent slices of each channel stacked as input channels (odd).
         image_size: in-plane size the network sees.
-        normalization: "zscore" or "percentile" (1st/99th clip, rescale to [0, 1]), per volume.
-        foreground_only, background_fraction: train on gland slices plus this fraction of the others.
+        normalization: "zscore" or "percentile" (1st/99th clip, rescale to [0, 1]), per volume and channel.
+        foreground_only, background_fraction: train on foreground slices plus this fraction of the others.
         augment: MONAI flips, small rotations/scaling and intensity jitter on training samples.
         intensity_augmentation: include the intensity jitter (cached teacher outputs cannot follow it).
-        seed: fixes splits, subsets, background slices, the shuffle order of every epoch and the
-            augmentation of every sample (same on every rank; checkpoints hold the position in the
-            epoch, so a resumed run continues exactly, see :mod:`data_modules.resumable`).
+        seed: fixes splits, subsets, background slices, labelled cases, the shuffle order of every
+            epoch and the augmentation of every sample (same on every rank; checkpoints hold the
+            position in the epoch, so a resumed run continues exactly, see :mod:`data_modules.resumable`).
         load_threads: volumes read in parallel in ``setup``.
+        layout: "sites", "datalist", "msd" or "nnunet" (:mod:`data_modules.layouts`).
+        datalist: the datalist JSON of ``layout: datalist`` (default ``<data_root>/dataset.json``;
+            paths in it are relative to its folder).
+        channels: MRI channels read per case (1: T2; 2: T2 + ADC), the first ``channels`` of a 4D
+            file or channel files; the network sees ``channels * num_slices`` input channels.
+        labels: "whole_gland" (mask values 1 and 2 -> class 1) or ``{class name: value(s)}``, e.g.
+            zonal ``{PZ: 1, TZ: 2}`` (class k = the k-th entry; other nonzero values are refused).
+        labeled_cases: keep masks for only these training cases (an int N, a fraction in (0, 1) or a
+            list of "SITE/Case"; see :func:`keep_labels_of`); every training image is still used.
+        unlabeled_images: folders (relative to ``data_root``) of images without masks, added to the
+            training images as unlabelled (never to val/test).
     """
 
     def __init__(
         self,
         data_root: str = "data/prostate",
         sites: list[str] | None = None,
-        split: Literal["per_site", "leave_one_site_out", "case_list"] = "per_site",
+        split: Literal["per_site", "leave_one_site_out", "case_list", "datalist"] = "per_site",
         val_fraction: ClosedUnitInterval = 0.15,
         test_fraction: ClosedUnitInterval = 0.25,
         held_out_site: str | None = None,
@@ -524,9 +726,21 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
         seed: NonNegativeInt = 0,
         predict_split: Literal["test", "all"] = "test",
         load_threads: PositiveInt = 4,
+        layout: Literal["sites", "datalist", "msd", "nnunet"] = "sites",
+        datalist: str | None = None,
+        channels: PositiveInt = 1,
+        labels: LabelMap = "whole_gland",
+        labeled_cases: LabeledCases | None = None,
+        unlabeled_images: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        labeled_ok = (
+            labeled_cases is None
+            or isinstance(labeled_cases, (list, tuple))
+            or (isinstance(labeled_cases, float) and 0 < labeled_cases < 1)
+            or (isinstance(labeled_cases, int) and not isinstance(labeled_cases, bool) and labeled_cases >= 1)
+        )
         checks = {
             "split": (split in SPLIT_METHODS, " or ".join(SPLIT_METHODS)),
             "held_out_site": (split != "leave_one_site_out" or held_out_site, "required for split=leave_one_site_out"),
@@ -540,37 +754,93 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
             "normalization": (normalization in ("zscore", "percentile"), "zscore or percentile"),
             "background_fraction": (0 <= background_fraction <= 1, "must be in [0, 1]"),
             "predict_split": (predict_split in ("test", "all"), "test or all"),
+            "layout": (layout in LAYOUTS, " or ".join(LAYOUTS)),
+            "labeled_cases": (labeled_ok, "a number of cases >= 1, a fraction in (0, 1) or a list of SITE/Case keys"),
         }
+        if split == "datalist":
+            checks["split"] = (layout == "datalist", "split=datalist needs layout=datalist")
         for key, (ok, requirement) in checks.items():
             if not ok:
                 raise DataError(f"{key}: {requirement} (got {self.hparams[key]!r})")
+        self.label_map = _label_map(labels)
         self._case_splits: dict[str, list[ProstateCase]] | None = None
         self._volumes: dict[str, list[ProstateVolume]] = {}
         self._train_set: ProstateSliceDataset | None = None
 
     @property
     def in_channels(self) -> int:
-        """Network input channels (= ``num_slices``)."""
-        return self.hparams.num_slices
+        """Network input channels (= ``channels * num_slices``)."""
+        return self.hparams.channels * self.hparams.num_slices
 
     @property
     def num_classes(self) -> int:
-        """Background and gland."""
-        return 2
+        """Background and the classes of ``labels`` (2 for the whole gland)."""
+        return 1 + len(self.label_map)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the foreground classes 1, 2, ... ("gland" for the whole gland)."""
+        return list(self.label_map)
+
+    @property
+    def site_names(self) -> list[str]:
+        """Sites of the labelled cases read (release order first), for per-site metrics."""
+        return sorted({case.site for case in self.case_splits["all"]}, key=_site_order)
+
+    def _read_cases(self) -> list[ProstateCase]:
+        """Every case of ``layout``, labelled or not, restricted to ``sites`` (when given)."""
+        hp = self.hparams
+        root = Path(hp.data_root)
+        if hp.layout == "sites":
+            return discover_cases(root, hp.sites, exclude=hp.unlabeled_images or ())
+        if not root.is_dir():
+            raise DataError(f"{root}: data root not found (layout: {hp.layout})")
+        if hp.layout == "datalist":
+            cases = datalist_cases(hp.datalist or root / "dataset.json", default_site=root.name)
+        elif hp.layout == "msd":
+            cases = msd_cases(root)
+        else:
+            cases = nnunet_cases(root, hp.channels)
+        if hp.sites is not None:
+            available = sorted({case.site for case in cases}, key=_site_order)
+            keep = {canonical_site(name, "sites", available) for name in hp.sites}
+            missing = keep - set(available)
+            if missing:
+                raise DataError(
+                    f"sites: {', '.join(sorted(missing))} not among the sites read ({', '.join(available)})"
+                )
+            cases = [case for case in cases if case.site in keep]
+        return cases
 
     @property
     def case_splits(self) -> dict[str, list[ProstateCase]]:
-        """{"train", "val", "test", "all"} -> cases; found and split once per DataModule."""
+        """{"train", "val", "test", "all"} -> cases; found and split once per DataModule.
+
+        "all" holds the labelled cases; "train" ends with the unlabelled images (datalist entries
+        without ``label``, ``unlabeled_images`` folders) and holds cases whose mask
+        ``labeled_cases`` drops (``mask_path`` None).
+        """
         if self._case_splits is None:
             hp = self.hparams
-            cases = discover_cases(hp.data_root, hp.sites)
+            cases = self._read_cases()
+            labeled = [case for case in cases if case.labeled]
+            if not labeled:
+                raise DataError(f"{hp.data_root}: no labelled case (every case lacks a mask)")
             splits = split_cases(
-                cases, hp.split, hp.val_fraction, hp.test_fraction, hp.held_out_site, hp.case_list, hp.seed
+                labeled, hp.split, hp.val_fraction, hp.test_fraction, hp.held_out_site, hp.case_list, hp.seed
             )
-            splits["train"] = restrict_training_cases(
+            train = restrict_training_cases(
                 splits["train"], hp.train_sites, hp.train_num_cases, hp.seed, hp.train_cases
             )
-            splits["all"] = cases
+            unlabeled = [case for case in cases if not case.labeled]
+            for folder in hp.unlabeled_images or ():
+                unlabeled += image_folder_cases(Path(hp.data_root) / folder, hp.layout, hp.channels)
+            splits["train"] = keep_labels_of(train, hp.labeled_cases, hp.seed) + unlabeled
+            known = {case.key for case in labeled}
+            clash = next((case for case in unlabeled if case.key in known), None)
+            if clash is not None:
+                raise DataError(f"{clash.image_path}: unlabelled image named like the labelled case {clash.key}")
+            splits["all"] = _sorted(labeled)
             self._case_splits = splits
         return self._case_splits
 
@@ -600,7 +870,13 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
         """Volumes of one split ("train", "val", "test" or "all"), read in parallel threads once."""
         if name not in self._volumes:
             hp = self.hparams
-            load = functools.partial(load_volume, image_size=hp.image_size, normalization=hp.normalization)
+            load = functools.partial(
+                load_volume,
+                image_size=hp.image_size,
+                normalization=hp.normalization,
+                channels=hp.channels,
+                labels=self.label_map,
+            )
             with ThreadPoolExecutor(max_workers=max(1, hp.load_threads)) as pool:
                 self._volumes[name] = list(pool.map(load, self.case_splits[name]))
         return self._volumes[name]
@@ -645,14 +921,16 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
         }
 
     def teacher_cache_inputs(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """Un-augmented training inputs (B, num_slices, H, W) in sample order, for the teachers."""
+        """Un-augmented training inputs (B, in_channels, H, W) in sample order (unlabelled slices
+        included), for the teachers."""
         train = self.train_set
         for start in range(0, len(train.samples), batch_size):
-            stacks = []
-            for volume_index, slice_index in train.samples[start : start + batch_size]:
-                volume = train.volumes[volume_index]
-                stacks.append(volume.image[neighbour_slices(volume.image.shape[0], train.num_slices)[slice_index]])
-            yield torch.stack(stacks)
+            yield torch.stack(
+                [
+                    volume_stacks(train.volumes[v].image, train.num_slices, s)
+                    for v, s in train.samples[start : start + batch_size]
+                ]
+            )
 
     def attach_teacher_outputs(self, logits: torch.Tensor) -> None:
         """Serve ``logits`` (N, K, C, H, W) as ``batch["teacher_logits"]``, augmented with the image."""

@@ -390,3 +390,74 @@ def _acquire(rng, signal, spacing, style: SiteStyle, rectum_centre) -> np.ndarra
     if np.issubdtype(style.image_dtype, np.integer):
         return np.round(np.clip(image, 0, np.iinfo(style.image_dtype).max)).astype(style.image_dtype)
     return image.astype(style.image_dtype)
+
+
+#: Zonal classes of the synthetic masks (1 peripheral zone, 2 central / transition zone), as MSD Task05 numbers them.
+ZONAL_LABELS: dict[str, int] = {"PZ": 1, "TZ": 2}
+
+
+def synthetic_adc(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A made-up second channel (X, Y, Z) for multi-channel tests: smoothed, inverted T2 contrast
+    with a brighter peripheral zone. Not a physical ADC map; it only gives a second input to learn from."""
+    smooth = ndimage.gaussian_filter(image.astype(np.float32), (1, 1, 0))
+    return (smooth.max() - smooth + 0.3 * smooth.std() * (mask == 1)).astype(np.float32)
+
+
+def write_layout(
+    source_root: str | Path, out_dir: str | Path, layout: str, sites: tuple[str, ...] = ("RUNMC", "BMC")
+) -> Path:
+    """Rewrite the cases of ``sites`` of a synthetic six-site tree in another layout, for tests and trials.
+
+    ``datalist``: the files under ``<out>/<site>/`` and a MONAI ``dataset.json`` (training list with
+    ``site``); ``msd``: Task05_Prostate's layout (``imagesTr/prostate_NN.nii.gz`` 4D T2 +
+    :func:`synthetic_adc`, ``labelsTr/``, ``dataset.json`` with ``modality`` and ``labels``);
+    ``nnunet``: nnU-Net v2 raw (``imagesTr/prostate_NN_0000.nii.gz`` T2, ``_0001`` the second
+    channel, ``labelsTr/prostate_NN.nii.gz``, ``dataset.json`` with ``channel_names``, ``labels``,
+    ``file_ending``). Masks keep their values (RUNMC and BMC are zonal: 1 PZ, 2 TZ).
+    """
+    import json
+
+    source, out = Path(source_root), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for site in sites:
+        for image_path in sorted((source / site).glob("Case??.nii.gz")):
+            mask_path = next((source / site).glob(f"{image_path.name[:6]}_*egmentation.nii.gz"))
+            entries.append((site, image_path, mask_path))
+    training = []
+    for number, (site, image_path, mask_path) in enumerate(entries):
+        image, mask = nib.load(image_path), nib.load(mask_path)
+        if layout == "datalist":
+            (out / site).mkdir(exist_ok=True)
+            shutil.copy(image_path, out / site / image_path.name)
+            shutil.copy(mask_path, out / site / mask_path.name)
+            training.append({"image": f"{site}/{image_path.name}", "label": f"{site}/{mask_path.name}", "site": site})
+            continue
+        t2 = np.asarray(image.dataobj, dtype=np.float32)
+        labels = np.asarray(mask.dataobj).astype(np.uint8)
+        adc = synthetic_adc(t2, labels)
+        name = f"prostate_{number:02d}"
+        (out / "imagesTr").mkdir(exist_ok=True)
+        (out / "labelsTr").mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(labels, image.affine), out / "labelsTr" / f"{name}.nii.gz")
+        if layout == "msd":
+            nib.save(nib.Nifti1Image(np.stack([t2, adc], axis=3), image.affine), out / "imagesTr" / f"{name}.nii.gz")
+            training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+        elif layout == "nnunet":
+            for channel, volume in enumerate((t2, adc)):
+                nib.save(nib.Nifti1Image(volume, image.affine), out / "imagesTr" / f"{name}_{channel:04d}.nii.gz")
+        else:
+            raise DataError(f"layout: 'datalist', 'msd' or 'nnunet', got {layout!r}")
+    if layout == "nnunet":
+        spec = {
+            "channel_names": {"0": "T2", "1": "ADC"},
+            "labels": {"background": 0, **ZONAL_LABELS},
+            "numTraining": len(entries),
+            "file_ending": ".nii.gz",
+        }
+    else:
+        spec = {"name": "Prostate", "modality": {"0": "T2", "1": "ADC"} if layout == "msd" else {"0": "T2"}}
+        spec |= {"labels": {"0": "background", "1": "PZ", "2": "TZ"}, "numTraining": len(entries)}
+        spec |= {"training": training, "test": []}
+    (out / "dataset.json").write_text(json.dumps(spec, indent=2))
+    return out

@@ -62,11 +62,29 @@ def add_prostate_commands(data_commands: argparse._SubParsersAction) -> None:
         "--size", type=number_type(int, 16), default=128, help="in-plane matrix of the 384-px sites (real: 384)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace site folders that already hold files")
+    parser.add_argument(
+        "--layout",
+        choices=["sites", "datalist", "msd", "nnunet"],
+        default="sites",
+        help="sites: the release tree; datalist / msd / nnunet: its zonal RUNMC and BMC cases in that layout "
+        "(msd, nnunet: with a made-up second channel)",
+    )
 
     def run(args: argparse.Namespace) -> None:
-        from data_modules.synth_prostate import write_synthetic_prostate
+        import tempfile
 
-        write_synthetic_prostate(args.out, seed=args.seed, scale=args.scale, size=args.size, overwrite=args.overwrite)
+        from data_modules.synth_prostate import write_layout, write_synthetic_prostate
+        from distill.errors import DataError
+
+        options = {"seed": args.seed, "scale": args.scale, "size": args.size}
+        if args.layout == "sites":
+            write_synthetic_prostate(args.out, overwrite=args.overwrite, **options)
+            return
+        out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            raise DataError(f"{out}: already holds files; write into an empty folder (or pass --overwrite)")
+        with tempfile.TemporaryDirectory() as source:
+            write_layout(write_synthetic_prostate(source, **options), out, args.layout)
 
     parser.set_defaults(func=run)
 

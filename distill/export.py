@@ -127,6 +127,12 @@ def load_student(checkpoint: str | Path) -> tuple[nn.Module, dict]:
             "outputs": list(OUTPUT_NAMES[family]),
         }
         return LogitsAndFeatures(net).eval(), preprocessing
+    channels = int(data.get("channels", 1))
+    if channels > 1:
+        raise DataError(
+            f"{path}: trained on {channels} MRI channels (data.init_args.channels); the exported pipeline "
+            "(distill segment-nifti) reads one channel per volume"
+        )
     preprocessing = {
         "num_slices": int(model.get("in_channels", data.get("num_slices", 3))),
         "image_size": int(data.get("image_size", DEFAULT_IMAGE_SIZE)),

@@ -2,11 +2,14 @@
 
 YAMLs use ``class_path``/``init_args`` for the model and data, and OmegaConf interpolation
 (``${data.init_args.num_slices}``, ``${oc.env:PROSTATE_DATA,data/prostate}``) resolved after
-command-line overrides, so derived values are linked rather than repeated.
+command-line overrides, so derived values are linked rather than repeated; ``${product:a,b}``
+multiplies (the network's input channels of multi-channel 2.5D data:
+``${product:${data.init_args.channels},${data.init_args.num_slices}}``).
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 import sys
 import warnings
@@ -21,12 +24,15 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 
 from distill.callbacks import FitCompletion, RandomStateCheckpoint, sigterm_note
 from distill.errors import DataError
 from distill.termination import stop_on_sigterm
 from distill.utils import atomic_write, read_extending_yaml, read_yaml, unique_path
 from distill.wandb_logging import WandbResultPlots
+
+OmegaConf.register_new_resolver("product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
 
 # Model options that define the network's shape: a checkpoint must agree with the config on them.
 ARCHITECTURE_KEYS = ("network", "network_kwargs", "in_channels", "num_classes", "backbone", "backbone_kwargs")

@@ -78,14 +78,16 @@ def teacher_subsets(spec: dict, train_keys: list[str], data_seed: int, source: s
 
 
 def training_cases(config: str, overrides: list[str]) -> tuple[list[str], int]:
-    """The training cases of ``config``'s DataModule (its split, before any subset) and its seed."""
+    """The labelled training cases of ``config``'s DataModule (its split, before any subset; a
+    teacher learns from masks, so unlabelled images are left out) and its seed."""
     from distill.lightning_cli import DistillCLI
 
     cli = DistillCLI(args=["--config", config, *overrides], run=False)
     datamodule = cli.datamodule
     if not hasattr(datamodule, "case_splits"):
         raise DataError(f"{config}: limit-trained teachers need a DataModule with case-level splits")
-    return [case.key for case in datamodule.case_splits["train"]], int(datamodule.hparams.seed)
+    train = [case.key for case in datamodule.case_splits["train"] if getattr(case, "labeled", True)]
+    return train, int(datamodule.hparams.seed)
 
 
 def train_limit_trained_teachers(

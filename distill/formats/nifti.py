@@ -27,10 +27,11 @@ NIFTI_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, 
 MAX_NIFTI_VOXELS = 2**28
 
 
-def read_nifti(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Voxels float32 (X, Y, Z) (a trailing axis of length 1 dropped) and the image of a 3D NIfTI file.
+def read_nifti(path: str | Path, channels: bool = False) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Voxels float32 (X, Y, Z) (a trailing axis of length 1 dropped) and the image of a 3D NIfTI file;
+    with ``channels``, (X, Y, Z, C) of a 3D (C = 1) or 4D (C channels, e.g. MSD's T2 + ADC) file.
 
-    Every problem is a one-line DataError naming the file: unreadable, not 3D, or a header
+    Every problem is a one-line DataError naming the file: unreadable, not 3D (or 4D), or a header
     claiming more than :data:`MAX_NIFTI_VOXELS` voxels (checked before anything is allocated).
     """
     path = Path(path)
@@ -52,6 +53,12 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         data = nifti.get_fdata(dtype=np.float32)
     except NIFTI_READ_ERRORS as err:
         raise unreadable(err) from None
+    if channels:
+        if data.ndim == 3:
+            data = data[..., None]
+        if data.ndim != 4:
+            raise DataError(f"{path}: expected a 3D or 4D (X, Y, Z, channels) volume, got shape {data.shape}")
+        return data, nifti
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -1,4 +1,4 @@
-"""Per-volume segmentation metrics (3D Dice, HD95 in mm) and their per-site aggregation."""
+"""Per-volume segmentation metrics (3D Dice, HD95 in mm, per foreground class) and their per-site aggregation."""
 
 from __future__ import annotations
 
@@ -45,6 +45,15 @@ def volume_dice_hd95(pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[
     return dice, hd95
 
 
+def volume_class_dice_hd95(
+    pred: torch.Tensor, label: torch.Tensor, spacing: Sequence[float], num_classes: int
+) -> tuple[list[float], list[float]]:
+    """:func:`volume_dice_hd95` of every foreground class c = 1 .. num_classes - 1 of (D, H, W)
+    class-index volumes, one class against the rest: ``([dice_1, ...], [hd95_1, ...])``."""
+    scores = [volume_dice_hd95(pred == c, label == c, spacing) for c in range(1, num_classes)]
+    return [dice for dice, _ in scores], [hd95 for _, hd95 in scores]
+
+
 def volume_key(name: str) -> int:
     """A stable signed 64-bit identity of a volume name (e.g. its image path), the same in every process."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little", signed=True)
@@ -53,28 +62,40 @@ def volume_key(name: str) -> int:
 class PerGroupVolumeMetrics(Metric):
     """Mean Dice/HD95 over cases, overall and per group (site); DDP-safe (states are gathered).
 
-    ``update(dice, hd95, group, volume, empty_label)`` once per case, ``volume`` naming it (e.g. its
+    ``update(dice, hd95, group, volume, empty_label)`` once per case, ``dice`` and ``hd95`` a value
+    or one per foreground class (:func:`volume_class_dice_hd95`), ``volume`` naming it (e.g. its
     image path), ``empty_label`` saying that its mask has no foreground (scored as
-    :func:`volume_dice_hd95` says; listed by :meth:`per_volume`); ``compute()`` returns ``{"dice": m, "hd95": m, "dice/<GROUP>": m, "hd95/<GROUP>": m, ...}`` for
-    the groups seen. Every volume counts once: Lightning's distributed sampler repeats volumes to
+    :func:`volume_dice_hd95` says; listed by :meth:`per_volume`); ``compute()`` returns
+    ``{"dice": m, "hd95": m, "dice/<GROUP>": m, "hd95/<GROUP>": m, ...}`` for the groups seen, a
+    case's value being the (NaN-skipping) mean over its classes, and with ``class_names`` (more
+    than one class) also ``"dice_<CLASS>"`` and ``"hd95_<CLASS>"``, the mean over cases of each
+    class. Every volume counts once: Lightning's distributed sampler repeats volumes to
     give every rank as many, and the repeats are dropped after gathering (by ``volume``), so the
     results do not depend on the number of processes.
     """
 
     full_state_update = False
 
-    def __init__(self, groups: Sequence[str]) -> None:
+    def __init__(self, groups: Sequence[str], class_names: Sequence[str] | None = None) -> None:
         super().__init__()
         self.groups = list(groups)
+        self.class_names = list(class_names or [])
         self.add_state("dice", default=[], dist_reduce_fx="cat")
         self.add_state("hd95", default=[], dist_reduce_fx="cat")
         self.add_state("group", default=[], dist_reduce_fx="cat")
         self.add_state("volume", default=[], dist_reduce_fx="cat")
         self.add_state("empty_label", default=[], dist_reduce_fx="cat")
 
-    def update(self, dice: float, hd95: float, group: str, volume: str, empty_label: bool = False) -> None:
-        self.dice.append(torch.tensor([dice], dtype=torch.float64, device=self.device))
-        self.hd95.append(torch.tensor([hd95], dtype=torch.float64, device=self.device))
+    def update(
+        self,
+        dice: float | Sequence[float],
+        hd95: float | Sequence[float],
+        group: str,
+        volume: str,
+        empty_label: bool = False,
+    ) -> None:
+        self.dice.append(torch.tensor(dice, dtype=torch.float64, device=self.device).reshape(1, -1))
+        self.hd95.append(torch.tensor(hd95, dtype=torch.float64, device=self.device).reshape(1, -1))
         self.group.append(torch.tensor([self.groups.index(group)], device=self.device))
         self.volume.append(torch.tensor([volume_key(volume)], dtype=torch.int64, device=self.device))
         self.empty_label.append(torch.tensor([int(empty_label)], dtype=torch.uint8, device=self.device))
@@ -89,24 +110,38 @@ class PerGroupVolumeMetrics(Metric):
         return {
             "volume": keys[first],
             "group": cat(self.group)[kept],
-            "dice": cat(self.dice)[kept],
-            "hd95": cat(self.hd95)[kept],
+            "class_dice": cat(self.dice)[kept],
+            "class_hd95": cat(self.hd95)[kept],
             "empty_label": cat(self.empty_label)[kept].bool(),
         }
 
     def per_volume(self) -> dict[str, torch.Tensor]:
-        """``{"volume": (N,) int64 volume_key, "group": (N,) index into groups, "dice": (N,), "hd95": (N,),
-        "empty_label": (N,) bool}`` over the N distinct volumes of all ranks (a collective under DDP: call it on every rank)."""
+        """``{"volume": (N,) int64 volume_key, "group": (N,) index into groups, "dice": (N,), "hd95": (N,)
+        (means over the classes), "class_dice": (N, K), "class_hd95": (N, K), "empty_label": (N,) bool}``
+        over the N distinct volumes of all ranks (a collective under DDP: call it on every rank)."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn):
-            return self._distinct_volumes()
+            volumes = self._distinct_volumes()
+        return volumes | {"dice": _class_mean(volumes["class_dice"]), "hd95": _class_mean(volumes["class_hd95"])}
 
     def compute(self) -> dict[str, torch.Tensor]:
         volumes = self._distinct_volumes()
-        dice, hd95, group = volumes["dice"], volumes["hd95"], volumes["group"]
+        class_dice, class_hd95, group = volumes["class_dice"], volumes["class_hd95"], volumes["group"]
+        dice, hd95 = _class_mean(class_dice), _class_mean(class_hd95)
         results = {"dice": dice.nanmean(), "hd95": hd95.nanmean()}
+        if len(self.class_names) > 1:
+            for index, name in enumerate(self.class_names):
+                results[f"dice_{name}"] = class_dice[:, index].nanmean()
+                results[f"hd95_{name}"] = class_hd95[:, index].nanmean()
         for index, name in enumerate(self.groups):
             in_group = group == index
             if in_group.any():
                 results[f"dice/{name}"] = dice[in_group].nanmean()
                 results[f"hd95/{name}"] = hd95[in_group].nanmean()
         return results
+
+
+def _class_mean(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) per-class values -> (N,) NaN-skipping means (NaN where a case has no value at all)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return values.nanmean(1) if values.shape[1] != 1 else values[:, 0]

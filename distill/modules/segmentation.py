@@ -30,7 +30,7 @@ from distill.losses.registry import (
     choose_loss,
     logit_loss,
 )
-from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_dice_hd95
+from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_class_dice_hd95
 from distill.models import FeatureTaps, build_segmentation_network
 from distill.modules.base import DistillModuleBase
 from distill.modules.teacher_cache import attach_teacher_cache
@@ -46,12 +46,17 @@ class SegmentationModule(DistillModuleBase):
 
     Args:
         network: name in :data:`distill.models.SEGMENTATION_NETWORKS`; ``network_kwargs`` its options.
-        in_channels: adjacent slices per input (link it to the data: ``${data.init_args.num_slices}``).
-        num_classes: 2 for the binary gland task (softmax over background/gland).
+        in_channels: input channels: the data's ``channels`` x ``num_slices`` (link it:
+            ``${data.init_args.num_slices}`` for one MRI channel,
+            ``${product:${data.init_args.channels},${data.init_args.num_slices}}`` for more).
+        num_classes: background + the data's classes (2 for the whole gland, 3 for zonal PZ / TZ).
+        class_names: names of the foreground classes for per-class metrics (``val/dice_PZ``);
+            None: the data's (``class_names`` of the DataModule) when fitting or testing.
         loss_weights: weight per named term; terms here: ``dice``, ``lovasz``, ``ce``.
             It and the optimiser, schedule and ``channels_last``: see :class:`DistillModuleBase`.
         lovasz_mode: ``"softmax"`` (multi-class Lovasz-softmax) or ``"hinge"`` (binary).
-        report_sites: groups for per-site test metrics (``test/dice/<SITE>``).
+        report_sites: groups for per-site test metrics (``test/dice/<SITE>``); the sites of the
+            data read are added when fitting or testing.
         eval_batch_size: slices per forward pass when predicting a whole volume.
         largest_component: keep only the largest 3D connected component of the prediction.
     """
@@ -72,6 +77,7 @@ class SegmentationModule(DistillModuleBase):
         report_sites: Sequence[str] = PROSTATE_SITES,
         eval_batch_size: PositiveInt = 32,
         largest_component: bool = False,
+        class_names: list[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -81,21 +87,48 @@ class SegmentationModule(DistillModuleBase):
         self.dice_loss = DiceLoss()
         self.lovasz_loss = LovaszLoss(mode=lovasz_mode, per_image=lovasz_per_image)
         self.eval_batch_size = eval_batch_size
-        self.keep_largest = KeepLargestConnectedComponent(applied_labels=[1]) if largest_component else None
-        self.init_evaluation_metrics(lambda: PerGroupVolumeMetrics(report_sites))
+        foreground = list(range(1, num_classes))
+        self.keep_largest = KeepLargestConnectedComponent(applied_labels=foreground) if largest_component else None
+        if class_names is not None and len(class_names) != num_classes - 1:
+            raise DataError(f"class_names: {len(class_names)} names for the {num_classes - 1} foreground classes")
+        self.class_names = list(class_names) if class_names is not None else [str(c) for c in foreground]
+        self.report_sites = list(report_sites)
+        self.init_evaluation_metrics(lambda: PerGroupVolumeMetrics(self.report_sites, self.class_names))
 
     def setup(self, stage: str) -> None:
-        """The data's 2.5D stack depth must be the network's input channels (else the first batch fails)."""
+        """Check the network against the data (input channels = channels x slices, classes) before
+        the first batch fails, and take the data's class and site names for the metrics."""
         super().setup(stage)
-        slices = getattr(getattr(self.trainer, "datamodule", None), "in_channels", None)
-        if slices is not None and slices != self.hparams.in_channels:
+        data = getattr(self.trainer, "datamodule", None)
+        hp = self.hparams
+        channels = getattr(data, "in_channels", None)
+        if channels is not None and channels != hp.in_channels:
+            mri_channels = getattr(getattr(data, "hparams", None), "channels", 1)
+            if mri_channels == 1:
+                raise DataError(
+                    f"model.init_args.in_channels={hp.in_channels} differs from data.init_args.num_slices={channels} "
+                    "(the slices stacked as input channels); set in_channels: ${data.init_args.num_slices}"
+                )
             raise DataError(
-                f"model.init_args.in_channels={self.hparams.in_channels} differs from data.init_args.num_slices={slices} "
-                "(the slices stacked as input channels); set in_channels: ${data.init_args.num_slices}"
+                f"model.init_args.in_channels={hp.in_channels} differs from data.init_args.channels x num_slices = "
+                f"{mri_channels} x {channels // mri_channels} = {channels}; set in_channels: "
+                "${product:${data.init_args.channels},${data.init_args.num_slices}}"
             )
+        classes = getattr(data, "num_classes", None)
+        if classes is not None and classes != hp.num_classes:
+            raise DataError(
+                f"model.init_args.num_classes={hp.num_classes} differs from the data's {classes} classes "
+                f"(background + {', '.join(getattr(data, 'class_names', ()))} of data.init_args.labels); "
+                f"set num_classes: {classes}"
+            )
+        if hp.class_names is None and getattr(data, "class_names", None) is not None:
+            self.class_names = list(data.class_names)
+        for metrics in (self.val_metrics, self.test_metrics):
+            metrics.class_names = list(self.class_names)
+            metrics.groups += [site for site in getattr(data, "site_names", ()) if site not in metrics.groups]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, S, H, W) slices -> (B, num_classes, H, W) logits."""
+        """(B, in_channels, H, W) slice stacks -> (B, num_classes, H, W) logits."""
         return self.net(self.to_memory_format(image))
 
     def deployable_network(self) -> nn.Module:
@@ -136,11 +169,12 @@ class SegmentationModule(DistillModuleBase):
             mask = self.keep_largest(mask[None])[0]
         return torch.as_tensor(mask, dtype=torch.int64)
 
-    def evaluation_outputs(self, volume: Mapping) -> tuple[float, float, str, str, bool]:
-        """One volume -> (Dice, HD95 in mm, site, image path, empty label): :class:`PerGroupVolumeMetrics`' update."""
+    def evaluation_outputs(self, volume: Mapping) -> tuple[list[float], list[float], str, str, bool]:
+        """One volume -> (Dice, HD95 in mm of each foreground class, site, image path, empty label):
+        :class:`PerGroupVolumeMetrics`' update."""
         label = volume["label"]
         pred = self.predict_volume(volume["image"], label.shape[-2:])
-        dice, hd95 = volume_dice_hd95(pred, label, volume["spacing"].tolist())
+        dice, hd95 = volume_class_dice_hd95(pred, label, volume["spacing"].tolist(), self.hparams.num_classes)
         site = volume["site"]
         if site not in self.val_metrics.groups:
             raise DataError(

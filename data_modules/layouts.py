@@ -1,0 +1,235 @@
+"""Segmentation data in the layouts people have, read into one case record (:class:`ProstateCase`).
+
+``layout`` of :class:`~data_modules.prostate.ProstateDataModule`:
+
+- ``sites`` (default): the MS-Net/SAML release, ``<root>/<SITE>/CaseXX.nii.gz`` +
+  ``CaseXX_segmentation.nii.gz`` (read by :func:`data_modules.prostate.discover_cases`).
+- ``datalist``: a MONAI Decathlon-style ``dataset.json`` (``datalist:``, default
+  ``<root>/dataset.json``) with ``training`` / ``validation`` / ``test`` lists of
+  ``{"image": ..., "label": ..., "site": ...}``, read with MONAI's
+  :func:`monai.data.load_decathlon_datalist` (paths relative to the file's folder). ``image`` is
+  one file (3D, or 4D with channels last) or a list of channel files; ``site`` is optional (default:
+  the root folder's name); a ``training`` entry without ``label`` is an unlabelled training image.
+- ``msd``: the Medical Segmentation Decathlon layout (Task05_Prostate: ``imagesTr/prostate_00.nii.gz``
+  4D T2 + ADC, ``labelsTr/prostate_00.nii.gz`` with 0 / 1 PZ / 2 TZ), its ``dataset.json``'s
+  ``training`` list through the same MONAI loader; the label-free ``test`` images are not read.
+- ``nnunet``: the nnU-Net v2 raw layout, ``dataset.json`` with ``channel_names``, ``labels`` and
+  ``file_ending``, ``imagesTr/<case>_0000<ending>`` (``_0001`` for the second channel, ...) and
+  ``labelsTr/<case><ending>``.
+
+Every reader returns :class:`ProstateCase` records; a case without a mask (``mask_path`` None) is
+an unlabelled training image. ``unlabeled_images:`` folders (:func:`image_folder_cases`) add more.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from monai.data import load_decathlon_datalist
+
+from distill.errors import DataError
+from distill.formats.sites import PROSTATE_SITES, SITE_ALIASES
+
+LAYOUTS: tuple[str, ...] = ("sites", "datalist", "msd", "nnunet")
+#: The lists of a Decathlon datalist and the split each one feeds (``split: datalist``).
+DATALIST_SPLITS: dict[str, str] = {"training": "train", "validation": "val", "test": "test"}
+NIFTI_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii")
+_CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")
+#: Upper-case release site names and aliases -> canonical release site.
+SITE_LOOKUP = {name.upper(): name for name in PROSTATE_SITES} | {a.upper(): s for a, s in SITE_ALIASES.items()}
+
+
+def site_name(name: str) -> str:
+    """A release site under another spelling or alias is that site ("isbi" -> "RUNMC"); others as written."""
+    return SITE_LOOKUP.get(name.upper(), name)
+
+
+@dataclass(frozen=True)
+class ProstateCase:
+    """One case on disk.
+
+    Attributes:
+        site: site name ("RUNMC", a datalist's ``site``, the dataset folder's name, ...).
+        case: case id ("Case05", "prostate_00").
+        image_path: the image (all channels when it is 4D), or its first channel file.
+        mask_path: the label file; None for an unlabelled training image.
+        channel_paths: files of channels 2, 3, ... when every channel is its own file.
+        listed_split: the datalist list that holds it ("train", "val", "test"; ``split: datalist``).
+    """
+
+    site: str
+    case: str
+    image_path: Path
+    mask_path: Path | None
+    channel_paths: tuple[Path, ...] = ()
+    listed_split: str = "train"
+
+    @property
+    def key(self) -> str:
+        """ "SITE/CaseXX", the name used in case lists."""
+        return f"{self.site}/{self.case}"
+
+    @property
+    def image_paths(self) -> tuple[Path, ...]:
+        return (self.image_path, *self.channel_paths)
+
+    @property
+    def labeled(self) -> bool:
+        return self.mask_path is not None
+
+
+def nifti_stem(path: Path) -> str | None:
+    """File name without ``.nii.gz`` / ``.nii``; None for other files."""
+    for ending in NIFTI_ENDINGS:
+        if path.name.endswith(ending) and len(path.name) > len(ending):
+            return path.name[: -len(ending)]
+    return None
+
+
+def _load_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not readable JSON ({' '.join(str(err).split())})") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return spec
+
+
+def _unique_cases(cases: list[ProstateCase], source: Path) -> list[ProstateCase]:
+    seen: dict[str, ProstateCase] = {}
+    for case in cases:
+        if case.key in seen:
+            raise DataError(
+                f"{source}: {seen[case.key].image_path} and {case.image_path} are both case {case.key} "
+                "(rename one, or give datalist entries a 'case' field)"
+            )
+        seen[case.key] = case
+    return cases
+
+
+def datalist_cases(
+    path: str | Path, base_dir: str | Path | None = None, default_site: str = "data", keys=tuple(DATALIST_SPLITS)
+) -> list[ProstateCase]:
+    """Cases of a MONAI Decathlon-style datalist (its ``keys`` lists that are present), in file order.
+
+    Paths go through :func:`monai.data.load_decathlon_datalist` (relative to ``base_dir``, default
+    the file's folder); each must exist. The case id is the image file's name without ``.nii.gz``
+    (a ``case`` field overrides it); ``site`` defaults to ``default_site``.
+    """
+    path = Path(path)
+    raw = _load_json(path, "datalist")
+    present = [key for key in keys if raw.get(key)]
+    if not present:
+        raise DataError(f"{path}: no {' / '.join(keys)} list of {{image, label}} entries")
+    cases = []
+    for key in present:
+        if not isinstance(raw[key], list) or not all(isinstance(e, (dict, str)) for e in raw[key]):
+            raise DataError(f"{path}: {key} must be a list of {{image, label}} entries")
+        if any(isinstance(e, dict) and "image" not in e for e in raw[key]):
+            index = next(i for i, e in enumerate(raw[key]) if isinstance(e, dict) and "image" not in e)
+            raise DataError(f"{path}: {key} entry {index} has no 'image'")
+        try:
+            entries = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base_dir)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{path}: {key}: {' '.join(str(err).split())}") from None
+        for index, (entry, original) in enumerate(zip(entries, raw[key])):
+            where = f"{path}: {key} entry {index}"
+            images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+            files = [Path(image) for image in images]
+            label = entry.get("label")
+            if isinstance(label, list):
+                raise DataError(f"{where}: 'label' must be one file, got a list")
+            for file in [*files, *([Path(label)] if label is not None else [])]:
+                if not file.is_file():
+                    raise DataError(f"{where}: {file} not found")
+            if label is None and key != "training":
+                raise DataError(
+                    f"{where}: {files[0]} has no 'label' (only training images may be unlabelled; "
+                    "for the Decathlon's label-free test list use layout: msd)"
+                )
+            # site/case from the file as written: MONAI turns values naming an existing path into paths
+            fields = original if isinstance(original, dict) else {}
+            case_id = str(fields.get("case") or nifti_stem(files[0]) or files[0].stem)
+            site = site_name(str(fields.get("site") or default_site))
+            label_path = Path(label) if label is not None else None
+            cases.append(ProstateCase(site, case_id, files[0], label_path, tuple(files[1:]), DATALIST_SPLITS[key]))
+    return _unique_cases(cases, path)
+
+
+def msd_cases(root: str | Path) -> list[ProstateCase]:
+    """The labelled ``training`` cases of a Medical Segmentation Decathlon task folder (site: its name)."""
+    root = Path(root)
+    return datalist_cases(root / "dataset.json", root, default_site=root.name, keys=("training",))
+
+
+def _nnunet_settings(root: Path, channels: int) -> tuple[str, dict]:
+    path = root / "dataset.json"
+    spec = _load_json(path, "nnU-Net dataset.json")
+    missing = [key for key in ("channel_names", "labels", "file_ending") if key not in spec]
+    if missing:
+        raise DataError(f"{path}: nnU-Net dataset.json lacks {', '.join(missing)}")
+    ending = spec["file_ending"]
+    if ending not in NIFTI_ENDINGS:
+        raise DataError(f"{path}: file_ending {ending!r} is not read here (NIfTI only: {', '.join(NIFTI_ENDINGS)})")
+    names = spec["channel_names"]
+    if not isinstance(names, dict) or len(names) < channels:
+        raise DataError(f"{path}: channel_names lists {len(names)} channel(s), data.init_args.channels={channels}")
+    return ending, names
+
+
+def nnunet_cases(root: str | Path, channels: int = 1) -> list[ProstateCase]:
+    """Cases of an nnU-Net v2 raw dataset folder: one per ``labelsTr`` file, with its ``channels``
+    image files ``imagesTr/<case>_0000`` ... (site: the folder's name)."""
+    root = Path(root)
+    ending, names = _nnunet_settings(root, channels)
+    labels = sorted((root / "labelsTr").glob(f"*{ending}")) if (root / "labelsTr").is_dir() else []
+    if not labels:
+        raise DataError(f"{root / 'labelsTr'}: no label files (<case>{ending})")
+    cases = []
+    for label in labels:
+        case_id = label.name[: -len(ending)]
+        files = [root / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(channels)]
+        for c, file in enumerate(files):
+            if not file.is_file():
+                raise DataError(f"{file}: channel {c} ({names.get(str(c), '?')}) of case {case_id} not found")
+        cases.append(ProstateCase(site_name(root.name), case_id, files[0], label, tuple(files[1:])))
+    return cases
+
+
+def image_folder_cases(folder: str | Path, layout: str, channels: int = 1) -> list[ProstateCase]:
+    """Unlabelled images of one folder (``unlabeled_images:``), site = the folder's name.
+
+    With the ``nnunet`` layout, files ``<case>_0000`` ... ``<case>_<channels - 1>`` make one case;
+    otherwise every NIfTI file is one case (all its channels when it is 4D).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: unlabelled image folder not found")
+    stems = {stem: path for path in sorted(folder.iterdir()) if (stem := nifti_stem(path)) and path.is_file()}
+    cases = []
+    if layout == "nnunet":
+        groups: dict[str, dict[int, Path]] = {}
+        for stem, path in stems.items():
+            match = _CHANNEL_FILE.match(stem)
+            if match is None:
+                raise DataError(f"{path}: not an nnU-Net image name <case>_0000")
+            groups.setdefault(match.group(1), {})[int(match.group(2))] = path
+        for case_id, files in sorted(groups.items()):
+            ending = files[min(files)].name[len(case_id) + 5 :]
+            for c in range(channels):
+                if c not in files:
+                    raise DataError(f"{folder / f'{case_id}_{c:04d}{ending}'}: channel {c} of case {case_id} not found")
+            cases.append(
+                ProstateCase(folder.name, case_id, files[0], None, tuple(files[c] for c in range(1, channels)))
+            )
+    else:
+        cases = [ProstateCase(folder.name, stem, path, None) for stem, path in stems.items()]
+    if not cases:
+        raise DataError(f"{folder}: no NIfTI images in the unlabelled image folder")
+    return _unique_cases(cases, folder)
