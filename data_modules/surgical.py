@@ -282,9 +282,11 @@ def _single_threaded_opencv(worker_id: int) -> None:
 class SurgicalSSLDataModule(SurgicalDataModule):
     """Unlabelled frames for self-supervised pre-training (MoCo v2 "aug-plus" pairs).
 
-    Trains on every frame at ``fps`` of the non-test videos (train + val parts of the split;
-    Cholec80 "paper": videos 1-40), or with ``dataset="unlabeled"`` on every video folder
-    under ``frames_dir`` (custom data; ``data_root`` unused). The last incomplete batch is
+    Trains on every frame at ``fps`` of the training videos of the split only (the validation
+    videos only score the online probe, whose accuracy chooses checkpoints: a frame seen in
+    training would leak into that score; the test videos are never read when fitting), or with
+    ``dataset="unlabeled"`` on every video folder under ``frames_dir`` (custom data;
+    ``data_root`` unused). The last incomplete batch is
     dropped (fixed-size batches for the MoCo queue) unless it is the only one.
 
     Train batch: ``{"views": [view1, view2], "label": (B,) int64, "video": list[str],
@@ -324,9 +326,8 @@ class SurgicalSSLDataModule(SurgicalDataModule):
             train_index = unlabelled_frame_index(self.frames_dir, self.pattern, videos, self.fps)
         else:
             self._read_splits()
-            videos = self.splits["train"] + self.splits["val"]
             train_index = labelled_frame_index(
-                self.frames_dir, self.pattern, self.annotations, videos, self.dataset, self.fps
+                self.frames_dir, self.pattern, self.annotations, self.splits["train"], self.dataset, self.fps
             )
             val_index = labelled_frame_index(
                 self.frames_dir, self.pattern, self.annotations, self.splits["val"], self.dataset, self.fps
