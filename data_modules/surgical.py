@@ -291,7 +291,8 @@ class SurgicalSSLDataModule(SurgicalDataModule):
 
     Train batch: ``{"views": [view1, view2], "label": (B,) int64, "video": list[str],
     "frame": (B,) int64, "index": (B,) int64}`` with views (B, 3, S, S) float32 ImageNet-normalised,
-    label the phase (-1 without annotations) for an online linear probe. Validation / test batch
+    label the phase (-1 without annotations) for an online linear probe. ``augmentation_strength``
+    scales the MoCo v2 augmentation (1: the paper's; see :func:`moco_v2_augmentation`). Validation / test batch
     (annotated datasets; validation / test videos): the :class:`SurgicalPhaseDataModule` batch, eval transform.
     """
 
@@ -306,6 +307,7 @@ class SurgicalSSLDataModule(SurgicalDataModule):
         fps: Literal[1, 5, 25] = 1,
         image_size: PositiveInt = 224,
         resize_size: PositiveInt = 250,
+        augmentation_strength: ClosedUnitInterval = 1.0,
         batch_size: PositiveInt = 128,
         num_workers: NonNegativeInt = 2,
         seed: NonNegativeInt = 0,
@@ -314,6 +316,7 @@ class SurgicalSSLDataModule(SurgicalDataModule):
         self.save_hyperparameters()
         self.frames_dir, self.pattern, self.fps = Path(frames_dir), FramePattern(frame_pattern), fps
         self.image_size, self.resize_size = image_size, resize_size
+        self.augmentation_strength = augmentation_strength
         if dataset != UNLABELED and data_root is None:
             raise DataError(f"data_root: needed for the {dataset} annotations (or use dataset='unlabeled')")
 
@@ -346,7 +349,7 @@ class SurgicalSSLDataModule(SurgicalDataModule):
             self.frames_dir,
             self.pattern,
             train_index,
-            TwoViews(moco_v2_augmentation(self.image_size)),
+            TwoViews(moco_v2_augmentation(self.image_size, self.augmentation_strength)),
             "views",
             self.seed,
         )

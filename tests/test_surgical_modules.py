@@ -23,6 +23,7 @@ from distill.callbacks import PhaseFeatureWriter
 from distill.errors import DataError
 from distill.formats.features import load_video_features
 from distill.formats.phases import read_phase_file
+from distill.metrics.embedding import knn_accuracy, neighbour_overlap, similarity_kl
 from distill.metrics.phase import evaluate_phases
 from distill.modules import MoCoDistillModule, MoCoModule, PhaseClassifierModule, TCNPhaseModule
 from distill.modules.checkpoints import load_network
@@ -175,6 +176,35 @@ def test_distillation_loss_matches_a_hand_computation(teacher_ckpt):
         assert torch.allclose(terms["info_nce"], expected_nce, atol=1e-5)
         if step == 0:
             assert float(terms["distill"]) == 0.0  # only the positive column: nothing filled yet
+
+
+def test_testing_logs_what_pre_training_learned_and_the_agreement_with_the_teacher(cholec, teacher_ckpt, tmp_path):
+    torch.manual_seed(4)
+    model = MoCoDistillModule(teacher_checkpoint=str(teacher_ckpt), **TINY)
+    run = trainer(tmp_path)
+    data = ssl_data(cholec)
+    run.fit(model, datamodule=data)
+    last_epoch_nce = float(model.epoch_info_nce.compute())
+    run.save_checkpoint(tmp_path / "student.ckpt")
+    assert torch.load(tmp_path / "student.ckpt", weights_only=True)["train_info_nce"] == pytest.approx(last_epoch_nce)
+    model.epoch_info_nce.reset()  # the test below reads the checkpoint's value
+    metrics = run.test(model, datamodule=data, ckpt_path=tmp_path / "student.ckpt", verbose=False)[0]
+    assert metrics["test/train_info_nce"] == pytest.approx(last_epoch_nce, rel=1e-6)
+    assert metrics["test/info_nce_chance"] == pytest.approx(np.log(1 + TINY["queue_size"]))
+    teacher_nce = torch.load(teacher_ckpt, weights_only=True)["train_info_nce"]
+    assert metrics["test/teacher_info_nce"] == pytest.approx(teacher_nce)
+    assert metrics["test/teacher_at_chance"] == float(teacher_nce > 0.9 * np.log(17))
+    # the agreement, recomputed from both networks on every test frame
+    images = torch.stack([item["image"] for item in data.sets["test"]])
+    labels = torch.tensor([item["label"] for item in data.sets["test"]])
+    videos = torch.tensor([int(item["video"][-2:]) for item in data.sets["test"]])
+    with torch.no_grad():
+        student, teacher = model.encoder_q.eval()(images), model.teachers.networks[0](images)
+    assert metrics["test/teacher_kl"] == pytest.approx(similarity_kl(teacher, student, 0.2), rel=1e-4, abs=1e-6)
+    # a 2-step model's embeddings are nearly collapsed: rounding (batched vs whole) flips a few near-tied neighbours
+    assert metrics["test/teacher_overlap"] == pytest.approx(neighbour_overlap(teacher, student, 5), abs=0.05)
+    assert metrics["test/teacher_overlap_chance"] == pytest.approx(5 / (len(images) - 1))
+    assert metrics["test/knn_acc"] == pytest.approx(knn_accuracy(student, labels, videos, 10), abs=0.05)
 
 
 def test_teacher_and_student_queues_hold_the_same_samples_in_the_same_rows(teacher_ckpt):
