@@ -101,15 +101,22 @@ class MemoryQueue(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """MoCo v2 MLP head: Linear(in, hidden) -> ReLU -> Linear(hidden, out); (B, in) -> (B, out).
+    """MoCo v2 MLP head: Linear(in, hidden) -> [BatchNorm1d] -> ReLU -> Linear(hidden, out); (B, in) -> (B, out).
 
+    ``batch_norm`` (MoCo v3 / SimCLR heads) centres and scales the hidden units over the batch:
+    pooled backbone features share a large common component (post-ReLU, cosine ~0.5-0.8 between
+    any two frames), which without it dominates every projection, so the L2-normalised
+    embeddings start nearly identical and a short run cannot pull them apart.
     The output is not normalised; L2-normalise it before :func:`contrastive_logits`.
     """
 
-    def __init__(self, in_dim: int = 2048, hidden_dim: int = 2048, out_dim: int = 128) -> None:
+    def __init__(
+        self, in_dim: int = 2048, hidden_dim: int = 2048, out_dim: int = 128, batch_norm: bool = False
+    ) -> None:
         super().__init__()
+        norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
         self.layers = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+            nn.Linear(in_dim, hidden_dim), *norm, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
         )
 
     def forward(self, features: Tensor) -> Tensor:
@@ -187,8 +194,13 @@ class MoCoEncoder(nn.Module):
 
 
 def build_moco_encoder(
-    backbone: str, backbone_source: str, proj_hidden_dim: int, proj_dim: int, weights: str | None = None
+    backbone: str,
+    backbone_source: str,
+    proj_hidden_dim: int,
+    proj_dim: int,
+    weights: str | None = None,
+    proj_batch_norm: bool = False,
 ) -> MoCoEncoder:
     """A MoCo encoder on a timm/torchvision backbone; ``weights``: None (random), "public" or a file."""
     net = build_backbone(backbone, weights=weights, source=backbone_source)
-    return MoCoEncoder(net, ProjectionHead(feature_dim(net), proj_hidden_dim, proj_dim))
+    return MoCoEncoder(net, ProjectionHead(feature_dim(net), proj_hidden_dim, proj_dim, proj_batch_norm))

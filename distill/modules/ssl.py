@@ -84,6 +84,8 @@ class MoCoModule(DistillModuleBase):
         backbone_weights: None (random init), ``"public"`` (packaged ImageNet EfficientNet-Lite0)
             or a weights file (e.g. torchvision's ``resnet50-0676ba61.pth``).
         proj_hidden_dim, proj_dim: MLP head (paper: 2048-2048-128).
+        proj_batch_norm: batch norm after the head's hidden layer (MoCo v3; see
+            :class:`~distill.models.ssl.ProjectionHead`). Off in the paper; short runs need it.
         queue_size: K negatives; a multiple of the global batch size (checked when fitting).
         temperature: tau of the contrastive logits (MoCo v2: 0.2).
         momentum: key-encoder EMA momentum (0.999); with ``momentum_schedule="cosine"`` it rises
@@ -111,6 +113,7 @@ class MoCoModule(DistillModuleBase):
         backbone_weights: BackboneWeights = None,
         proj_hidden_dim: PositiveInt = 2048,
         proj_dim: PositiveInt = 128,
+        proj_batch_norm: bool = False,
         queue_size: PositiveInt = 2048,
         temperature: PositiveFloat = 0.2,
         momentum: NonNegativeFloat = 0.999,
@@ -125,7 +128,9 @@ class MoCoModule(DistillModuleBase):
         **kwargs,
     ) -> None:
         super().__init__(optimizer=optimizer, **kwargs)
-        self.encoder_q = build_moco_encoder(backbone, backbone_source, proj_hidden_dim, proj_dim, backbone_weights)
+        self.encoder_q = build_moco_encoder(
+            backbone, backbone_source, proj_hidden_dim, proj_dim, backbone_weights, proj_batch_norm
+        )
         if freeze_backbone:
             self.encoder_q.backbone.requires_grad_(False)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
