@@ -153,6 +153,22 @@ def test_distillation_fits_with_a_frozen_teacher_kept_out_of_checkpoints(cholec,
     assert model.hparams.teacher_sha256 and model.loss_weights == {"info_nce": 1.0, "distill": 5.0, "probe": 1.0}
 
 
+def test_teacher_with_a_batch_norm_head_is_rebuilt_and_distilled_from_in_eval_mode(cholec, tmp_path):
+    torch.manual_seed(5)
+    teacher_model, run = fit_moco(cholec, tmp_path, freeze_backbone=True, proj_batch_norm=True)
+    run.save_checkpoint(tmp_path / "teacher.ckpt")
+    teacher = load_network(tmp_path / "teacher.ckpt", "moco").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():  # running statistics of the trained head, not the batch's
+        torch.testing.assert_close(teacher(x), teacher_model.encoder_q.eval()(x))
+        torch.testing.assert_close(teacher(x[:1]), teacher(x)[:1])
+    student = MoCoDistillModule(teacher_checkpoint=str(tmp_path / "teacher.ckpt"), proj_batch_norm=True, **TINY)
+    student_run = trainer(tmp_path)
+    student_run.fit(student, datamodule=ssl_data(cholec))
+    assert np.isfinite(float(student_run.callback_metrics["train/distill"]))
+    assert not student.teachers.networks[0].training
+
+
 def test_distillation_loss_matches_a_hand_computation(teacher_ckpt):
     torch.manual_seed(2)
     model = MoCoDistillModule(teacher_checkpoint=str(teacher_ckpt), **TINY)

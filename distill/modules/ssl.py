@@ -344,7 +344,7 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
         state = load_state(Path(record.checkpoint))
         recorded = state.get("hyper_parameters") or {}
         self.teacher_info_nce = state.get("train_info_nce")
-        teacher_dim = self.teachers.networks[0].head.layers[-1].out_features
+        teacher_dim = self.teachers.networks[0].head.out_dim
         problems = []
         if teacher_dim != self.hparams.proj_dim:
             problems.append(f"projection dimension {teacher_dim} vs the student's proj_dim {self.hparams.proj_dim}")
