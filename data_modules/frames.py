@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import re
 import string
@@ -217,8 +218,13 @@ def extract_frames(
                     failures[video.name] = str(err)
                 bar.update()
         else:
+            # Workers start fresh ("spawn"): a forked child inherits OpenCV's thread-pool locks in
+            # whatever state the parent's threads left them, and hung in cv2.setNumThreads.
             with ProcessPoolExecutor(
-                max_workers=min(workers, len(todo)), initializer=cv2.setNumThreads, initargs=(1,)
+                max_workers=min(workers, len(todo)),
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=cv2.setNumThreads,
+                initargs=(1,),
             ) as pool:
                 futures = {pool.submit(_extract_video, video, out_dir, settings): video.name for video in todo}
                 for future in as_completed(futures):

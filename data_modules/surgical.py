@@ -282,14 +282,17 @@ def _single_threaded_opencv(worker_id: int) -> None:
 class SurgicalSSLDataModule(SurgicalDataModule):
     """Unlabelled frames for self-supervised pre-training (MoCo v2 "aug-plus" pairs).
 
-    Trains on every frame at ``fps`` of the non-test videos (train + val parts of the split;
-    Cholec80 "paper": videos 1-40), or with ``dataset="unlabeled"`` on every video folder
-    under ``frames_dir`` (custom data; ``data_root`` unused). The last incomplete batch is
+    Trains on every frame at ``fps`` of the training videos of the split only (the validation
+    videos only score the online probe, whose accuracy chooses checkpoints: a frame seen in
+    training would leak into that score; the test videos are never read when fitting), or with
+    ``dataset="unlabeled"`` on every video folder under ``frames_dir`` (custom data;
+    ``data_root`` unused). The last incomplete batch is
     dropped (fixed-size batches for the MoCo queue) unless it is the only one.
 
     Train batch: ``{"views": [view1, view2], "label": (B,) int64, "video": list[str],
     "frame": (B,) int64, "index": (B,) int64}`` with views (B, 3, S, S) float32 ImageNet-normalised,
-    label the phase (-1 without annotations) for an online linear probe. Validation / test batch
+    label the phase (-1 without annotations) for an online linear probe. ``augmentation_strength``
+    scales the MoCo v2 augmentation (1: the paper's; see :func:`moco_v2_augmentation`). Validation / test batch
     (annotated datasets; validation / test videos): the :class:`SurgicalPhaseDataModule` batch, eval transform.
     """
 
@@ -304,6 +307,7 @@ class SurgicalSSLDataModule(SurgicalDataModule):
         fps: Literal[1, 5, 25] = 1,
         image_size: PositiveInt = 224,
         resize_size: PositiveInt = 250,
+        augmentation_strength: ClosedUnitInterval = 1.0,
         batch_size: PositiveInt = 128,
         num_workers: NonNegativeInt = 2,
         seed: NonNegativeInt = 0,
@@ -312,6 +316,7 @@ class SurgicalSSLDataModule(SurgicalDataModule):
         self.save_hyperparameters()
         self.frames_dir, self.pattern, self.fps = Path(frames_dir), FramePattern(frame_pattern), fps
         self.image_size, self.resize_size = image_size, resize_size
+        self.augmentation_strength = augmentation_strength
         if dataset != UNLABELED and data_root is None:
             raise DataError(f"data_root: needed for the {dataset} annotations (or use dataset='unlabeled')")
 
@@ -324,9 +329,8 @@ class SurgicalSSLDataModule(SurgicalDataModule):
             train_index = unlabelled_frame_index(self.frames_dir, self.pattern, videos, self.fps)
         else:
             self._read_splits()
-            videos = self.splits["train"] + self.splits["val"]
             train_index = labelled_frame_index(
-                self.frames_dir, self.pattern, self.annotations, videos, self.dataset, self.fps
+                self.frames_dir, self.pattern, self.annotations, self.splits["train"], self.dataset, self.fps
             )
             val_index = labelled_frame_index(
                 self.frames_dir, self.pattern, self.annotations, self.splits["val"], self.dataset, self.fps
@@ -345,7 +349,7 @@ class SurgicalSSLDataModule(SurgicalDataModule):
             self.frames_dir,
             self.pattern,
             train_index,
-            TwoViews(moco_v2_augmentation(self.image_size)),
+            TwoViews(moco_v2_augmentation(self.image_size, self.augmentation_strength)),
             "views",
             self.seed,
         )

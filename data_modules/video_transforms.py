@@ -124,17 +124,26 @@ def _normalise() -> list[v2.Transform]:
     ]
 
 
-def moco_v2_augmentation(image_size: int = 224) -> v2.Compose:
+def moco_v2_augmentation(image_size: int = 224, strength: float = 1.0) -> v2.Compose:
     """MoCo v2 "aug-plus": uint8 (3, H, W) -> float32 (3, S, S), ImageNet-normalised.
 
-    RandomResizedCrop (scale 0.2-1) first, so the colour and blur steps run on S x S pixels.
+    RandomResizedCrop (scale 1 - 0.8 * strength .. 1) first, so the colour and blur steps run on
+    S x S pixels; colour jitter (p 0.8, 0.4 / 0.4 / 0.4 / 0.1 x strength), grey (p 0.2 x strength),
+    Gaussian blur (p 0.5 x strength, sigma 0.1-2 px at 224 px and in proportion at other sizes:
+    MoCo's 2 px at 48 px would blur away most of the frame), flip. ``strength=1`` is the paper's
+    recipe; short runs on small frames need less (at 48 px, 1.0 leaves the two views of a frame
+    barely more alike than two frames, and MoCo stays at chance: README, "Surgical pre-training").
     """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"moco_v2_augmentation: strength must be in [0, 1], got {strength}")
+    pixel = image_size / 224  # MoCo v2's pixel sizes are at 224 px
+    kernel = max(3, 2 * round(11 * pixel) + 1)  # 23 at 224 px
     return v2.Compose(
         [
-            OpenCVRandomResizedCrop(image_size, scale=(0.2, 1.0)),
-            v2.RandomApply([OpenCVColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([OpenCVGaussianBlur(23, sigma=(0.1, 2.0))], p=0.5),
+            OpenCVRandomResizedCrop(image_size, scale=(1.0 - 0.8 * strength, 1.0)),
+            v2.RandomApply([OpenCVColorJitter(*(0.4 * strength,) * 3, 0.1 * strength)], p=0.8),
+            v2.RandomGrayscale(p=0.2 * strength),
+            v2.RandomApply([OpenCVGaussianBlur(kernel, sigma=(0.1 * pixel, 2.0 * pixel))], p=0.5 * strength),
             v2.RandomHorizontalFlip(),
             *_normalise(),
         ]

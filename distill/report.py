@@ -19,6 +19,15 @@ from pathlib import Path
 from distill.runs import RunResult, run_config
 from distill.utils import unique_path
 
+#: Metrics that mark a row when any of its seeds logs 1, and what the mark says under the table.
+ROW_FLAGS = {
+    "test/teacher_at_chance": (
+        "teacher at chance",
+        "its teacher's last-epoch InfoNCE is above 0.9 ln(1 + K): the teacher's similarities carry "
+        "(almost) nothing to distil, so the row does not measure the method",
+    ),
+}
+
 
 # ------------------------------------------------------------------ statistics
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -112,7 +121,8 @@ def format_table(
     results: list[RunResult],
     header_notes: list[str] | None = None,
 ) -> str:
-    """Markdown: a row per run name, mean ± std over seeds per metric, parameters, latency, deltas."""
+    """Markdown: a row per run name, mean ± std over seeds per metric, parameters, latency, deltas;
+    rows with a :data:`ROW_FLAGS` metric at 1 are marked, the mark explained under the table."""
     rows = group_rows(results)
     expanded = metric_columns(columns, results)
     seeds = sorted({r.seed for r in results})
@@ -125,11 +135,17 @@ def format_table(
         "",
     ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    flagged = set()
     for name, runs in rows.items():
-        cells = [name, f"{runs[0].parameters / 1e6:.2f}M"]
+        flags = [key for key in ROW_FLAGS if any(r.metrics.get(key, 0.0) >= 0.5 for r in runs)]
+        flagged.update(flags)
+        marks = "".join(f" (! {ROW_FLAGS[key][0]})" for key in flags)
+        cells = [name + marks, f"{runs[0].parameters / 1e6:.2f}M"]
         cells += [format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt) for key, _, fmt in expanded]
         cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
+    if flagged:
+        lines += ["", *[f"- (! {ROW_FLAGS[key][0]}): {ROW_FLAGS[key][1]}" for key in ROW_FLAGS if key in flagged]]
     deltas = comparison_lines(columns, compare, rows)
     if deltas:
         lines += ["", *deltas]

@@ -135,6 +135,22 @@ def test_projection_head_shapes():
     assert [p.shape for p in ProjectionHead().parameters()] == [(2048, 2048), (2048,), (128, 2048), (128,)]
 
 
+def test_batch_norm_head_centres_the_embeddings_that_a_plain_head_leaves_in_a_cone():
+    torch.manual_seed(0)
+    features = torch.rand(64, 16) + 1.0  # post-ReLU-like: positive, a large common component
+    plain, normed = ProjectionHead(16, 32, 8), ProjectionHead(16, 32, 8, batch_norm=True)
+    assert normed.out_dim == plain.out_dim == 8
+    outputs = normed(features)  # training mode: batch statistics
+    torch.testing.assert_close(outputs.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs.var(0, unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
+
+    def mean_cosine(x: torch.Tensor) -> float:
+        x = torch.nn.functional.normalize(x, dim=1)
+        return float((x @ x.T)[~torch.eye(len(x), dtype=torch.bool)].mean())
+
+    assert mean_cosine(plain(features)) > 0.8 and abs(mean_cosine(outputs)) < 0.1
+
+
 def test_shuffle_unshuffle_single_process_is_identity():
     images = torch.randn(4, 3, 2, 2)
     shuffled, unshuffle = batch_shuffle_ddp(images)

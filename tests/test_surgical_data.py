@@ -281,11 +281,10 @@ def assert_labels_match_annotations(index, annotations: dict[str, Path], dataset
         assert [truth[f] for f in index.frames[rows].tolist()] == index.labels[rows].tolist()
 
 
-def test_ssl_datamodule_gives_two_augmented_views_of_non_test_frames(synthetic_cholec80):
+def test_ssl_datamodule_gives_two_augmented_views_of_training_frames(synthetic_cholec80):
     module = SurgicalSSLDataModule(synthetic_cholec80.frames, synthetic_cholec80.root, batch_size=4, num_workers=2)
     module.setup("fit")
-    assert set(module.sets["train"].index.videos) == set(module.splits["train"] + module.splits["val"])
-    assert not set(module.sets["train"].index.videos) & set(module.splits["test"])
+    assert module.sets["train"].index.videos == module.splits["train"] == ["video01", "video02"]
     assert (module.sets["train"].index.frames % 25 == 0).all()
     assert_labels_match_annotations(module.sets["train"].index, module.annotations)
     batch = next(iter(module.train_dataloader()))
@@ -298,6 +297,23 @@ def test_ssl_datamodule_gives_two_augmented_views_of_non_test_frames(synthetic_c
     assert batch["index"].shape == batch["label"].shape == (4,) and batch["label"].dtype == torch.int64
     val_batch = next(iter(module.val_dataloader()))
     assert val_batch["image"].shape[1:] == (3, 224, 224) and set(val_batch["video"]) <= set(module.splits["val"])
+
+
+def test_ssl_training_batches_hold_no_validation_frame(synthetic_cholec80):
+    """The online probe trains on the training batches' labelled frames; val/probe_acc (which
+    chooses checkpoints) scores the validation videos: no frame may be in both."""
+    module = SurgicalSSLDataModule(
+        synthetic_cholec80.frames, synthetic_cholec80.root, fps=1, image_size=16, resize_size=18, batch_size=2, num_workers=0
+    )
+    module.setup("fit")
+    trained = set()
+    for batch in module.train_dataloader():
+        labelled = batch["label"] >= 0
+        trained |= {(v, int(f)) for v, f, keep in zip(batch["video"], batch["frame"], labelled) if keep}
+    scored = {(v, int(f)) for batch in module.val_dataloader() for v, f in zip(batch["video"], batch["frame"])}
+    assert scored and trained  # both non-empty: the check below can fail
+    assert {v for v, _ in scored} == {"video03"} and not trained & scored
+    assert {v for v, _ in trained} == {"video01", "video02"}
 
 
 def test_ssl_datamodule_reads_unlabeled_frame_folders(synthetic_cholec80):

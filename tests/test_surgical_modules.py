@@ -23,6 +23,8 @@ from distill.callbacks import PhaseFeatureWriter
 from distill.errors import DataError
 from distill.formats.features import load_video_features
 from distill.formats.phases import read_phase_file
+from distill.losses import weighted_sum
+from distill.metrics.embedding import knn_accuracy, neighbour_overlap, similarity_kl
 from distill.metrics.phase import evaluate_phases
 from distill.modules import MoCoDistillModule, MoCoModule, PhaseClassifierModule, TCNPhaseModule
 from distill.modules.checkpoints import load_network
@@ -151,6 +153,22 @@ def test_distillation_fits_with_a_frozen_teacher_kept_out_of_checkpoints(cholec,
     assert model.hparams.teacher_sha256 and model.loss_weights == {"info_nce": 1.0, "distill": 5.0, "probe": 1.0}
 
 
+def test_teacher_with_a_batch_norm_head_is_rebuilt_and_distilled_from_in_eval_mode(cholec, tmp_path):
+    torch.manual_seed(5)
+    teacher_model, run = fit_moco(cholec, tmp_path, freeze_backbone=True, proj_batch_norm=True)
+    run.save_checkpoint(tmp_path / "teacher.ckpt")
+    teacher = load_network(tmp_path / "teacher.ckpt", "moco").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():  # running statistics of the trained head, not the batch's
+        torch.testing.assert_close(teacher(x), teacher_model.encoder_q.eval()(x))
+        torch.testing.assert_close(teacher(x[:1]), teacher(x)[:1])
+    student = MoCoDistillModule(teacher_checkpoint=str(tmp_path / "teacher.ckpt"), proj_batch_norm=True, **TINY)
+    student_run = trainer(tmp_path)
+    student_run.fit(student, datamodule=ssl_data(cholec))
+    assert np.isfinite(float(student_run.callback_metrics["train/distill"]))
+    assert not student.teachers.networks[0].training
+
+
 def test_distillation_loss_matches_a_hand_computation(teacher_ckpt):
     torch.manual_seed(2)
     model = MoCoDistillModule(teacher_checkpoint=str(teacher_ckpt), **TINY)
@@ -175,6 +193,98 @@ def test_distillation_loss_matches_a_hand_computation(teacher_ckpt):
         assert torch.allclose(terms["info_nce"], expected_nce, atol=1e-5)
         if step == 0:
             assert float(terms["distill"]) == 0.0  # only the positive column: nothing filled yet
+
+
+def test_testing_logs_what_pre_training_learned_and_the_agreement_with_the_teacher(cholec, teacher_ckpt, tmp_path):
+    torch.manual_seed(4)
+    model = MoCoDistillModule(teacher_checkpoint=str(teacher_ckpt), **TINY)
+    run = trainer(tmp_path)
+    data = ssl_data(cholec)
+    run.fit(model, datamodule=data)
+    last_epoch_nce = float(model.epoch_info_nce.compute())
+    run.save_checkpoint(tmp_path / "student.ckpt")
+    assert torch.load(tmp_path / "student.ckpt", weights_only=True)["train_info_nce"] == pytest.approx(last_epoch_nce)
+    model.epoch_info_nce.reset()  # the test below reads the checkpoint's value
+    metrics = run.test(model, datamodule=data, ckpt_path=tmp_path / "student.ckpt", verbose=False)[0]
+    assert metrics["test/train_info_nce"] == pytest.approx(last_epoch_nce, rel=1e-6)
+    assert metrics["test/info_nce_chance"] == pytest.approx(np.log(1 + TINY["queue_size"]))
+    teacher_nce = torch.load(teacher_ckpt, weights_only=True)["train_info_nce"]
+    assert metrics["test/teacher_info_nce"] == pytest.approx(teacher_nce)
+    assert metrics["test/teacher_at_chance"] == float(teacher_nce > 0.9 * np.log(17))
+    # the agreement, recomputed from both networks on every test frame
+    images = torch.stack([item["image"] for item in data.sets["test"]])
+    labels = torch.tensor([item["label"] for item in data.sets["test"]])
+    videos = torch.tensor([int(item["video"][-2:]) for item in data.sets["test"]])
+    with torch.no_grad():
+        student, teacher = model.encoder_q.eval()(images), model.teachers.networks[0](images)
+    assert metrics["test/teacher_kl"] == pytest.approx(similarity_kl(teacher, student, 0.2), rel=1e-4, abs=1e-6)
+    # a 2-step model's embeddings are nearly collapsed: rounding (batched vs whole) flips a few near-tied neighbours
+    assert metrics["test/teacher_overlap"] == pytest.approx(neighbour_overlap(teacher, student, 5), abs=0.05)
+    assert metrics["test/teacher_overlap_chance"] == pytest.approx(5 / (len(images) - 1))
+    assert metrics["test/knn_acc"] == pytest.approx(knn_accuracy(student, labels, videos, 10), abs=0.05)
+
+
+class MeanColourTeacher(torch.nn.Module):
+    """A teacher with similarity structure: a fixed projection of a frame's mean red and green, unit norm."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.randn(2, dim, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(x.mean((2, 3))[:, :2] @ self.weight, dim=1)
+
+
+def textured_frames(n: int, seed: int) -> torch.Tensor:
+    """(n, 3, 32, 32): a random colour per frame plus a smooth random texture."""
+    generator = torch.Generator().manual_seed(seed)
+    texture = torch.nn.functional.interpolate(torch.randn(n, 3, 4, 4, generator=generator), size=32, mode="bilinear")
+    return torch.randn(n, 3, 1, 1, generator=generator) + 0.5 * texture
+
+
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_distillation_alone_takes_on_the_teachers_similarities_and_moco_alone_does_not(tmp_path, one_thread):
+    """Mechanism: the same student, batches and steps; only the loss differs. Agreement with the
+    teacher is measured on held-out frames."""
+    options = {**TINY, "queue_size": 32, "momentum": 0.99}
+    placeholder = tmp_path / "teacher.ckpt"  # a MoCo checkpoint to load; its network is then replaced
+    run = trainer(tmp_path)
+    run.strategy.connect(MoCoModule(**options))
+    run.save_checkpoint(placeholder)
+    pool, held_out = textured_frames(64, 1), textured_frames(64, 2)
+    teacher = MeanColourTeacher().eval()
+    agreement = {}
+    for name, weights in {"distill": {"distill": 1.0}, "moco": {"info_nce": 1.0}}.items():
+        torch.manual_seed(0)
+        weights = {"info_nce": 0.0, "distill": 0.0, "probe": 0.0, **weights}
+        model = MoCoDistillModule(teacher_checkpoint=str(placeholder), loss_weights=weights, **options)
+        model.prepare_distillation()
+        model.teachers.networks[0] = teacher
+        optimizer = torch.optim.Adam(model.trainable_parameters(model.encoder_q), lr=0.01)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(40):
+            frames = pool[torch.randperm(64, generator=generator)[:16]]
+            views = [frames + 0.3 * torch.randn(frames.shape, generator=generator) for _ in range(2)]
+            batch = {"views": views, "label": torch.full((16,), -1)}
+            loss = weighted_sum(model.loss_terms(batch, model.training_outputs(batch)), weights, owner="test")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            student = model.encoder_q.eval()(held_out)
+        agreement[name] = neighbour_overlap(teacher(held_out), student, 5), similarity_kl(teacher(held_out), student)
+    (overlap_d, kl_d), (overlap_m, kl_m) = agreement["distill"], agreement["moco"]
+    # measured over batch orders: distillation's KL 3.5-9x lower, overlap 1.4-2.3x higher (chance: 5 / 63)
+    assert kl_d < 0.5 * kl_m
+    assert overlap_d > 1.3 * overlap_m and overlap_d > 3 * 5 / 63
 
 
 def test_teacher_and_student_queues_hold_the_same_samples_in_the_same_rows(teacher_ckpt):

@@ -106,3 +106,23 @@ def test_surgical_table_chains_pretraining_finetuning_and_tcn(synthetic_cholec80
         tcn = next(r for r in results if r.name == name.removesuffix(" finetune"))
         assert tcn.metrics["test/acc"] == finetune["metrics"]["test/acc"]  # the frame classifier's, carried along
     assert sorted(p.name for p in out.glob("phase_ribbons_*.png")) == [f"phase_ribbons_{v}.png" for v in split["test"]]
+
+
+def test_a_distillation_row_whose_teacher_is_at_chance_is_flagged():
+    from distill.report import format_table
+    from distill.runs import RunResult
+
+    def result(name: str, seed: int, **metrics: float) -> RunResult:
+        return RunResult(name, seed, metrics, "val/probe_acc", 0.5, 1000, 1.0, "best.ckpt", ".")
+
+    results = [
+        result("MoCo v2", 0, **{"test/train_info_nce": 4.0}),
+        result("distilled", 0, **{"test/train_info_nce": 4.1, "test/teacher_at_chance": 0.0}),
+        result("distilled from an untrained teacher", 0, **{"test/teacher_at_chance": 0.0}),
+        result("distilled from an untrained teacher", 1, **{"test/teacher_at_chance": 1.0}),
+    ]
+    table = format_table("t", [{"metric": "test/train_info_nce"}], [], results)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "distilled from an untrained teacher (! teacher at chance)" in rows
+    assert "MoCo v2" in rows and "distilled" in rows  # not flagged
+    assert sum("(! teacher at chance):" in line for line in table.splitlines()) == 1  # explained once

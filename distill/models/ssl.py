@@ -103,14 +103,34 @@ class MemoryQueue(nn.Module):
 class ProjectionHead(nn.Module):
     """MoCo v2 MLP head: Linear(in, hidden) -> ReLU -> Linear(hidden, out); (B, in) -> (B, out).
 
+    ``batch_norm`` (the MoCo v3 / SimCLR v2 head): Linear -> BatchNorm1d -> ReLU -> Linear ->
+    BatchNorm1d without affine parameters, which centres every output dimension over the batch.
+    Without it the outputs share a large common component (post-ReLU features, a bias), so the
+    L2-normalised embeddings of any two frames start at cosine 0.7-0.9 and, in a short run, stay
+    there: measured on the demo's frames, MoCo from scratch stays at chance InfoNCE with it off
+    (README, "Surgical pre-training: what stopped it learning").
     The output is not normalised; L2-normalise it before :func:`contrastive_logits`.
     """
 
-    def __init__(self, in_dim: int = 2048, hidden_dim: int = 2048, out_dim: int = 128) -> None:
+    def __init__(
+        self, in_dim: int = 2048, hidden_dim: int = 2048, out_dim: int = 128, batch_norm: bool = False
+    ) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
-        )
+        if batch_norm:
+            layers = [
+                nn.Linear(in_dim, hidden_dim, bias=False),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(hidden_dim, out_dim, bias=False),
+                nn.BatchNorm1d(out_dim, affine=False),
+            ]
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def out_dim(self) -> int:
+        return next(m.out_features for m in reversed(self.layers) if isinstance(m, nn.Linear))
 
     def forward(self, features: Tensor) -> Tensor:
         return self.layers(features)
@@ -187,8 +207,13 @@ class MoCoEncoder(nn.Module):
 
 
 def build_moco_encoder(
-    backbone: str, backbone_source: str, proj_hidden_dim: int, proj_dim: int, weights: str | None = None
+    backbone: str,
+    backbone_source: str,
+    proj_hidden_dim: int,
+    proj_dim: int,
+    weights: str | None = None,
+    proj_batch_norm: bool = False,
 ) -> MoCoEncoder:
     """A MoCo encoder on a timm/torchvision backbone; ``weights``: None (random), "public" or a file."""
     net = build_backbone(backbone, weights=weights, source=backbone_source)
-    return MoCoEncoder(net, ProjectionHead(feature_dim(net), proj_hidden_dim, proj_dim))
+    return MoCoEncoder(net, ProjectionHead(feature_dim(net), proj_hidden_dim, proj_dim, proj_batch_norm))

@@ -56,6 +56,7 @@ def build_moco(hparams: Mapping, overrides: Mapping) -> nn.Module:
         options.get("backbone_source", "timm"),
         int(options.get("proj_hidden_dim", 2048)),
         int(options.get("proj_dim", 128)),
+        proj_batch_norm=bool(options.get("proj_batch_norm", False)),
     )
 
 

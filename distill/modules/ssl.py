@@ -20,7 +20,9 @@ The recipe:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import math
+import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -29,11 +31,12 @@ import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.nn import functional as F
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import DataError
 from distill.losses.contrastive import contrastive_logits, info_nce_loss, similarity_distillation_loss
+from distill.metrics.embedding import info_nce_chance, knn_accuracy, neighbour_overlap, similarity_kl
 from distill.models.backbones import feature_dim
 from distill.models.ssl import (
     MemoryQueue,
@@ -53,6 +56,15 @@ BackboneWeights = str | None  # None (random init), "public", or a weights file
 
 __all__ = ["MoCoDistillModule", "MoCoEncoder", "MoCoModule"]
 
+KNN_NEIGHBOURS = 10  # k of the test k-NN accuracy of the projection embeddings
+OVERLAP_NEIGHBOURS = 5  # k of the student-teacher neighbour overlap
+AT_CHANCE = 0.9  # a teacher whose last-epoch InfoNCE is above this share of ln(1 + K) learned (almost) nothing
+
+
+def video_codes(videos: Sequence[str], device: torch.device) -> torch.Tensor:
+    """(B,) int64 codes of video names, the same in every process (CRC-32), for grouping frames."""
+    return torch.tensor([zlib.crc32(v.encode()) for v in videos], dtype=torch.long, device=device)
+
 
 class MoCoModule(DistillModuleBase):
     """MoCo v2 (query encoder, momentum key encoder, queue, InfoNCE) with an online linear probe.
@@ -61,11 +73,19 @@ class MoCoModule(DistillModuleBase):
     (cross-entropy of a linear classifier on the *detached* backbone features of labelled frames;
     frames labelled -1 are ignored, and the probe never changes the backbone).
 
+    What it learned, logged when testing (the checkpoint's values; :mod:`distill.metrics.embedding`):
+    ``test/train_info_nce`` (mean InfoNCE of the checkpoint's training epoch, also saved in the
+    checkpoint as ``train_info_nce``), ``test/info_nce_chance`` (ln(1 + K), what an encoder that
+    tells nothing apart scores) and ``test/knn_acc`` (k-NN phase accuracy of the projection
+    embeddings of the test frames, neighbours from the other test videos only).
+
     Args:
         backbone, backbone_source: timm (or torchvision) network name.
         backbone_weights: None (random init), ``"public"`` (packaged ImageNet EfficientNet-Lite0)
             or a weights file (e.g. torchvision's ``resnet50-0676ba61.pth``).
         proj_hidden_dim, proj_dim: MLP head (paper: 2048-2048-128).
+        proj_batch_norm: batch norm after the head's hidden layer (MoCo v3; see
+            :class:`~distill.models.ssl.ProjectionHead`). Off in the paper; short runs need it.
         queue_size: K negatives; a multiple of the global batch size (checked when fitting).
         temperature: tau of the contrastive logits (MoCo v2: 0.2).
         momentum: key-encoder EMA momentum (0.999); with ``momentum_schedule="cosine"`` it rises
@@ -93,6 +113,7 @@ class MoCoModule(DistillModuleBase):
         backbone_weights: BackboneWeights = None,
         proj_hidden_dim: PositiveInt = 2048,
         proj_dim: PositiveInt = 128,
+        proj_batch_norm: bool = False,
         queue_size: PositiveInt = 2048,
         temperature: PositiveFloat = 0.2,
         momentum: NonNegativeFloat = 0.999,
@@ -107,7 +128,9 @@ class MoCoModule(DistillModuleBase):
         **kwargs,
     ) -> None:
         super().__init__(optimizer=optimizer, **kwargs)
-        self.encoder_q = build_moco_encoder(backbone, backbone_source, proj_hidden_dim, proj_dim, backbone_weights)
+        self.encoder_q = build_moco_encoder(
+            backbone, backbone_source, proj_hidden_dim, proj_dim, backbone_weights, proj_batch_norm
+        )
         if freeze_backbone:
             self.encoder_q.backbone.requires_grad_(False)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
@@ -116,6 +139,9 @@ class MoCoModule(DistillModuleBase):
         self.init_evaluation_metrics(
             lambda: MetricCollection({"probe_acc": MulticlassAccuracy(num_classes, average="micro")})
         )
+        self.epoch_info_nce = MeanMetric()  # this training epoch's InfoNCE (all processes)
+        self.checkpoint_info_nce: float | None = None  # the loaded checkpoint's
+        self.held_out: list[dict[str, torch.Tensor]] = []  # test embeddings, per batch
         if self.channels_last:
             self.encoder_q, self.encoder_k = (
                 e.to(memory_format=torch.channels_last) for e in (self.encoder_q, self.encoder_k)
@@ -198,15 +224,70 @@ class MoCoModule(DistillModuleBase):
         return F.cross_entropy(logits[labelled], label[labelled])
 
     def loss_terms(self, batch: Mapping, outputs: Mapping) -> dict[str, torch.Tensor]:
-        return {
-            "info_nce": info_nce_loss(outputs["logits"]),
-            "probe": self.probe_loss(outputs["features"], batch["label"]),
-        }
+        info_nce = info_nce_loss(outputs["logits"])
+        self.epoch_info_nce.update(info_nce.detach())
+        return {"info_nce": info_nce, "probe": self.probe_loss(outputs["features"], batch["label"])}
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_info_nce.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Also records ``train_info_nce``: the mean InfoNCE of the epoch so far (None before a step)."""
+        super().on_save_checkpoint(checkpoint)
+        trained = self.epoch_info_nce.update_count > 0
+        checkpoint["train_info_nce"] = float(self.epoch_info_nce.compute()) if trained else self.checkpoint_info_nce
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.checkpoint_info_nce = checkpoint.get("train_info_nce")
 
     # -------------------------------------------------------------- evaluation
     def evaluation_outputs(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """Probe logits (B, num_classes) and labels (B,) of labelled frames."""
         return self.probe(self.encoder_q.backbone(self.to_memory_format(batch["image"]))), batch["label"]
+
+    def held_out_embeddings(self, batch: Mapping, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, proj_dim) unit-norm embeddings of test frames for the learning metrics: ``{"student": ...}``."""
+        return {"student": self.encoder_q.embed(features)}
+
+    def on_test_epoch_start(self) -> None:
+        self.held_out = []
+
+    def test_step(self, batch: Mapping, batch_idx: int) -> None:
+        """The probe's accuracy, and the embeddings, labels and video codes of the frames (``held_out``)."""
+        features = self.encoder_q.backbone(self.to_memory_format(batch["image"]))
+        self.test_metrics.update(self.probe(features), batch["label"])
+        embeddings = self.held_out_embeddings(batch, features)
+        self.held_out.append(
+            {**embeddings, "label": batch["label"], "video": video_codes(batch["video"], batch["label"].device)}
+        )
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        held_out = (
+            {key: torch.cat([b[key] for b in self.held_out]) for key in self.held_out[0]} if self.held_out else {}
+        )
+        if self.trainer.world_size > 1 and held_out:
+            held_out = {key: value.flatten(0, 1) for key, value in self.all_gather(held_out).items()}
+        self.held_out = []
+        for name, value in self.learning_metrics(held_out).items():
+            self.log(f"test/{name}", torch.tensor(value, dtype=torch.float32), sync_dist=False)
+
+    def learning_metrics(self, held_out: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """What pre-training learned: last-epoch InfoNCE vs chance, k-NN accuracy of the test embeddings."""
+        trained = self.epoch_info_nce.update_count > 0
+        last = float(self.epoch_info_nce.compute()) if trained else self.checkpoint_info_nce
+        metrics = {"info_nce_chance": info_nce_chance(self.queue.size)}
+        if last is not None:
+            metrics["train_info_nce"] = last
+        labelled = held_out["label"] >= 0 if held_out else None
+        if held_out and int(labelled.sum()) > 1:
+            metrics["knn_acc"] = knn_accuracy(
+                held_out["student"][labelled].cpu(),
+                held_out["label"][labelled].cpu(),
+                held_out["video"][labelled].cpu(),
+                KNN_NEIGHBOURS,
+            )
+        return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 
 class MoCoDistillModule(TeacherStudent, MoCoModule):
@@ -219,6 +300,14 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
     batch every step, so column j of both holds the same frame; columns not yet filled by any
     batch (random initial vectors) are left out of the distillation. The teacher stays in eval
     mode, is never updated, and its queue is never read from its checkpoint.
+
+    Testing also logs the student's agreement with the teacher on the test frames
+    (:mod:`distill.metrics.embedding`): ``test/teacher_kl`` (mean KL between their similarity
+    distributions over the other test frames, at ``temperature``), ``test/teacher_overlap`` (share
+    of the top-5 teacher neighbours among the student's; ``test/teacher_overlap_chance`` = 5 / (N - 1)),
+    ``test/teacher_info_nce`` (the teacher checkpoint's ``train_info_nce``) and
+    ``test/teacher_at_chance`` (1 when that is above 0.9 ln(1 + K): the teacher had nothing to give;
+    the table flags the row).
 
     Loss: ``info_nce + 5 * distill`` (+ the probe). The reference implementation's total was
     ``2 * info_nce + 5 * distill``: ``loss_weights: {info_nce: 2, distill: 5, probe: 1}``
@@ -245,14 +334,17 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
         super().__init__(**kwargs)
         self.teacher_queue = MemoryQueue(self.hparams.proj_dim, self.hparams.queue_size)
         self.register_buffer("filled_rows", torch.zeros((), dtype=torch.long))
+        self.teacher_info_nce: float | None = None  # read from the teacher's checkpoint
         self.attach_teachers(FrozenTeachers([teacher_checkpoint], "moco", [teacher_sha256]))
 
     def prepare_distillation(self) -> None:
         """Load the teacher and check that its projection dimension and queue size are the student's."""
         super().prepare_distillation()
         record = self.teachers.records()[0]
-        recorded = load_state(Path(record.checkpoint)).get("hyper_parameters") or {}
-        teacher_dim = self.teachers.networks[0].head.layers[-1].out_features
+        state = load_state(Path(record.checkpoint))
+        recorded = state.get("hyper_parameters") or {}
+        self.teacher_info_nce = state.get("train_info_nce")
+        teacher_dim = self.teachers.networks[0].head.out_dim
         problems = []
         if teacher_dim != self.hparams.proj_dim:
             problems.append(f"projection dimension {teacher_dim} vs the student's proj_dim {self.hparams.proj_dim}")
@@ -286,3 +378,23 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
         student, teacher = outputs["logits"][:, :columns], outputs["teacher_logits"][:, :columns]
         terms["distill"] = similarity_distillation_loss(student, teacher, self.hparams.distill_temperature)
         return terms
+
+    def held_out_embeddings(self, batch: Mapping, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The student's embeddings and the teacher's (``"teacher"``, when it is loaded) of the same frames."""
+        embeddings = super().held_out_embeddings(batch, features)
+        if self.teachers.loaded:  # a test run on its own holds the student only
+            (embeddings["teacher"],), _ = self.teachers(self.to_memory_format(batch["image"]))
+        return embeddings
+
+    def learning_metrics(self, held_out: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Plus the agreement with the teacher on the test frames and the teacher's own InfoNCE."""
+        metrics = super().learning_metrics(held_out)
+        if "teacher" in held_out and held_out["student"].shape[0] > 1:
+            student, teacher = held_out["student"].cpu(), held_out["teacher"].float().cpu()
+            metrics["teacher_kl"] = similarity_kl(teacher, student, self.hparams.temperature)
+            metrics["teacher_overlap"] = neighbour_overlap(teacher, student, OVERLAP_NEIGHBOURS)
+            metrics["teacher_overlap_chance"] = min(1.0, OVERLAP_NEIGHBOURS / (student.shape[0] - 1))
+        if self.teacher_info_nce is not None:
+            metrics["teacher_info_nce"] = self.teacher_info_nce
+            metrics["teacher_at_chance"] = float(self.teacher_info_nce > AT_CHANCE * metrics["info_nce_chance"])
+        return metrics

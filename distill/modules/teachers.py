@@ -391,6 +391,7 @@ class TeacherStudent:
         self.record_teachers(self.teachers.records())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         if not self.teachers.loaded:  # test / predict / export: the student alone
             for key in [k for k in state if k.startswith("distill_heads.")]:
