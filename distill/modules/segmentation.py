@@ -32,7 +32,7 @@ from distill.losses.registry import (
     logit_loss,
 )
 from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_dice_hd95
-from distill.models import FeatureTaps, build_segmentation_network
+from distill.models import FeatureTaps, build_segmentation_network, init_output_prior
 from distill.modules.base import DistillModuleBase
 from distill.modules.teacher_cache import attach_teacher_cache
 from distill.modules.teachers import FrozenTeachers, TeacherStudent
@@ -55,6 +55,10 @@ class SegmentationModule(DistillModuleBase):
         report_sites: groups for per-site test metrics (``test/dice/<SITE>``).
         eval_batch_size: slices per forward pass when predicting a whole volume.
         largest_component: keep only the largest 3D connected component of the prediction.
+        foreground_prior: the network starts predicting this foreground probability at every
+            pixel (zero output weights, prior bias: :func:`distill.models.init_output_prior`),
+            so no seed starts with foreground everywhere, where soft Dice barely trains;
+            ``None`` keeps the random output layer.
     """
 
     loss_term_names = ("dice", "lovasz", "ce")
@@ -73,10 +77,13 @@ class SegmentationModule(DistillModuleBase):
         report_sites: Sequence[str] = PROSTATE_SITES,
         eval_batch_size: PositiveInt = 32,
         largest_component: bool = False,
+        foreground_prior: PositiveFloat | None = 0.01,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.net = build_segmentation_network(network, in_channels, num_classes, **(network_kwargs or {}))
+        if foreground_prior is not None:
+            init_output_prior(self.net, num_classes, foreground_prior)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.dice_loss = DiceLoss()
