@@ -208,7 +208,10 @@ def test_resume_refuses_a_retrained_teacher(tmp_path, teacher_file):
 
 def test_distillation_terms_are_computed_and_the_loss_decreases(teacher_file):
     torch.manual_seed(0)
-    module = distill_module(teacher_file, loss_weights={"dice": 1.0, "lovasz": 1.0, "kd": 1.0, "feature": 10.0})
+    # the network starts at this task's foreground fraction (image > 0.5: 31 %), as a user sets it
+    module = distill_module(
+        teacher_file, loss_weights={"dice": 1.0, "lovasz": 1.0, "kd": 1.0, "feature": 10.0}, foreground_prior=0.3
+    )
     image = torch.randn(4, 3, 32, 32)
     batch = {"image": image, "label": (image[:, 1] > 0.5).long()}  # learnable from the centre slice
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
