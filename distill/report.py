@@ -5,7 +5,7 @@ Rows are run names; each row holds one :class:`RunResult` per seed. Standard dev
 sample ones (N-1); a delta is the mean of the per-seed differences candidate - baseline with its
 95 % confidence interval (Student t, N-1 degrees of freedom), "not significant" where the
 interval holds 0. A run whose validation score is below :data:`COLLAPSE_FRACTION` x its row's
-median (rows of 3 or more seeds) is *collapsed*: marked in the table, the CSV and the JSON, and
+median (rows of 3 or more seeds) or its comparison baseline's median is *collapsed*: marked in the table, the CSV and the JSON, and
 kept in the means (never dropped, never averaged in silence).
 """
 
@@ -74,18 +74,40 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
     return mean - half, mean + half
 
 
+def _scores(runs: list[RunResult]) -> list[float]:
+    return [r.val_score for r in runs if r.val_score is not None and not math.isnan(r.val_score)]
+
+
 def collapsed_runs(
-    rows: dict[str, list[RunResult]], fraction: float = COLLAPSE_FRACTION
-) -> dict[tuple[str, int], float]:
-    """``{(row, seed): row median}`` of the runs whose validation score is below ``fraction`` x the
-    median of their row (rows with 3 or more scored seeds; scores where higher is better)."""
-    collapsed = {}
+    rows: dict[str, list[RunResult]], compare: list[dict] = (), fraction: float = COLLAPSE_FRACTION
+) -> dict[tuple[str, int], str]:
+    """``{(row, seed): why}`` of the collapsed runs (validation scores where higher is better).
+
+    A run is collapsed when its validation score is below ``fraction`` x the median of its row
+    (rows with 3 or more scored seeds), or, for a ``compare`` candidate, below ``fraction`` x the
+    median of its baseline row (so a row whose every seed failed is caught too).
+    """
+    references: dict[str, list[tuple[float, str]]] = {}
     for name, runs in rows.items():
-        scores = [r.val_score for r in runs if r.val_score is not None and not math.isnan(r.val_score)]
-        if len(scores) < 3 or "loss" in runs[0].monitor:
+        if len(_scores(runs)) >= 3:
+            median = statistics.median(_scores(runs))
+            references.setdefault(name, []).append((median, f"its row's median {median:.3f}"))
+    for entry in compare:
+        baseline = rows.get(entry["baseline"], [])
+        if not _scores(baseline):
             continue
-        median = statistics.median(scores)
-        collapsed.update({(name, r.seed): median for r in runs if r.val_score < fraction * median})
+        median = statistics.median(_scores(baseline))
+        for candidate in [entry.get("candidate"), *entry.get("candidates", [])]:
+            if candidate in rows:
+                references.setdefault(candidate, []).append((median, f"{entry['baseline']}'s median {median:.3f}"))
+    collapsed = {}
+    for name, refs in references.items():
+        if "loss" in rows[name][0].monitor:
+            continue
+        for run in rows[name]:
+            below = [why for median, why in refs if run.val_score < fraction * median]
+            if below:
+                collapsed[name, run.seed] = ", ".join(below)
     return collapsed
 
 
@@ -138,16 +160,15 @@ def comparison_lines(columns: list[dict], compare: list[dict], rows: dict[str, l
     return lines
 
 
-def collapse_lines(rows: dict[str, list[RunResult]]) -> list[str]:
-    """The collapsed runs, each with its validation score and its row's median."""
-    collapsed = collapsed_runs(rows)
-    rule = f"validation score below {COLLAPSE_FRACTION} x its row's median"
+def collapse_lines(rows: dict[str, list[RunResult]], compare: list[dict] = ()) -> list[str]:
+    """The collapsed runs, each with its validation score and what it fell below."""
+    collapsed = collapsed_runs(rows, compare)
+    rule = f"validation score below {COLLAPSE_FRACTION} x its row's median or its comparison baseline's"
     if not collapsed:
         return [f"- collapsed runs ({rule}): none"]
     runs = {(r.name, r.seed): r for row in rows.values() for r in row}
     listed = "; ".join(
-        f"{name} seed {seed} (val {runs[name, seed].val_score:.3f}, median {median:.3f})"
-        for (name, seed), median in collapsed.items()
+        f"{name} seed {seed} (val {runs[name, seed].val_score:.3f}; {why})" for (name, seed), why in collapsed.items()
     )
     return [f"- collapsed runs ({rule}), kept in the means: {listed}"]
 
@@ -179,7 +200,7 @@ def format_table(
     rows = group_rows(results)
     expanded = metric_columns(columns, results)
     seeds = sorted({r.seed for r in results})
-    collapsed = collapsed_runs(rows)
+    collapsed = collapsed_runs(rows, compare)
     first_key, first_label, first_fmt = expanded[[k for k, _, _ in expanded].index(columns[0]["metric"])]
     header = ["model", "params", *[label for _, label, _ in expanded], f"{first_label} per seed", "CPU ms/input"]
     lines = [f"### {title}", ""]
@@ -199,14 +220,14 @@ def format_table(
         cells.append(" / ".join(v + ("!" if (name, r.seed) in collapsed else "") for v, r in zip(values, runs)))
         cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *collapse_lines(rows), *comparison_lines(columns, compare, rows)]
+    lines += ["", *collapse_lines(rows, compare), *comparison_lines(columns, compare, rows)]
     return "\n".join(lines)
 
 
-def results_csv(results: list[RunResult]) -> str:
+def results_csv(results: list[RunResult], compare: list[dict] = ()) -> str:
     """One line per run and seed, every metric a column, and whether the run collapsed."""
     keys = sorted({k for r in results for k in r.metrics})
-    collapsed = collapsed_runs(group_rows(results))
+    collapsed = collapsed_runs(group_rows(results), compare)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
@@ -229,10 +250,10 @@ def results_csv(results: list[RunResult]) -> str:
     return buffer.getvalue()
 
 
-def results_json(results: list[RunResult]) -> str:
+def results_json(results: list[RunResult], compare: list[dict] = ()) -> str:
     """Every run and seed as written to ``result.json`` (``distill profile --results`` reads it),
     with ``collapsed`` (:func:`collapsed_runs`)."""
-    collapsed = collapsed_runs(group_rows(results))
+    collapsed = collapsed_runs(group_rows(results), compare)
     return json.dumps([{**asdict(r), "collapsed": (r.name, r.seed) in collapsed} for r in results], indent=2)
 
 

@@ -32,17 +32,28 @@ RESULTS = [
 def test_a_collapsed_run_is_marked_everywhere_and_kept_in_the_mean():
     rows = report.group_rows(RESULTS)
     # student: median val 0.60; seed 1's 0.30 < 0.8 x 0.60. KD: median 0.61, 0.52 >= 0.488.
-    assert report.collapsed_runs(rows) == {("student", 1): 0.60}
+    assert report.collapsed_runs(rows) == {("student", 1): "its row's median 0.600"}
     table = report.format_table("t", COLUMNS, [], RESULTS)
     assert "| student (collapsed: seed 1) | 0.00M | 0.540 ± 0.122 | 0.600 / 0.400! / 0.620 |" in table
-    assert "collapsed runs (validation score below 0.8 x its row's median), kept in the means: student seed 1" in table
+    assert "kept in the means: student seed 1 (val 0.300; its row's median 0.600)" in table
     rows_csv = list(csv.DictReader(io.StringIO(report.results_csv(RESULTS))))
     assert [r["collapsed"] for r in rows_csv] == ["False", "False", "True", "False", "False", "False", "False"]
     assert [r["collapsed"] for r in json.loads(report.results_json(RESULTS))] == [False] * 2 + [True] + [False] * 4
     clean = [r for r in RESULTS if r.name != "student"]
-    assert "collapsed runs (validation score below 0.8 x its row's median): none" in report.format_table(
-        "t", COLUMNS, [], clean
-    )
+    assert "its comparison baseline's): none" in report.format_table("t", COLUMNS, [], clean)
+
+
+def test_a_row_whose_every_seed_failed_is_caught_against_its_baseline():
+    failed = [run("student + KD", s, 0.0, 0.0) for s in range(3)]  # agrees with itself: its median is 0
+    results = [r for r in RESULTS if r.name != "student + KD"] + failed
+    compare = [{"baseline": "student", "candidate": "student + KD"}]
+    assert not any(name == "student + KD" for name, _ in report.collapsed_runs(report.group_rows(results)))
+    collapsed = report.collapsed_runs(report.group_rows(results), compare)
+    assert {key: why for key, why in collapsed.items() if key[0] == "student + KD"} == {
+        ("student + KD", s): "student's median 0.600" for s in range(3)
+    }
+    assert [r["collapsed"] for r in json.loads(report.results_json(results, compare))][-3:] == [True] * 3
+    assert "| student + KD (collapsed: seed 0, 1, 2) |" in report.format_table("t", COLUMNS, compare, results)
 
 
 def test_deltas_carry_a_t_interval_over_paired_seeds():
