@@ -83,7 +83,8 @@ def test_a_kd_only_student_learns_the_task_from_its_teacher(trained_teacher):
 def test_the_learned_gate_trusts_the_good_teacher(tmp_path, trained_teacher):
     torch.manual_seed(3)
     random_teacher = tmp_path / "random.ckpt"
-    untrained = SegmentationModule(network="slim_unet", network_kwargs={"width": 8})
+    # a random network (random output layer too): not the constant 1 % of the default prior
+    untrained = SegmentationModule(network="slim_unet", network_kwargs={"width": 8}, foreground_prior=None)
     torch.save(
         {"state_dict": untrained.state_dict(), "hyper_parameters": dict(untrained.hparams)},
         random_teacher,
