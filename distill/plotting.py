@@ -1,7 +1,7 @@
 """Result figures for tables, notebooks and W&B (matplotlib, no display needed).
 
 - :func:`segmentation_overlay`: contours of several masks (ground truth, teacher, student) on one slice.
-- :func:`site_dice_bars`: per-site Dice of several table rows, bars with +- std error bars.
+- :func:`site_dice_bars`: per-site Dice of several table rows, bars with +- std error bars, a dot per seed.
 - :func:`phase_ribbons`: phase sequences of one video (ground truth and methods), one ribbon per row.
 - :func:`confusion_matrix_plot`: a confusion matrix with counts and row-normalised shading.
 - :func:`save_figure`: atomic write of a figure (temporary file, then ``os.replace``).
@@ -75,12 +75,15 @@ def site_dice_bars(
     results: Mapping[str, Mapping[str, tuple[float, float]]],
     ylabel: str = "Dice",
     title: str | None = None,
+    per_seed: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
 ) -> Figure:
     """Grouped bars: one group per site, one bar per row (method), height = mean, error bar = std.
 
     Args:
         results: row name -> {site: (mean, std)}; sites are shown in first-seen order, a site
             missing from a row leaves a gap.
+        per_seed: row name -> {site: values of every seed}, drawn as black dots on that row's
+            bar (so a collapsed seed shows).
     """
     sites = list(dict.fromkeys(site for per_site in results.values() for site in per_site))
     if not sites:
@@ -102,6 +105,10 @@ def site_dice_bars(
             color=_colour(i),
             label=row,
         )
+        for j in at:
+            values = (per_seed or {}).get(row, {}).get(sites[j], [])
+            x = positions[j] + (i - (len(results) - 1) / 2) * width
+            ax.scatter([x] * len(values), values, s=9, color="black", zorder=3)
     ax.set_xticks(positions, sites)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)

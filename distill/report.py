@@ -2,7 +2,11 @@
 table, CSV, JSON and figures (per-site bar chart, phase ribbons) of a list of :class:`RunResult`.
 
 Rows are run names; each row holds one :class:`RunResult` per seed. Standard deviations are
-sample ones (N-1); a delta is the mean ± std of the per-seed differences candidate - baseline.
+sample ones (N-1); a delta is the mean of the per-seed differences candidate - baseline with its
+95 % confidence interval (Student t, N-1 degrees of freedom), "not significant" where the
+interval holds 0. A run whose validation score is below :data:`COLLAPSE_FRACTION` x its row's
+median (rows of 3 or more seeds) or its comparison baseline's median is *collapsed*: marked in the table, the CSV and the JSON, and
+kept in the means (never dropped, never averaged in silence).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from scipy import stats
+
 from distill.runs import RunResult, run_config
 from distill.utils import unique_path
 
@@ -27,6 +33,8 @@ ROW_FLAGS = {
         "(almost) nothing to distil, so the row does not measure the method",
     ),
 }
+#: A run is collapsed when its validation score is below this fraction of its row's median.
+COLLAPSE_FRACTION = 0.8
 
 
 # ------------------------------------------------------------------ statistics
@@ -64,10 +72,63 @@ def metric_columns(columns: list[dict], results: list[RunResult]) -> list[tuple[
     return expanded
 
 
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided ``level`` confidence interval of the mean (Student t, N-1 dof); NaNs for N < 2."""
+    mean, std = mean_std(values)
+    count = sum(1 for v in values if not math.isnan(v))
+    if count < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + level / 2, count - 1) * std / math.sqrt(count)
+    return mean - half, mean + half
+
+
+def _scores(runs: list[RunResult]) -> list[float]:
+    return [r.val_score for r in runs if r.val_score is not None and not math.isnan(r.val_score)]
+
+
+def collapsed_runs(
+    rows: dict[str, list[RunResult]], compare: list[dict] = (), fraction: float = COLLAPSE_FRACTION
+) -> dict[tuple[str, int], str]:
+    """``{(row, seed): why}`` of the collapsed runs (validation scores where higher is better).
+
+    A run is collapsed when its validation score is below ``fraction`` x the median of its row
+    (rows with 3 or more scored seeds), or, for a ``compare`` candidate, below ``fraction`` x the
+    median of its baseline row (so a row whose every seed failed is caught too).
+    """
+    references: dict[str, list[tuple[float, str]]] = {}
+    for name, runs in rows.items():
+        if len(_scores(runs)) >= 3:
+            median = statistics.median(_scores(runs))
+            references.setdefault(name, []).append((median, f"its row's median {median:.3f}"))
+    for entry in compare:
+        baseline = rows.get(entry["baseline"], [])
+        if not _scores(baseline):
+            continue
+        median = statistics.median(_scores(baseline))
+        for candidate in [entry.get("candidate"), *entry.get("candidates", [])]:
+            if candidate in rows:
+                references.setdefault(candidate, []).append((median, f"{entry['baseline']}'s median {median:.3f}"))
+    collapsed = {}
+    for name, refs in references.items():
+        if "loss" in rows[name][0].monitor:
+            continue
+        for run in rows[name]:
+            below = [why for median, why in refs if run.val_score < fraction * median]
+            if below:
+                collapsed[name, run.seed] = ", ".join(below)
+    return collapsed
+
+
 def paired_delta(rows: dict[str, list[RunResult]], baseline: str, candidate: str, metric: str) -> list[float]:
-    """Per-seed differences candidate - baseline of ``metric`` (seeds both rows have)."""
+    """Per-seed differences candidate - baseline of ``metric`` (seeds both rows have). A row of one
+    run (trained once, e.g. the teacher) is paired with every seed of the other row."""
     base = {r.seed: r.metrics.get(metric, float("nan")) for r in rows.get(baseline, [])}
-    return [r.metrics.get(metric, float("nan")) - base[r.seed] for r in rows.get(candidate, []) if r.seed in base]
+    cand = {r.seed: r.metrics.get(metric, float("nan")) for r in rows.get(candidate, [])}
+    if len(base) == 1 and len(cand) > 1:
+        base = dict.fromkeys(cand, next(iter(base.values())))
+    if len(cand) == 1 and len(base) > 1:
+        cand = dict.fromkeys(base, next(iter(cand.values())))
+    return [cand[seed] - base[seed] for seed in sorted(cand) if seed in base]
 
 
 def best_on_validation(rows: dict[str, list[RunResult]], names: list[str]) -> str:
@@ -90,13 +151,34 @@ def comparison_lines(columns: list[dict], compare: list[dict], rows: dict[str, l
         if not deltas:
             continue
         base_mean = mean_std([r.metrics.get(metric) for r in rows[baseline]])[0]
-        mean, std = mean_std(deltas)
-        spread = "" if math.isnan(std) else f" ± {std:.3f}"
+        mean = mean_std(deltas)[0]
+        low, high = t_interval(deltas)
+        if math.isnan(low):
+            interval = "one seed, no interval"
+        else:
+            verdict = "not significant" if low <= 0 <= high else "significant"
+            interval = f"95% CI {low:+.3f} to {high:+.3f}, {verdict}"
+        once = [n for n in (baseline, candidate) if len(rows[n]) == 1 and len(deltas) > 1]
+        paired = f"{once[0]} trained once, against {len(deltas)} seeds" if once else f"{len(deltas)} paired seeds"
+        per_seed = ", ".join(f"{d:+.3f}" for d in deltas)
         lines.append(
-            f"- {candidate}{chosen} vs {baseline}: {label} {mean:+.3f}{spread} "
-            f"({100 * mean / max(abs(base_mean), 1e-8):+.1f}% relative; {len(deltas)} paired seeds)"
+            f"- {candidate}{chosen} vs {baseline}: {label} {mean:+.3f} ({interval}; {paired}; "
+            f"{100 * mean / max(abs(base_mean), 1e-8):+.1f}% relative); per seed {per_seed}"
         )
     return lines
+
+
+def collapse_lines(rows: dict[str, list[RunResult]], compare: list[dict] = ()) -> list[str]:
+    """The collapsed runs, each with its validation score and what it fell below."""
+    collapsed = collapsed_runs(rows, compare)
+    rule = f"validation score below {COLLAPSE_FRACTION} x its row's median or its comparison baseline's"
+    if not collapsed:
+        return [f"- collapsed runs ({rule}): none"]
+    runs = {(r.name, r.seed): r for row in rows.values() for r in row}
+    listed = "; ".join(
+        f"{name} seed {seed} (val {runs[name, seed].val_score:.3f}; {why})" for (name, seed), why in collapsed.items()
+    )
+    return [f"- collapsed runs ({rule}), kept in the means: {listed}"]
 
 
 # ------------------------------------------------------------------ files
@@ -121,12 +203,15 @@ def format_table(
     results: list[RunResult],
     header_notes: list[str] | None = None,
 ) -> str:
-    """Markdown: a row per run name, mean ± std over seeds per metric, parameters, latency, deltas;
-    rows with a :data:`ROW_FLAGS` metric at 1 are marked, the mark explained under the table."""
+    """Markdown: a row per run name, mean ± std over seeds per metric, the first column's value per
+    seed, parameters, latency, collapsed runs, deltas with their intervals; rows with a
+    :data:`ROW_FLAGS` metric at 1 are marked, the mark explained under the table."""
     rows = group_rows(results)
     expanded = metric_columns(columns, results)
     seeds = sorted({r.seed for r in results})
-    header = ["model", "params", *[label for _, label, _ in expanded], "CPU ms/input"]
+    collapsed = collapsed_runs(rows, compare)
+    first_key, first_label, first_fmt = expanded[[k for k, _, _ in expanded].index(columns[0]["metric"])]
+    header = ["model", "params", *[label for _, label, _ in expanded], f"{first_label} per seed", "CPU ms/input"]
     lines = [f"### {title}", ""]
     lines += [f"- {note}" for note in header_notes or []]
     lines += [
@@ -139,25 +224,30 @@ def format_table(
     for name, runs in rows.items():
         flags = [key for key in ROW_FLAGS if any(r.metrics.get(key, 0.0) >= 0.5 for r in runs)]
         flagged.update(flags)
-        marks = "".join(f" (! {ROW_FLAGS[key][0]})" for key in flags)
-        cells = [name + marks, f"{runs[0].parameters / 1e6:.2f}M"]
+        marked = [r.seed for r in runs if (name, r.seed) in collapsed]
+        label = name + "".join(f" (! {ROW_FLAGS[key][0]})" for key in flags)
+        label += f" (collapsed: seed {', '.join(map(str, marked))})" if marked else ""
+        cells = [label, f"{runs[0].parameters / 1e6:.2f}M"]
         cells += [format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt) for key, _, fmt in expanded]
+        values = [f"{r.metrics.get(first_key, float('nan')):{first_fmt}}" for r in runs]
+        cells.append(" / ".join(v + ("!" if (name, r.seed) in collapsed else "") for v, r in zip(values, runs)))
         cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     if flagged:
         lines += ["", *[f"- (! {ROW_FLAGS[key][0]}): {ROW_FLAGS[key][1]}" for key in ROW_FLAGS if key in flagged]]
-    deltas = comparison_lines(columns, compare, rows)
-    if deltas:
-        lines += ["", *deltas]
+    lines += ["", *collapse_lines(rows, compare), *comparison_lines(columns, compare, rows)]
     return "\n".join(lines)
 
 
-def results_csv(results: list[RunResult]) -> str:
-    """One line per run and seed, every metric a column."""
+def results_csv(results: list[RunResult], compare: list[dict] = ()) -> str:
+    """One line per run and seed, every metric a column, and whether the run collapsed."""
     keys = sorted({k for r in results for k in r.metrics})
+    collapsed = collapsed_runs(group_rows(results), compare)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["name", "seed", "parameters", "ms_per_input", "monitor", "val_score", *keys, "best_checkpoint"])
+    writer.writerow(
+        ["name", "seed", "parameters", "ms_per_input", "monitor", "val_score", "collapsed", *keys, "best_checkpoint"]
+    )
     for r in results:
         writer.writerow(
             [
@@ -167,6 +257,7 @@ def results_csv(results: list[RunResult]) -> str:
                 f"{r.ms_per_input:.3f}",
                 r.monitor,
                 r.val_score,
+                (r.name, r.seed) in collapsed,
                 *[r.metrics.get(k, "") for k in keys],
                 r.best_checkpoint,
             ]
@@ -174,24 +265,28 @@ def results_csv(results: list[RunResult]) -> str:
     return buffer.getvalue()
 
 
-def results_json(results: list[RunResult]) -> str:
-    """Every run and seed as written to ``result.json`` (``distill profile --results`` reads it)."""
-    return json.dumps([asdict(r) for r in results], indent=2)
+def results_json(results: list[RunResult], compare: list[dict] = ()) -> str:
+    """Every run and seed as written to ``result.json`` (``distill profile --results`` reads it),
+    with ``collapsed`` (:func:`collapsed_runs`)."""
+    collapsed = collapsed_runs(group_rows(results), compare)
+    return json.dumps([{**asdict(r), "collapsed": (r.name, r.seed) in collapsed} for r in results], indent=2)
 
 
 def save_site_chart(results: list[RunResult], column: dict, path: Path) -> None:
-    """Per-group bar chart (mean ± std over seeds) of the first column's metric, if it has groups."""
+    """Per-group bar chart (mean ± std over seeds, a dot per seed) of the first column's metric, if it has groups."""
     from distill.plotting import save_figure, site_dice_bars
 
     key = column["metric"]
     table: dict[str, dict[str, tuple[float, float]]] = {}
+    per_seed: dict[str, dict[str, list[float]]] = {}
     for name, runs in group_rows(results).items():
         groups = sorted({k[len(key) + 1 :] for r in runs for k in r.metrics if k.startswith(key + "/")})
         if groups:
-            stats = {g: mean_std([r.metrics.get(f"{key}/{g}", float("nan")) for r in runs]) for g in groups}
-            table[name] = {g: (mean, 0.0 if math.isnan(std) else std) for g, (mean, std) in stats.items()}
+            per_seed[name] = {g: [r.metrics.get(f"{key}/{g}", float("nan")) for r in runs] for g in groups}
+            summary = {g: mean_std(values) for g, values in per_seed[name].items()}
+            table[name] = {g: (mean, 0.0 if math.isnan(std) else std) for g, (mean, std) in summary.items()}
     if table:
-        save_figure(site_dice_bars(table, ylabel=column.get("label", key)), path)
+        save_figure(site_dice_bars(table, ylabel=column.get("label", key), per_seed=per_seed), path)
 
 
 def save_phase_ribbons(results: list[RunResult], out_dir: Path, num_videos: int = 3) -> None:

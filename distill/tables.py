@@ -397,8 +397,8 @@ def _run_table(
     print("\n" + table)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(unique_path(out_dir / "results.md"), table + "\n")
-    write_text_atomic(unique_path(out_dir / "results.csv"), report.results_csv(results))
-    write_text_atomic(unique_path(out_dir / "results.json"), report.results_json(results))
+    write_text_atomic(unique_path(out_dir / "results.csv"), report.results_csv(results, spec.compare))
+    write_text_atomic(unique_path(out_dir / "results.json"), report.results_json(results, spec.compare))
     report.save_site_chart(results, spec.columns[0], unique_path(out_dir / "site_dice.png"))
     report.save_phase_ribbons(results, out_dir)
     return results

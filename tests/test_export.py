@@ -60,6 +60,7 @@ def student_checkpoint(synthetic_prostate_root, tmp_path_factory) -> Path:
             "--data.init_args.batch_size=8",
             "--data.init_args.load_threads=1",
             "--model.init_args.network_kwargs.width=4",
+            "--model.init_args.foreground_prior=null",  # a random output layer: logits that vary, masks to compare
             "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=1",
             "--trainer.limit_val_batches=1",

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from distill.cli import main
 from distill.errors import DataError
 from distill.losses import weighted_sum
-from distill.models import FeatureTaps, build_segmentation_network, count_parameters
+from distill.models import FeatureTaps, build_segmentation_network, count_parameters, init_output_prior
 from distill.modules import SegDistillModule, SegmentationModule
 from distill.modules.checkpoints import file_sha256, load_segmentation_network
 from distill.tables import run_table
@@ -51,6 +51,22 @@ def test_feature_taps_capture_named_layers_and_reject_bad_paths():
     assert shallow.shape == (2, 16, 16, 16) and deep.shape == (2, 64, 4, 4)
     with pytest.raises(DataError, match="teacher: no module at path 'down_5'.*down_4"):
         FeatureTaps(net, ["down_5"], owner="teacher")
+
+
+@pytest.mark.parametrize("network", ["slim_unet", "mobile_unet"])
+def test_output_prior_makes_every_seed_start_at_the_prior(network):
+    kwargs = {"width": 4} if network == "slim_unet" else {}
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = build_segmentation_network(network, 3, 3, **kwargs)
+        init_output_prior(net, 3, 0.02)
+        probs = net.train()(torch.randn(2, 3, 32, 32)).softmax(1)
+        expected = torch.tensor([0.98, 0.01, 0.01]).view(1, 3, 1, 1).expand_as(probs)
+        assert torch.allclose(probs, expected, atol=1e-6)
+    module = SegmentationModule(network_kwargs={"width": 4})  # the default: 1 % foreground
+    assert module(torch.randn(1, 3, 32, 32)).softmax(1)[:, 1].flatten().tolist() == pytest.approx([0.01] * 32 * 32)
+    with pytest.raises(DataError, match="foreground_prior must be in \\(0, 1\\)"):
+        init_output_prior(net, 3, 1.5)
 
 
 @pytest.fixture
@@ -182,7 +198,10 @@ def test_resume_refuses_a_retrained_teacher(tmp_path, teacher_file):
 
 def test_distillation_terms_are_computed_and_the_loss_decreases(teacher_file):
     torch.manual_seed(0)
-    module = distill_module(teacher_file, loss_weights={"dice": 1.0, "lovasz": 1.0, "kd": 1.0, "feature": 10.0})
+    # the network starts at this task's foreground fraction (image > 0.5: 31 %), as a user sets it
+    module = distill_module(
+        teacher_file, loss_weights={"dice": 1.0, "lovasz": 1.0, "kd": 1.0, "feature": 10.0}, foreground_prior=0.3
+    )
     image = torch.randn(4, 3, 32, 32)
     batch = {"image": image, "label": (image[:, 1] > 0.5).long()}  # learnable from the centre slice
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)

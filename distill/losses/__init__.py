@@ -7,7 +7,7 @@
 - ``temporal``: phase segmentation (cross-entropy + MS-TCN truncated-MSE smoothing).
 - ``feature``: attention transfer, 1x1-adapter feature MSE and channel-wise, EMKD region affinity.
 - ``registry``: the feature and logit distillation losses a config chooses by name, with options.
-- ``terms``: named, weighted loss terms and config-time checks of their names.
+- ``terms``: named, weighted loss terms, config-time checks of their names, label terms over labelled samples.
 """
 
 from distill.losses.contrastive import contrastive_logits, info_nce_loss, similarity_distillation_loss
@@ -38,7 +38,7 @@ from distill.losses.segmentation import (
     lovasz_softmax,
 )
 from distill.losses.temporal import phase_segmentation_loss, truncated_mse_smoothing
-from distill.losses.terms import check_loss_weights, weighted_sum
+from distill.losses.terms import check_loss_weights, over_labelled, weighted_sum
 
 __all__ = [
     "FEATURE_LOSSES",
@@ -64,6 +64,7 @@ __all__ = [
     "lovasz_grad",
     "lovasz_hinge",
     "lovasz_softmax",
+    "over_labelled",
     "phase_segmentation_loss",
     "pixel_kl_divergence",
     "region_affinity_loss",

@@ -15,9 +15,11 @@ Rules:
   prediction: sure teachers count more.
 - ``performance`` (CA-MKD, Zhang et al. 2022): ``w = (1 - softmax_k(L_k)) / (K - 1)``, with ``L_k``
   teacher k's cross-entropy against the ground truth: teachers that are right on this sample
-  count more. Needs the labels.
+  count more. Needs the labels: on unlabelled samples (semi-supervised batches) it gives the
+  ``mean`` weights, as no label says which teacher is right there.
 - ``learned``: ``w = softmax_k(g)`` from a gating network's logits ``g`` (B, K, H, W), trained
-  with :func:`gate_nll_loss`.
+  with :func:`gate_nll_loss` on the labelled samples only; the gate, which sees the image and
+  the teachers' predictions but no label, then weighs the teachers on unlabelled samples too.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def teacher_weights(
     label: Tensor | None = None,
     gate_logits: Tensor | None = None,
     granularity: Granularity = "pixel",
+    labelled: Tensor | None = None,
 ) -> Tensor:
     """Per-teacher weights of the distillation target.
 
@@ -63,6 +66,8 @@ def teacher_weights(
         label: (B, H, W) int64 class indices (``performance`` only).
         gate_logits: (B, K, H, W) or (B, K, 1, 1) (``learned`` only).
         granularity: ``"pixel"`` (a weight per pixel) or ``"sample"`` (one per image).
+        labelled: (B,) bool, True where ``label`` is a real mask (``None``: all are);
+            ``performance`` gives the unlabelled samples the ``mean`` weights.
 
     Returns:
         (K, B, H, W) weights, non-negative, summing to 1 over K.
@@ -82,7 +87,10 @@ def teacher_weights(
         loss = F.cross_entropy(flat, target, reduction="none").reshape(num_teachers, batch, height, width)
         if num_teachers == 1:
             return torch.ones_like(loss)
-        return (1.0 - torch.softmax(_per_sample(loss, granularity), dim=0)) / (num_teachers - 1)
+        weights = (1.0 - torch.softmax(_per_sample(loss, granularity), dim=0)) / (num_teachers - 1)
+        if labelled is None:
+            return weights
+        return torch.where(labelled[None, :, None, None], weights, 1.0 / num_teachers)
     if rule == "learned":
         if gate_logits is None:
             raise ValueError("teacher_weights: rule 'learned' needs gate_logits")

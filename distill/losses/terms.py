@@ -3,19 +3,20 @@
 A method computes its loss terms as a ``{name: scalar}`` mapping (logged as they are) and the
 config's ``loss_weights`` picks and weights them. :func:`check_loss_weights` runs at
 construction time so a typo in a YAML key fails before training starts.
+:func:`over_labelled` evaluates a label term on the labelled slices of a semi-supervised batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
 
 from distill.errors import DataError
 
-__all__ = ["check_loss_weights", "weighted_sum"]
+__all__ = ["check_loss_weights", "over_labelled", "weighted_sum"]
 
 
 def check_loss_weights(weights: Mapping[str, float], available: Iterable[str], owner: str) -> None:
@@ -55,3 +56,41 @@ def weighted_sum(terms: Mapping[str, Tensor], weights: Mapping[str, float], owne
         device = next(iter(terms.values())).device if terms else None
         return torch.zeros((), device=device)
     return sum(weighted[1:], weighted[0])
+
+
+def over_labelled(
+    loss: Callable[..., Tensor], labelled: Tensor | None, *inputs: Tensor, dims: Iterable[int] = ()
+) -> Tensor:
+    """``loss(*inputs)`` over the samples that have a label: a label term of a semi-supervised batch.
+
+    Unlabelled samples carry a placeholder label that must not count, so the loss sees the
+    labelled rows only (its own reduction then averages over them). With no labelled sample the
+    term is a zero that keeps a gradient path to ``inputs[0]`` (training goes on on the other
+    terms; no 0/0, no NaN).
+
+    Args:
+        loss: ``(*inputs) -> scalar``.
+        labelled: (B,) bool, True where the sample has a real label; ``None``: all are labelled.
+        inputs: tensors with the batch along ``dims`` (default: dimension 0 of each), e.g.
+            logits (B, C, H, W) and labels (B, H, W), or teacher logits (K, B, C, H, W) with dim 1.
+        dims: batch dimension of each input (all 0 when empty).
+    """
+    if labelled is None:
+        return loss(*inputs)
+    dims = list(dims) or [0] * len(inputs)
+    if len(dims) != len(inputs):
+        raise ValueError(f"over_labelled: {len(inputs)} inputs but {len(dims)} batch dims")
+    if (
+        labelled.dtype != torch.bool
+        or labelled.ndim != 1
+        or any(x.shape[d] != labelled.numel() for x, d in zip(inputs, dims))
+    ):
+        raise ValueError(
+            f"over_labelled: labelled must be a (B,) bool tensor matching the batch, got {labelled.dtype} {tuple(labelled.shape)}"
+        )
+    if bool(labelled.all()):
+        return loss(*inputs)
+    if not bool(labelled.any()):
+        return inputs[0].sum() * 0.0
+    index = labelled.nonzero().squeeze(1)
+    return loss(*(x.index_select(d, index) for x, d in zip(inputs, dims)))

@@ -15,6 +15,7 @@ from distill.models.segmentation import (
     MobileUNet,
     build_segmentation_network,
     count_parameters,
+    init_output_prior,
     slim_unet,
     unet,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "cosine_momentum",
     "fold_batch_norms",
     "count_parameters",
+    "init_output_prior",
     "load_pretrained_weights",
     "public_model_weights_path",
     "resolve_module",

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from distill.errors import DataError
+from distill.losses import over_labelled
 from distill.losses.multi_teacher import WEIGHTING_RULES, gate_nll_loss, teacher_weights
 from distill.models import TeacherGate
 from distill.modules.segmentation import SegDistillBase
@@ -28,7 +29,11 @@ class MultiTeacherDistillModule(SegDistillBase):
     Args:
         teachers: a teacher manifest YAML (its hashes are checked) or a list of checkpoints.
         teacher_sha256: expected hash per teacher (default: the manifest's).
-        weighting: ``mean``, ``confidence``, ``performance`` or ``learned``.
+        weighting: ``mean``, ``confidence``, ``performance`` or ``learned``. The last two need
+            labels: on unlabelled slices (``batch["labeled"]`` False) ``performance`` weighs the
+            teachers equally, and ``learned`` uses its gate (which reads image and teacher
+            predictions, not the label) while the ``gate`` term trains it on labelled slices only
+            (0 in a batch without one).
         granularity: ``pixel`` (a weight per pixel) or ``sample`` (one per image).
         gate_width: hidden channels of the gating network (``learned``); its loss term is ``gate``.
         Other arguments: see :class:`~distill.modules.segmentation.SegDistillBase`.
@@ -73,7 +78,10 @@ class MultiTeacherDistillModule(SegDistillBase):
         if self.weighting == "learned":
             probs = torch.softmax(teacher_logits, dim=2)
             gate_logits = self.distill_heads["gate"](batch["image"], probs)
-        weights = teacher_weights(self.weighting, teacher_logits, batch["label"], gate_logits, self.granularity)
+        labelled = self.labelled_slices(batch)
+        weights = teacher_weights(
+            self.weighting, teacher_logits, batch["label"], gate_logits, self.granularity, labelled
+        )
         outputs["teacher_weights"] = weights
         means = weights.detach().flatten(1).mean(1)
         self.log_dict({f"train/teacher_weight/{k}": w for k, w in enumerate(means)}, batch_size=weights.shape[1])
@@ -85,5 +93,13 @@ class MultiTeacherDistillModule(SegDistillBase):
             weights = outputs.get("teacher_weights")
             if weights is None:  # no kd term this run
                 weights = self.teacher_weights(batch, outputs)
-            terms["gate"] = gate_nll_loss(outputs["teacher_logits"], weights, batch["label"])
+            # weights first: with no labelled slice the zero term keeps the gate's gradient path
+            terms["gate"] = over_labelled(
+                lambda w, logits, label: gate_nll_loss(logits, w, label),
+                self.labelled_slices(batch),
+                weights,
+                outputs["teacher_logits"],
+                batch["label"],
+                dims=(1, 1, 0),
+            )
         return terms

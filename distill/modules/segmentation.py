@@ -1,7 +1,8 @@
 """Prostate segmentation: supervised training (teachers, no-KD baselines) and teachers -> student KD.
 
 Batches come from :class:`data_modules.prostate.ProstateDataModule`:
-training ``{"image": (B, S, H, W), "label": (B, H, W)}`` (S adjacent slices as channels);
+training ``{"image": (B, S, H, W), "label": (B, H, W)}`` (S adjacent slices as channels), and
+optionally ``"labeled": (B,)`` bool (False: the slice has no mask, its label is a placeholder);
 validation/test/predict one volume per step ``{"image": (D, S, H, W), "label": (D, H0, W0),
 "spacing": (3,), "site", "case", "image_path", "affine"}``, evaluated in 3D at the original
 resolution.
@@ -20,7 +21,7 @@ from torch.nn import functional as F
 
 from distill.errors import DataError
 from distill.formats.sites import PROSTATE_SITES
-from distill.losses import DiceLoss, LovaszLoss
+from distill.losses import DiceLoss, LovaszLoss, over_labelled
 from distill.losses.multi_teacher import teacher_weights
 from distill.losses.registry import (
     FEATURE_LOSSES,
@@ -31,7 +32,7 @@ from distill.losses.registry import (
     logit_loss,
 )
 from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_class_dice_hd95
-from distill.models import FeatureTaps, build_segmentation_network
+from distill.models import FeatureTaps, build_segmentation_network, init_output_prior
 from distill.modules.base import DistillModuleBase
 from distill.modules.teacher_cache import attach_teacher_cache
 from distill.modules.teachers import FrozenTeachers, TeacherStudent
@@ -59,6 +60,12 @@ class SegmentationModule(DistillModuleBase):
             data read are added when fitting or testing.
         eval_batch_size: slices per forward pass when predicting a whole volume.
         largest_component: keep only the largest 3D connected component of the prediction.
+        foreground_prior: the network starts predicting this foreground probability at every
+            pixel (zero output weights, prior bias: :func:`distill.models.init_output_prior`),
+            so no seed starts with foreground everywhere, where soft Dice barely trains. Set it
+            near the task's foreground fraction (default 0.01; the gland is 1.4 % of the demo's
+            training pixels): Adam moves the bias about ``lr`` per step, so a far-off prior slows the
+            start. ``None`` keeps the random output layer.
     """
 
     loss_term_names = ("dice", "lovasz", "ce")
@@ -78,10 +85,13 @@ class SegmentationModule(DistillModuleBase):
         eval_batch_size: PositiveInt = 32,
         largest_component: bool = False,
         class_names: list[str] | None = None,
+        foreground_prior: PositiveFloat | None = 0.01,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.net = build_segmentation_network(network, in_channels, num_classes, **(network_kwargs or {}))
+        if foreground_prior is not None:
+            init_output_prior(self.net, num_classes, foreground_prior)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.dice_loss = DiceLoss()
@@ -143,17 +153,24 @@ class SegmentationModule(DistillModuleBase):
         """``{"logits": (B, num_classes, H, W)}``; subclasses add what their terms need."""
         return {"logits": self(batch["image"])}
 
+    @staticmethod
+    def labelled_slices(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B,) bool: the slices with a real mask (``batch["labeled"]``); ``None``: every slice has one.
+
+        Unlabelled slices (semi-supervised training) carry an all-zero placeholder mask.
+        """
+        return batch.get("labeled")
+
     def loss_terms(self, batch: Mapping[str, torch.Tensor], outputs: Mapping) -> dict[str, torch.Tensor]:
-        """Supervised terms of one training batch; subclasses add theirs."""
-        label, logits = batch["label"], outputs["logits"]
-        terms = {}
-        if "dice" in self.loss_weights:
-            terms["dice"] = self.dice_loss(logits, label)
-        if "lovasz" in self.loss_weights:
-            terms["lovasz"] = self.lovasz_loss(logits, label)
-        if "ce" in self.loss_weights:
-            terms["ce"] = F.cross_entropy(logits, label)
-        return terms
+        """Supervised terms of one training batch, over its labelled slices only (0 when it has
+        none); subclasses add theirs."""
+        label, logits, labelled = batch["label"], outputs["logits"], self.labelled_slices(batch)
+        losses = {"dice": self.dice_loss, "lovasz": self.lovasz_loss, "ce": F.cross_entropy}
+        return {
+            name: over_labelled(loss, labelled, logits, label)
+            for name, loss in losses.items()
+            if name in self.loss_weights
+        }
 
     # --------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -198,7 +215,10 @@ class SegDistillBase(TeacherStudent, SegmentationModule):
 
     Loss terms: the supervised ``dice``, ``lovasz``, ``ce``, plus ``kd`` (the ``logit_loss``
     against the teachers' logits; :meth:`teacher_weights` says how they combine) and
-    ``feature`` (the ``feature_loss`` on ``feature_pairs``, averaged over teachers).
+    ``feature`` (the ``feature_loss`` on ``feature_pairs``, averaged over teachers). In a
+    semi-supervised batch (``batch["labeled"]``, (B,) bool) the label terms cover the labelled
+    slices only and ``kd`` / ``feature`` every slice; a batch without a labelled slice trains on
+    the distillation terms alone.
 
     Teachers are :class:`~distill.modules.teachers.FrozenTeachers`, kept by
     :class:`~distill.modules.teachers.TeacherStudent`: loaded when fitting starts, never in the
@@ -356,13 +376,23 @@ class SegDistillBase(TeacherStudent, SegmentationModule):
             )
         if self.loss_weights.get("feature", 0) > 0:
             losses = self.distill_heads["feature"]
+            regions = self.region_labels(batch, outputs)
             terms["feature"] = torch.stack(
                 [
-                    loss(outputs["student_features"], feats, batch["label"])
+                    loss(outputs["student_features"], feats, regions)
                     for loss, feats in zip(losses, outputs["teacher_features"])
                 ]
             ).mean()
         return terms
+
+    def region_labels(self, batch: Mapping[str, torch.Tensor], outputs: Mapping) -> torch.Tensor:
+        """(B, H, W) the masks a feature loss may read (EMKD region affinity): the label where the
+        slice has one, else the teachers' mean prediction, so feature terms cover every slice."""
+        labelled = self.labelled_slices(batch)
+        if labelled is None or bool(labelled.all()):
+            return batch["label"]
+        predicted = outputs["teacher_logits"].softmax(dim=2).mean(dim=0).argmax(dim=1)
+        return torch.where(labelled[:, None, None], batch["label"], predicted)
 
 
 class SegDistillModule(SegDistillBase):
