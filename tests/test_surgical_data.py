@@ -303,7 +303,13 @@ def test_ssl_training_batches_hold_no_validation_frame(synthetic_cholec80):
     """The online probe trains on the training batches' labelled frames; val/probe_acc (which
     chooses checkpoints) scores the validation videos: no frame may be in both."""
     module = SurgicalSSLDataModule(
-        synthetic_cholec80.frames, synthetic_cholec80.root, fps=1, image_size=16, resize_size=18, batch_size=2, num_workers=0
+        synthetic_cholec80.frames,
+        synthetic_cholec80.root,
+        fps=1,
+        image_size=16,
+        resize_size=18,
+        batch_size=2,
+        num_workers=0,
     )
     module.setup("fit")
     trained = set()
