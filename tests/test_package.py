@@ -82,7 +82,7 @@ def test_wheel_runs_the_demo_from_an_empty_folder(tmp_path, synthetic_prostate_r
     )
     assert "[3/3] student + KD (seed 0):" in output  # one line per run: stderr is not a terminal
     table = (out / "results.md").read_text()
-    assert table.startswith("### Demo (synthetic 6-site data, 48x48)")
+    assert table.startswith("### Procedure 1, demo preset (CPU scale)")
     for row in ("teacher (U-Net)", "student (no KD)", "student + KD"):
         assert f"| {row} |" in table
     assert sorted(p.name for p in work.iterdir()) == ["runs"]  # nothing written outside --out
