@@ -6,7 +6,7 @@
 Both modules train ``--steps`` optimiser steps on the same synthetic-video frames (one run,
 same process); the teacher is a frozen MoCo encoder of the same backbone saved to a temporary
 checkpoint. Prints images/s of each, the step-time ratio (target: distillation adds at most
-60%, the teacher runs forward passes only), the peak memory (CUDA max allocated, or the
+30%: the teacher runs forward passes only, once for both views, batch norm folded), the peak memory (CUDA max allocated, or the
 process's peak RSS on CPU) and the SSL loader's throughput at the same settings, to show the
 loader is not the bottleneck.
 """
@@ -27,7 +27,7 @@ from data_modules.surgical_layout import extract_dataset_frames
 from data_modules.synth_surgical import write_synthetic_surgical
 from distill.modules import MoCoDistillModule, MoCoModule
 
-MAX_OVERHEAD = 0.60
+MAX_OVERHEAD = 0.30  # distillation may cost at most 1.3x the step of MoCo alone
 
 
 def peak_memory_mb(device: torch.device) -> float:

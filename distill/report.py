@@ -113,7 +113,7 @@ def collapsed_runs(
         if "loss" in rows[name][0].monitor:
             continue
         for run in rows[name]:
-            below = [why for median, why in refs if run.val_score < fraction * median]
+            below = list(dict.fromkeys(why for median, why in refs if run.val_score < fraction * median))
             if below:
                 collapsed[name, run.seed] = ", ".join(below)
     return collapsed
@@ -229,7 +229,7 @@ def format_table(
         label += f" (collapsed: seed {', '.join(map(str, marked))})" if marked else ""
         cells = [label, f"{runs[0].parameters / 1e6:.2f}M"]
         cells += [format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt) for key, _, fmt in expanded]
-        values = [f"{r.metrics.get(first_key, float('nan')):{first_fmt}}" for r in runs]
+        values = [f"{r.metrics[first_key]:{first_fmt}}" if first_key in r.metrics else "-" for r in runs]
         cells.append(" / ".join(v + ("!" if (name, r.seed) in collapsed else "") for v, r in zip(values, runs)))
         cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
