@@ -30,7 +30,12 @@ LEARNING_SETTINGS = {
     "model.init_args.proj_batch_norm": True,
     "data.init_args.augmentation_strength": 0.2,
 }
-STUDENT_SETTINGS = {**LEARNING_SETTINGS, "trainer.max_epochs": 12, "model.init_args.optimizer.init_args.lr": 0.05}
+STUDENT_SETTINGS = {
+    **LEARNING_SETTINGS,
+    "trainer.max_epochs": 12,
+    "model.init_args.optimizer.init_args.lr": 0.05,
+    "model.init_args.warmup_steps": 60,
+}
 CHANGED_SINCE = {
     "demo/moco_teacher.yaml": {**LEARNING_SETTINGS, "trainer.max_epochs": 5},
     "demo/moco.yaml": STUDENT_SETTINGS,
