@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import QUIET, TINY
 
 from data_modules.prostate import ProstateDataModule
 from data_modules.synth_prostate import ZONAL_LABELS, synthetic_adc, write_layout
@@ -345,19 +346,7 @@ def test_losses_are_multi_class():
 
 # --- through the CLI ---------------------------------------------------------------------------
 
-TINY = [
-    "--data.init_args.image_size=32",
-    "--data.init_args.num_workers=0",
-    "--data.init_args.batch_size=8",
-    "--data.init_args.load_threads=1",
-    "--trainer.max_epochs=1",
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.log_every_n_steps=1",
-    "--model.init_args.network_kwargs.width=4",
-]
+RUN = [*TINY, "--trainer.limit_val_batches=1", *QUIET]  # the shared tiny scale, one validation batch
 #: What a zonal two-channel dataset adds to an experiment YAML (the README's example).
 ZONAL_TWO_CHANNEL = """\
 model:
@@ -378,7 +367,7 @@ def last_metrics(run_dir: Path) -> dict[str, float]:
 
 def fit_and_test(config: str, run_dir: Path, *options: str) -> dict[str, float]:
     """``distill fit`` then ``distill test`` on best.ckpt; the test metrics logged."""
-    args = ["--config", str(REPO / config), *options, *TINY, f"--trainer.default_root_dir={run_dir}"]
+    args = ["--config", str(REPO / config), *options, *RUN, f"--trainer.default_root_dir={run_dir}"]
     main(["fit", *args])
     best = run_dir / "lightning_logs" / "version_0" / "checkpoints" / "best.ckpt"
     main(["test", *args, f"--ckpt_path={best}"])
@@ -417,7 +406,7 @@ def test_msd_zonal_teacher_distils_into_a_zonal_student_through_the_cli(layouts,
         "--config",
         str(tmp_path / "zonal.yaml"),
     ]
-    main(["fit", *teacher, *data, *TINY, f"--trainer.default_root_dir={tmp_path / 'teacher'}"])
+    main(["fit", *teacher, *data, *RUN, f"--trainer.default_root_dir={tmp_path / 'teacher'}"])
     student = fit_and_test(
         "experiments/prostate/student_kd.yaml",
         tmp_path / "student",
@@ -443,7 +432,7 @@ def test_msd_zonal_teacher_distils_into_a_zonal_student_through_the_cli(layouts,
                 str(REPO / "experiments/prostate/teacher.yaml"),
                 *data,
                 "--data.init_args.labels={PZ: 1, TZ: 2}",
-                *TINY,
+                *RUN,
             ]
         )
     assert str(exit_info.value.code) == (
@@ -458,7 +447,7 @@ def test_msd_zonal_teacher_distils_into_a_zonal_student_through_the_cli(layouts,
                 str(REPO / "experiments/prostate/teacher.yaml"),
                 *data,
                 "--data.init_args.channels=2",
-                *TINY,
+                *RUN,
             ]
         )
     assert str(exit_info.value.code).startswith(
