@@ -14,7 +14,9 @@ validation score of each), which a multi-teacher student points at
     overrides: ["--trainer.max_epochs=20"]
 
 Subsets are drawn from the training split only, with the data seed, so they do not change with
-the training seed; each teacher's validation score is on the full validation split.
+the training seed; each teacher's validation score is on the full validation split. With
+``--data.init_args.labeled_cases=N`` among the overrides (few labels), the subsets partition
+those N labelled cases, the ones a student given the same override learns its labels from.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def train_limit_trained_teachers(
     manifest_path = out_dir / "manifest.yaml"
     results, entries = [], []
     for name, cases in subsets.items():
-        subset_args = [f"--data.init_args.train_cases=[{','.join(cases)}]"]
+        # every case of a subset is labelled: labeled_cases chose them, and has nothing left to drop
+        subset_args = [f"--data.init_args.train_cases=[{','.join(cases)}]", "--data.init_args.labeled_cases=null"]
         result = run_experiment(
             spec["config"],
             overrides + subset_args,

@@ -394,3 +394,28 @@ def test_profile_picks_the_most_accurate_student_under_the_budget(capsys):
     main(["profile", "slim_unet:width=4", "mobile_unet", "--size", "32"])
     out = capsys.readouterr().out
     assert "| slim_unet:width=4 | 0.12M |" in out and "| mobile_unet |" in out
+
+
+def test_few_label_teachers_partition_the_students_labelled_cases(synthetic_prostate_root, tmp_path):
+    """With labeled_cases: N, the limit-trained teachers learn from the N cases whose masks the
+    student keeps (split among them), not from cases the student sees unlabelled."""
+    from distill.lightning_cli import DistillCLI
+    from distill.limit_trained import train_limit_trained_teachers
+
+    spec = tmp_path / "teachers.yaml"
+    config = str(REPO / "experiments/prostate/teacher.yaml")
+    spec.write_text(yaml.safe_dump({"config": config, "partition": "random", "num_teachers": 2}))
+    overrides = [
+        *OVERRIDES,
+        f"--data.init_args.data_root={synthetic_prostate_root}",
+        "--data.init_args.labeled_cases=2",
+        "--trainer.limit_val_batches=1",
+    ]
+    student_data = DistillCLI(args=["--config", config, *overrides], run=False).datamodule
+    labelled = sorted(case.key for case in student_data.case_splits["train"] if case.labeled)
+    assert len(labelled) == 2 and len(student_data.case_splits["train"]) > 2
+    train_limit_trained_teachers(spec, tmp_path / "teachers", overrides)
+    manifest = yaml.safe_load((tmp_path / "teachers" / "manifest.yaml").read_text())
+    subsets = [t["subset"]["train_cases"] for t in manifest["teachers"]]
+    assert sorted(key for subset in subsets for key in subset) == labelled
+    assert [len(subset) for subset in subsets] == [1, 1]

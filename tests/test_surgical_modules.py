@@ -204,9 +204,13 @@ def test_testing_logs_what_pre_training_learned_and_the_agreement_with_the_teach
     last_epoch_nce = float(model.epoch_info_nce.compute())
     run.save_checkpoint(tmp_path / "student.ckpt")
     assert torch.load(tmp_path / "student.ckpt", weights_only=True)["train_info_nce"] == pytest.approx(last_epoch_nce)
-    model.epoch_info_nce.reset()  # the test below reads the checkpoint's value
-    metrics = run.test(model, datamodule=data, ckpt_path=tmp_path / "student.ckpt", verbose=False)[0]
-    assert metrics["test/train_info_nce"] == pytest.approx(last_epoch_nce, rel=1e-6)
+    # an earlier epoch's checkpoint (its InfoNCE made different): testing it logs its value, not
+    # the last epoch this process trained
+    state = torch.load(tmp_path / "student.ckpt", weights_only=True)
+    state["train_info_nce"] = last_epoch_nce + 1.0
+    torch.save(state, tmp_path / "earlier.ckpt")
+    metrics = run.test(model, datamodule=data, ckpt_path=tmp_path / "earlier.ckpt", verbose=False)[0]
+    assert metrics["test/train_info_nce"] == pytest.approx(last_epoch_nce + 1.0, rel=1e-6)
     assert metrics["test/info_nce_chance"] == pytest.approx(np.log(1 + TINY["queue_size"]))
     teacher_nce = torch.load(teacher_ckpt, weights_only=True)["train_info_nce"]
     assert metrics["test/teacher_info_nce"] == pytest.approx(teacher_nce)

@@ -238,7 +238,11 @@ class MoCoModule(DistillModuleBase):
         checkpoint["train_info_nce"] = float(self.epoch_info_nce.compute()) if trained else self.checkpoint_info_nce
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Reads ``train_info_nce``, and forgets the InfoNCE of any epoch trained in this process:
+        after loading, ``test/train_info_nce`` is the loaded weights' epoch (in a ``fit`` then
+        ``test(ckpt_path="best")`` as in a separate ``distill test``)."""
         self.checkpoint_info_nce = checkpoint.get("train_info_nce")
+        self.epoch_info_nce.reset()
 
     # -------------------------------------------------------------- evaluation
     def evaluation_outputs(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +277,8 @@ class MoCoModule(DistillModuleBase):
             self.log(f"test/{name}", torch.tensor(value, dtype=torch.float32), sync_dist=False)
 
     def learning_metrics(self, held_out: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """What pre-training learned: last-epoch InfoNCE vs chance, k-NN accuracy of the test embeddings."""
+        """What pre-training learned: InfoNCE of the tested weights' epoch vs chance, k-NN accuracy
+        of the test embeddings."""
         trained = self.epoch_info_nce.update_count > 0
         last = float(self.epoch_info_nce.compute()) if trained else self.checkpoint_info_nce
         metrics = {"info_nce_chance": info_nce_chance(self.queue.size)}
