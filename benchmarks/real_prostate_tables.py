@@ -7,7 +7,8 @@ DATA_ROOT is a tree in the 6-site release layout (``<SITE>/CaseNN.nii.gz`` +
 ``<SITE>/CaseNN_segmentation.nii.gz``, any subset of the sites; masks > 0 are the gland). Each table
 is the packaged demo spec run unchanged but for the data: ``demo.yaml`` (teacher trained once,
 student alone, student + KD) and ``demo_few_labels.yaml`` (the student with masks of 3 or 6
-training cases, alone vs + KD from the full-data teacher on every training image), with the
+training cases, alone vs + KD on every training image from the full-data teacher or from 3
+limit-trained teachers that split those labelled cases), with the
 per-site split of every site present, ``--seeds`` paired seeds, checkpoints chosen on validation
 cases only. Each table goes to ``<out>/<table>/results.md`` (+ ``.csv``, ``.json``, per-seed values,
 deltas with 95 % t intervals, collapsed runs marked); a rerun skips finished runs.

@@ -21,6 +21,7 @@ DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate opti
 DEMO_TABLES = {  # in the packaged experiments (:func:`packaged_experiments`)
     "prostate": "prostate/tables/demo.yaml",
     "prostate-multi": "prostate/tables/demo_multi_teacher.yaml",
+    "prostate-few-labels": "prostate/tables/demo_few_labels.yaml",
     "surgical": "surgical/tables/demo.yaml",
 }
 # write_synthetic_surgical and extract_dataset_frames options of the surgical demo (5 fps holds the 1 fps frames too)
@@ -327,7 +328,8 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "task",
         choices=sorted(DEMO_TABLES),
-        help="prostate: procedure 1; prostate-multi: procedure 2; surgical: MoCo v2 + distillation",
+        help="prostate: procedure 1; prostate-multi: procedure 2; prostate-few-labels: both on 3 or 6 labelled "
+        "cases; surgical: MoCo v2 + distillation",
     )
     demo.add_argument(
         "--out",

@@ -118,9 +118,11 @@ class TableProgress:
             results = result if isinstance(result, list) else [result]
             score = sum(r.val_score for r in results) / len(results)
             label = results[0].monitor + (f" (mean of {len(results)})" if len(results) > 1 else "")
+            # a checkpoint chosen by epoch or step is the last one, not a validation score
+            chosen = f"last {label} {score:.0f}" if label in ("epoch", "step") else f"{label} {score:.4f}"
             elapsed = self.clock() - self.run_started
             print(
-                f"[{self.runs_done}/{len(self.plan)}] {self.name}: {elapsed:.0f} s, {label} {score:.4f}",
+                f"[{self.runs_done}/{len(self.plan)}] {self.name}: {elapsed:.0f} s, {chosen}",
                 file=self.stream,
                 flush=True,
             )

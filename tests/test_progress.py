@@ -83,15 +83,18 @@ def test_reused_and_teacher_runs_in_the_plan():
 
 def test_one_line_per_run_when_not_a_terminal():
     clock, stream = FakeClock(), io.StringIO()
-    progress = TableProgress([(2, "a.yaml"), (1, "b.yaml")], clock=clock, stream=stream)
+    progress = TableProgress([(2, "a.yaml"), (1, "b.yaml"), (1, "c.yaml")], clock=clock, stream=stream)
     train(progress, clock, "student (seed 0)", epochs=2, batches=3, seconds_per_batch=2.0)
     progress.start_run("teachers (seed 0)")
     clock.now += 4
     progress.finish_run([result("teachers/a", 0.25), result("teachers/b", 0.75)])
+    progress.start_run("MoCo teacher (seed 0)")  # its checkpoint is the last epoch (monitor: epoch)
+    progress.finish_run(RunResult("MoCo teacher", 0, {}, "epoch", 4.0, 1, 1.0, "best.ckpt", "logs"))
     progress.close()
     assert stream.getvalue().splitlines() == [
-        "[1/2] student (seed 0): 13 s, val/dice 0.5000",
-        "[2/2] teachers (seed 0): 4 s, val/dice (mean of 2) 0.5000",
+        "[1/3] student (seed 0): 13 s, val/dice 0.5000",
+        "[2/3] teachers (seed 0): 4 s, val/dice (mean of 2) 0.5000",
+        "[3/3] MoCo teacher (seed 0): 0 s, last epoch 4",
     ]
 
 
