@@ -26,7 +26,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 
 from data_modules.surgical import FrameDataset, SurgicalSSLDataModule, unlabelled_frame_index
 from data_modules.surgical_layout import extract_dataset_frames
@@ -34,6 +33,7 @@ from data_modules.video_transforms import eval_transform
 from distill.errors import DataError
 from distill.metrics.embedding import info_nce_chance, knn_accuracy, neighbour_overlap, similarity_kl
 from distill.modules import MoCoDistillModule, MoCoModule
+from distill.utils import read_extending_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "experiments/surgical/demo"
@@ -41,7 +41,7 @@ PRESETS = REPO / "experiments/surgical/demo"
 
 def preset(name: str) -> tuple[dict, dict, int]:
     """(model options with the optimiser as a callable, data options, max_epochs) of a demo preset."""
-    config = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+    config = read_extending_yaml(PRESETS / f"{name}.yaml", "surgical preset")  # the paper YAML + the demo's keys
     model = dict(config["model"]["init_args"])
     optimizer = model.pop("optimizer")
     module, _, cls = optimizer["class_path"].rpartition(".")

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from data_modules.surgical_layout import split_videos
@@ -126,3 +127,21 @@ def test_a_distillation_row_whose_teacher_is_at_chance_is_flagged():
     assert "distilled from an untrained teacher (! teacher at chance)" in rows
     assert "MoCo v2" in rows and "distilled" in rows  # not flagged
     assert sum("(! teacher at chance):" in line for line in table.splitlines()) == 1  # explained once
+
+
+def test_the_real_clips_script_builds_each_pre_training_from_its_demo_preset():
+    """benchmarks/ssl_real_clips.py reads the demo presets with their ``extends:`` base applied
+    (the optimiser and most settings live in the paper YAML) and builds the modules from them."""
+    import importlib.util
+
+    from distill.modules import MoCoModule
+
+    spec = importlib.util.spec_from_file_location("ssl_real_clips", REPO / "benchmarks" / "ssl_real_clips.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, epochs in (("moco_teacher", 5), ("moco", 12), ("moco_distill", 12)):
+        options, data, max_epochs = script.preset(name)
+        assert max_epochs == epochs and data["image_size"] == 48 and options["queue_size"] == 256
+        assert options["optimizer"]([torch.nn.Parameter(torch.zeros(1))]).defaults["lr"] > 0
+    model = MoCoModule(**script.preset("moco_teacher")[0])
+    assert model.hparams.freeze_backbone and model.hparams.proj_batch_norm
