@@ -147,6 +147,13 @@ def test_same_architecture_teachers_run_batched_and_match_one_by_one(tmp_path):
     assert batched.state_dict() == {} and not batched.train().training
 
 
+def test_monai_unet_teachers_stay_eager_a_graph_would_freeze_their_python_padding(tmp_path):
+    teachers = FrozenTeachers([save_teacher(tmp_path / "t0.ckpt")], "segmentation")
+    teachers.load()
+    teachers(torch.randn(2, 3, 32, 32))  # BasicUNet pads odd sizes in Python: a TracerWarning, so no graph
+    assert teachers._graphs[(0, (3, 32, 32), torch.float32)] is teachers.networks[0]
+
+
 def test_feature_taps_survive_a_deepcopy_of_the_tapped_model():
     import copy
 

@@ -26,7 +26,7 @@ from distill.formats.phases import read_phase_file
 from distill.losses import weighted_sum
 from distill.metrics.embedding import knn_accuracy, neighbour_overlap, similarity_kl
 from distill.metrics.phase import evaluate_phases
-from distill.modules import MoCoDistillModule, MoCoModule, PhaseClassifierModule, TCNPhaseModule
+from distill.modules import FrozenTeachers, MoCoDistillModule, MoCoModule, PhaseClassifierModule, TCNPhaseModule
 from distill.modules.checkpoints import load_network
 
 BACKBONE = "test_efficientnet"  # timm's tiny test network (batch norm, 256 features)
@@ -167,6 +167,24 @@ def test_teacher_with_a_batch_norm_head_is_rebuilt_and_distilled_from_in_eval_mo
     student_run.fit(student, datamodule=ssl_data(cholec))
     assert np.isfinite(float(student_run.callback_metrics["train/distill"]))
     assert not student.teachers.networks[0].training
+
+
+def test_a_cpu_teacher_runs_as_a_frozen_graph_with_the_eager_outputs(teacher_ckpt):
+    graphs, eager = FrozenTeachers([teacher_ckpt], "moco"), FrozenTeachers([teacher_ckpt], "moco", frozen_graph=False)
+    graphs.load(), eager.load()
+    for batch in (torch.randn(8, 3, 32, 32), torch.randn(3, 3, 32, 32)):  # traced on the first, reused
+        assert torch.allclose(graphs(batch)[0][0], eager(batch)[0][0], atol=1e-5)
+    key = (0, (3, 32, 32), torch.float32)
+    traced = graphs._graphs[key]
+    assert isinstance(traced, torch.jit.ScriptModule) and len(graphs._graphs) == 1 and not eager._graphs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert graphs(batch)[0][0].dtype == torch.bfloat16  # under autocast: eager, in autocast's dtypes
+    _, features = graphs(batch, ["backbone"])
+    assert features[0][0].shape[0] == 3  # feature taps need the eager network, which still runs
+    graphs.to(torch.float64)  # a device or dtype change: traced again on the next pass
+    assert not graphs._graphs
+    graphs.to(torch.float32)(batch)
+    assert graphs._graphs[key] is not traced
 
 
 def test_distillation_loss_matches_a_hand_computation(teacher_ckpt):
