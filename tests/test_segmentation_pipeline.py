@@ -269,7 +269,8 @@ def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
         "--model.init_args.eval_batch_size=64",
     ]
     results = run_table(REPO / "experiments/prostate/tables/single_teacher.yaml", out, overrides)
-    assert [r.name for r in results] == ["teacher (U-Net)", "student (no KD)", "student + KD"]
+    few_labels = [f"student ({n} labelled cases){kd}" for n in (3, 6) for kd in ("", " + KD on all images")]
+    assert [r.name for r in results] == ["teacher (U-Net)", "student (no KD)", "student + KD", *few_labels]
     for result in results:
         assert 0.0 <= result.metrics["test/dice"] <= 1.0 and result.metrics["test/hd95"] > 0
         assert {"test/dice/RUNMC", "test/dice/HK"} <= set(result.metrics)
@@ -289,7 +290,7 @@ def test_table_fit_test_resume_and_predict(synthetic_prostate_root, tmp_path):
     assert [r.metrics for r in again] == [r.metrics for r in results] and (out / "results-1.md").is_file()
 
     # Resume the KD run from its last checkpoint: training continues at the saved step.
-    kd = results[-1]
+    kd = results[2]
     last = Path(kd.best_checkpoint).with_name("last.ckpt")
     saved_step = torch.load(last, weights_only=True)["global_step"]
     teacher_ckpt = results[0].best_checkpoint

@@ -37,21 +37,27 @@ STUDENT_SETTINGS = {
     "model.init_args.warmup_steps": 60,
 }
 CHANGED_SINCE = {
-    "demo/moco_teacher.yaml": {**LEARNING_SETTINGS, "trainer.max_epochs": 5},
+    "demo/moco_teacher.yaml": {
+        **LEARNING_SETTINGS,
+        "trainer.max_epochs": 5,
+        # the teacher keeps its last epoch: its frozen backbone makes the probe's accuracy blind to the head
+        "trainer.callbacks.0.init_args.monitor": "epoch",
+    },
     "demo/moco.yaml": STUDENT_SETTINGS,
     "demo/moco_distill.yaml": STUDENT_SETTINGS,
 }
 
 
 def with_changes(config: dict, changes: dict) -> dict:
-    """``config`` (a deep copy) with each dotted key of ``changes`` set."""
+    """``config`` (a deep copy) with each dotted key of ``changes`` set (a number indexes a list)."""
     config = json.loads(json.dumps(config))
+    index = lambda key: int(key) if key.isdigit() else key  # noqa: E731
     for dotted, value in changes.items():
         *parents, leaf = dotted.split(".")
         node = config
         for key in parents:
-            node = node[key]
-        node[leaf] = value
+            node = node[index(key)]
+        node[index(leaf)] = value
     return config
 
 

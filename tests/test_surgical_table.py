@@ -69,7 +69,9 @@ def test_surgical_table_chains_pretraining_finetuning_and_tcn(synthetic_cholec80
     ]
     rows = ["ImageNet-supervised 25%", "MoCo v2 25%", "MoCo v2 + distillation 25%"]
     assert [r.name for r in results] == pretraining + rows  # 'show: false' keeps the fine-tuning runs out
-    assert all(0 <= r.metrics["test/probe_acc"] <= 1 and r.monitor == "val/probe_acc" for r in results[:3])
+    assert all(0 <= r.metrics["test/probe_acc"] <= 1 for r in results[:3])
+    # the teacher keeps its last epoch (its frozen backbone leaves the probe blind to the head); students: the probe
+    assert [r.monitor for r in results[:3]] == ["epoch", "val/probe_acc", "val/probe_acc"]
     results = results[3:]
     table = (out / "results.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| model"))
