@@ -58,7 +58,7 @@ __all__ = ["MoCoDistillModule", "MoCoEncoder", "MoCoModule"]
 
 KNN_NEIGHBOURS = 10  # k of the test k-NN accuracy of the projection embeddings
 OVERLAP_NEIGHBOURS = 5  # k of the student-teacher neighbour overlap
-AT_CHANCE = 0.9  # a teacher whose last-epoch InfoNCE is above this share of ln(1 + K) learned (almost) nothing
+AT_CHANCE = 0.9  # a teacher whose checkpoint's InfoNCE is above this share of ln(1 + K) learned (almost) nothing
 
 
 def video_codes(videos: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -231,11 +231,16 @@ class MoCoModule(DistillModuleBase):
     def on_train_epoch_start(self) -> None:
         self.epoch_info_nce.reset()
 
+    def weights_info_nce(self) -> float | None:
+        """Mean InfoNCE of the epoch that produced the current weights: the epoch trained so far in
+        this process, else the loaded checkpoint's (None when neither exists)."""
+        trained = self.epoch_info_nce.update_count > 0
+        return float(self.epoch_info_nce.compute()) if trained else self.checkpoint_info_nce
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Also records ``train_info_nce``: the mean InfoNCE of the epoch so far (None before a step)."""
         super().on_save_checkpoint(checkpoint)
-        trained = self.epoch_info_nce.update_count > 0
-        checkpoint["train_info_nce"] = float(self.epoch_info_nce.compute()) if trained else self.checkpoint_info_nce
+        checkpoint["train_info_nce"] = self.weights_info_nce()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Reads ``train_info_nce``, and forgets the InfoNCE of any epoch trained in this process:
@@ -279,11 +284,10 @@ class MoCoModule(DistillModuleBase):
     def learning_metrics(self, held_out: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """What pre-training learned: InfoNCE of the tested weights' epoch vs chance, k-NN accuracy
         of the test embeddings."""
-        trained = self.epoch_info_nce.update_count > 0
-        last = float(self.epoch_info_nce.compute()) if trained else self.checkpoint_info_nce
+        info_nce = self.weights_info_nce()
         metrics = {"info_nce_chance": info_nce_chance(self.queue.size)}
-        if last is not None:
-            metrics["train_info_nce"] = last
+        if info_nce is not None:
+            metrics["train_info_nce"] = info_nce
         labelled = held_out["label"] >= 0 if held_out else None
         if held_out and int(labelled.sum()) > 1:
             metrics["knn_acc"] = knn_accuracy(
