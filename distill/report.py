@@ -29,7 +29,7 @@ from distill.utils import unique_path
 ROW_FLAGS = {
     "test/teacher_at_chance": (
         "teacher at chance",
-        "its teacher's last-epoch InfoNCE is above 0.9 ln(1 + K): the teacher's similarities carry "
+        "its teacher checkpoint's InfoNCE is above 0.9 ln(1 + K): the teacher's similarities carry "
         "(almost) nothing to distil, so the row does not measure the method",
     ),
 }
