@@ -5,8 +5,10 @@
 For each seed (``seed_everything`` as ``distill fit`` does it, then the demo's width-4 slim U-Net,
 built by :class:`~distill.modules.SegmentationModule`), one 48x48 training batch of 16 slices:
 the mean foreground probability and the fraction of pixels predicted foreground, with the random
-output layer (``foreground_prior=None``) and with the default prior initialisation. Writes the
-synthetic demo data first when ``--data`` does not exist.
+output layer (``foreground_prior=None``), with zero output weights under the 1 % prior bias (the
+old default, ``foreground_prior_weight_std=0``) and with the default (the network's own random
+output weights under the prior bias). Writes the synthetic demo data first when ``--data`` does
+not exist.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ import torch
 from data_modules.prostate import ProstateDataModule
 from data_modules.synth_prostate import write_synthetic_prostate
 from distill.modules import SegmentationModule
+
+INITIALISATIONS = {
+    "random": {"foreground_prior": None},
+    "prior 0.01, zero weights": {"foreground_prior": 0.01, "foreground_prior_weight_std": 0.0},
+    "prior 0.01, own weights (default)": {},
+}
 
 
 def main() -> None:
@@ -35,12 +43,11 @@ def main() -> None:
     print(f"batch: {batch['label'].float().mean():.2%} of the pixels are gland")
     print("seed | output layer | mean p(gland) | pixels predicted gland")
     for seed in range(args.seeds):
-        for prior in (None, 0.01):
+        for layer, init in INITIALISATIONS.items():
             L.seed_everything(seed, verbose=False)
-            module = SegmentationModule(network="slim_unet", network_kwargs={"width": 4}, foreground_prior=prior)
+            module = SegmentationModule(network="slim_unet", network_kwargs={"width": 4}, **init)
             with torch.no_grad():
                 p = module.train()(batch["image"]).softmax(1)[:, 1]
-            layer = "random" if prior is None else f"prior {prior}"
             print(f"{seed} | {layer} | {p.mean():.3f} | {(p > 0.5).float().mean():.1%}")
 
 

@@ -80,7 +80,7 @@ def main() -> None:
             f"{written / seconds:,.0f} written 250x250 frames/s"
         )
 
-        common = dict(data_root=root, num_workers=args.workers, val_fraction=0.0)
+        common = dict(data_root=root, num_workers=args.workers, val_fraction=0.2)  # fitting needs validation videos
         ssl = SurgicalSSLDataModule(frames_dir, fps=5, batch_size=64, **common)
         ssl.setup("fit")
         pairs = report(

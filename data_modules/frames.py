@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from distill.errors import DataError
 from distill.formats.phases import VIDEO_FPS, frame_step, natural_sorted
-from distill.utils import child_path, write_text_atomic
+from distill.utils import child_path, is_disk_full, write_text_atomic
 
 DEFAULT_FRAME_PATTERN = "{video}/{frame}.jpg"
 TECNO_FRAME_PATTERN = "{video}/{video}_{frame:06d}.png"
@@ -147,6 +147,10 @@ class VideoSource:
     annotation_path: Path | None = None
 
 
+class FramesDiskFull(DataError):
+    """The disk filled while frames were written: the extraction stops at once, naming the frames folder."""
+
+
 @dataclass(frozen=True)
 class ExtractionSettings:
     fps: int
@@ -215,6 +219,8 @@ def extract_frames(
                 try:
                     _extract_video(video, out_dir, settings)
                 except DataError as err:
+                    if isinstance(err, FramesDiskFull):
+                        raise
                     failures[video.name] = str(err)
                 bar.update()
         else:
@@ -228,6 +234,9 @@ def extract_frames(
             ) as pool:
                 futures = {pool.submit(_extract_video, video, out_dir, settings): video.name for video in todo}
                 for future in as_completed(futures):
+                    if isinstance(future.exception(), FramesDiskFull):  # every other video would fail alike
+                        pool.shutdown(cancel_futures=True)
+                        raise future.exception()
                     if isinstance(future.exception(), DataError):
                         failures[futures[future]] = str(future.exception())
                     elif future.exception() is not None:
@@ -327,8 +336,13 @@ def _decode_video(video: VideoSource, out_dir: str | Path, settings: ExtractionS
                 shrink = image.shape[0] > height or image.shape[1] > width
                 image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
                 target = pattern.path(out_dir, video.name, interval * step)
-                if not cv2.imwrite(str(target), image):
-                    raise DataError(f"{target}: cannot write frame")
+                if not cv2.imwrite(str(target), image):  # OpenCV gives no reason: the free space tells a full disk
+                    if is_disk_full(OSError(f"cv2.imwrite could not write {target}"), target.parent):
+                        raise FramesDiskFull(
+                            f"{Path(out_dir)}: disk full while writing the frames of {video.name}; its partial frames "
+                            "were removed and finished videos kept (free space, then rerun: they are skipped)"
+                        )
+                    raise DataError(f"{target}: cannot write frame (is {target.parent} writable?)")
                 written += 1
             decoded += 1
     finally:

@@ -23,6 +23,7 @@ an unlabelled training image. ``unlabeled_images:`` folders (:func:`image_folder
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ class ProstateCase:
         mask_path: the label file; None for an unlabelled training image.
         channel_paths: files of channels 2, 3, ... when every channel is its own file.
         listed_split: the datalist list that holds it ("train", "val", "test"; ``split: datalist``).
+        named_channels: the dataset names the channels of its 4D images (MSD's ``modality``: T2 first),
+            so reading only the first ``channels`` of them is a choice; otherwise a 4D image must hold
+            exactly the channels read.
     """
 
     site: str
@@ -66,6 +70,7 @@ class ProstateCase:
     mask_path: Path | None
     channel_paths: tuple[Path, ...] = ()
     listed_split: str = "train"
+    named_channels: bool = False
 
     @property
     def key(self) -> str:
@@ -102,7 +107,9 @@ def _load_json(path: Path, what: str) -> dict:
 
 
 def _unique_cases(cases: list[ProstateCase], source: Path) -> list[ProstateCase]:
+    """``cases``, unless two share a key or an image file (one patient that could land on both sides of a split)."""
     seen: dict[str, ProstateCase] = {}
+    files: dict[Path, ProstateCase] = {}
     for case in cases:
         if case.key in seen:
             raise DataError(
@@ -110,6 +117,12 @@ def _unique_cases(cases: list[ProstateCase], source: Path) -> list[ProstateCase]
                 "(rename one, or give datalist entries a 'case' field)"
             )
         seen[case.key] = case
+        for path in case.image_paths:
+            other = files.setdefault(path.resolve(), case)
+            if other is not case:
+                raise DataError(
+                    f"{source}: {path} is the image of both case {other.key} and case {case.key}; list each image once"
+                )
     return cases
 
 
@@ -165,7 +178,8 @@ def datalist_cases(
 def msd_cases(root: str | Path) -> list[ProstateCase]:
     """The labelled ``training`` cases of a Medical Segmentation Decathlon task folder (site: its name)."""
     root = Path(root)
-    return datalist_cases(root / "dataset.json", root, default_site=root.name, keys=("training",))
+    cases = datalist_cases(root / "dataset.json", root, default_site=root.name, keys=("training",))
+    return [dataclasses.replace(case, named_channels=True) for case in cases]
 
 
 def _nnunet_settings(root: Path, channels: int) -> tuple[str, dict]:
@@ -199,6 +213,14 @@ def nnunet_cases(root: str | Path, channels: int = 1) -> list[ProstateCase]:
             if not file.is_file():
                 raise DataError(f"{file}: channel {c} ({names.get(str(c), '?')}) of case {case_id} not found")
         cases.append(ProstateCase(site_name(root.name), case_id, files[0], label, tuple(files[1:])))
+    labelled = {case.case for case in cases}
+    for image in sorted((root / "imagesTr").glob(f"*{ending}")):
+        match = _CHANNEL_FILE.match(image.name[: -len(ending)])
+        if match is None or match.group(1) not in labelled:
+            raise DataError(
+                f"{image}: no label file labelsTr/{match.group(1) if match else image.name[: -len(ending)]}{ending} "
+                "(every imagesTr case needs one; unlabelled images go in a folder of unlabeled_images)"
+            )
     return cases
 
 
@@ -229,7 +251,9 @@ def image_folder_cases(folder: str | Path, layout: str, channels: int = 1) -> li
                 ProstateCase(folder.name, case_id, files[0], None, tuple(files[c] for c in range(1, channels)))
             )
     else:
-        cases = [ProstateCase(folder.name, stem, path, None) for stem, path in stems.items()]
+        cases = [
+            ProstateCase(folder.name, stem, path, None, named_channels=layout == "msd") for stem, path in stems.items()
+        ]
     if not cases:
         raise DataError(f"{folder}: no NIfTI images in the unlabelled image folder")
     return _unique_cases(cases, folder)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,14 +50,15 @@ from data_modules.layouts import (
     datalist_cases,
     image_folder_cases,
     msd_cases,
+    nifti_stem,
     nnunet_cases,
 )
 from data_modules.resumable import ResumableTraining, sample_seed, split_key
 from distill.errors import DataError
-from distill.formats.nifti import read_nifti
+from distill.formats.nifti import NIFTI_READ_ERRORS, read_nifti
 from distill.formats.sites import PROSTATE_SITES, SITE_ALIASES
 from distill.types import ClosedUnitInterval, NonNegativeInt, PositiveInt
-from distill.utils import read_yaml
+from distill.utils import read_yaml, refuse_unless_memory_fits
 
 SITES: tuple[str, ...] = PROSTATE_SITES
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -174,11 +176,15 @@ def _site_cases(site: str, folder: Path) -> list[ProstateCase]:
     Files are matched to cases by case number, so two files that claim one case's image or mask
     (``Case01.nii`` and ``Case01.nii.gz``, ``Case1.nii.gz`` and ``Case01.nii.gz``, both mask
     spellings) are refused: they would become two cases of one patient, possibly on both sides of a split.
+    A mask without its image is refused; other NIfTI files are left unread, with a warning.
     """
     claimed: dict[tuple[int, bool], Path] = {}
+    unread = []
     for path in sorted(folder.iterdir()):
         match = _CASE_FILE.match(path.name)
         if match is None or not path.is_file():
+            if nifti_stem(path) is not None and not path.name.startswith("."):
+                unread.append(path.name)
             continue
         key = (int(match.group(1)), match.group(2) is not None)
         if key in claimed:
@@ -188,8 +194,20 @@ def _site_cases(site: str, folder: Path) -> list[ProstateCase]:
             )
         claimed[key] = path
     images = sorted((number, path) for (number, is_mask), path in claimed.items() if not is_mask)
+    orphan = next(
+        (path for (number, is_mask), path in sorted(claimed.items()) if is_mask and (number, False) not in claimed),
+        None,
+    )
+    if orphan is not None:
+        case = orphan.name.split("_", 1)[0]
+        raise DataError(f"{orphan}: mask of case {site}/{case} without its image ({case}.nii.gz not found)")
     if not images:
         raise DataError(f"{folder}: empty site folder (no CaseXX.nii.gz images)")
+    if unread:
+        rank_zero_warn(
+            f"{folder}: {len(unread)} NIfTI file(s) not named CaseXX.nii.gz or CaseXX_segmentation.nii.gz "
+            f"left unread ({', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''})"
+        )
     cases = []
     for number, image in images:
         case = image.name.split(".", 1)[0]
@@ -200,6 +218,15 @@ def _site_cases(site: str, folder: Path) -> list[ProstateCase]:
             raise DataError(f"{image}: mask {masks[0]} (or {masks[1]}) not found")
         cases.append(ProstateCase(site, case, image, mask))
     return cases
+
+
+def nifti_slices(path: Path) -> int:
+    """Axial slices (Z) of a NIfTI file, from its header alone; 0 when unreadable (:func:`read_case` says why)."""
+    try:
+        shape = nib.load(path).shape
+    except NIFTI_READ_ERRORS:
+        return 0
+    return int(shape[2]) if len(shape) >= 3 else 0
 
 
 def _check_grid(path: Path, nifti, reference: Path, ref_nifti, what: str) -> None:
@@ -222,9 +249,23 @@ def _check_grid(path: Path, nifti, reference: Path, ref_nifti, what: str) -> Non
 def read_image_channels(case: ProstateCase, channels: int = 1) -> tuple[np.ndarray, object]:
     """The first ``channels`` channels of a case, float32 (X, Y, Z, C), and the first file's NIfTI image.
 
-    A 4D file holds all channels (MSD: T2, ADC); otherwise each channel is its own file.
+    A 4D file holds all channels (MSD: T2, ADC); otherwise each channel is its own file. Reading only
+    some of a case's channels is refused unless the dataset names them (``case.named_channels``):
+    a 4D image of another layout may be a time series, whose first volume is no choice at all.
     """
     image, nifti = read_nifti(case.image_path, channels=True)
+    held = image.shape[3] + len(case.channel_paths)
+    if held > channels and not case.named_channels:
+        what = (
+            f"4D image of {image.shape[3]} volumes"
+            if held == image.shape[3]
+            else f"case {case.key} of {held} channel files"
+        )
+        raise DataError(
+            f"{case.image_path}: {what}, but data.init_args.channels={channels} would read only the first "
+            f"{channels}; set data.init_args.channels={held} if they are channels (e.g. T2 + ADC), "
+            "or keep one volume per file"
+        )
     if case.channel_paths:
         arrays = [image]
         for path in case.channel_paths[: channels - 1]:
@@ -279,6 +320,7 @@ def read_case(
     non_finite = np.count_nonzero(~np.isfinite(image))
     if non_finite:
         raise DataError(f"{case.image_path}: {non_finite} NaN/inf voxels")
+    _refuse_constant_channels(case, image)
     image = np.ascontiguousarray(image.transpose(3, 2, 0, 1))
     classes = None
     if case.mask_path is not None:
@@ -300,6 +342,25 @@ def read_case(
         spacing[[2, 0, 1]],
         np.asarray(nifti.affine, dtype=np.float64),
     )
+
+
+def _channel_source(case: ProstateCase, num_channels: int, channel: int) -> str:
+    """Where channel ``channel`` of a case comes from: its own file, or a channel of the 4D image."""
+    if len(case.image_paths) > 1:
+        return str(case.image_paths[channel])
+    return f"{case.image_path}: channel {channel}" if num_channels > 1 else str(case.image_path)
+
+
+def _refuse_constant_channels(case: ProstateCase, image: np.ndarray) -> None:
+    """A channel of (X, Y, Z, C) ``image`` with one value everywhere has no anatomy (and no z-score): refused."""
+    flat = image.reshape(-1, image.shape[3])
+    constant = np.flatnonzero(flat.min(axis=0) == flat.max(axis=0))
+    if constant.size:
+        channel = int(constant[0])
+        raise DataError(
+            f"{_channel_source(case, image.shape[3], channel)}: constant image (every voxel {flat[0, channel]:g}): "
+            "no anatomy to segment or normalise"
+        )
 
 
 def normalize_volume(image: torch.Tensor, method: str) -> torch.Tensor:
@@ -347,6 +408,14 @@ def load_volume(
     if mask is None:  # unlabelled: an all-zero placeholder, never scored (batch["labeled"] is False)
         mask = np.zeros(image.shape[1:], dtype=np.uint8)
     label = torch.from_numpy(mask)
+    if normalization == "percentile":
+        for index, channel in enumerate(image):
+            low, high = np.percentile(channel.numpy(), (1, 99))
+            if low == high:
+                raise DataError(
+                    f"{_channel_source(case, channels, index)}: 1st and 99th intensity percentiles are equal "
+                    f"({low:g}); percentile normalisation cannot scale it (use normalization: zscore)"
+                )
     normalised = torch.stack([normalize_volume(channel, normalization) for channel in image])
     volume = ProstateVolume(
         case=case,
@@ -430,7 +499,8 @@ def _read_case_list(path: str | Path, cases: list[ProstateCase]) -> dict[str, li
             if key not in known:
                 raise DataError(f"{path}: unknown case {entry!r} in {split} (not among the cases read from data_root)")
             if key in seen:
-                raise DataError(f"{path}: case {entry!r} is in both {seen[key]} and {split}")
+                where = f"listed twice in {split}" if seen[key] == split else f"in both {seen[key]} and {split}"
+                raise DataError(f"{path}: case {entry!r} is {where}")
             seen[key] = split
             splits[split].append(known[key])
     return splits
@@ -558,7 +628,8 @@ def _label_map(labels: str | Mapping) -> dict[str, list[int]]:
             raise DataError(f"labels: class {name!r} needs positive integer mask values, got {labels[name]!r}")
         for value in values:
             if value in seen:
-                raise DataError(f"labels: mask value {value} is in both {seen[value]!r} and {name!r}")
+                where = f"listed twice in {name!r}" if seen[value] == name else f"in both {seen[value]!r} and {name!r}"
+                raise DataError(f"labels: mask value {value} is {where}")
             seen[value] = name
         mapping[str(name)] = values
     return mapping
@@ -847,24 +918,50 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Load (once) the volumes the stage needs: fit -> train + val, validate -> val, test, predict.
 
-        Fitting on a case list needs its train and val lists (val chooses ``best.ckpt``).
+        Fitting needs train and val cases (val chooses ``best.ckpt``), and every class of ``labels``
+        in some training mask (a class no mask holds cannot be learnt: the labels do not fit the data).
         """
         hp = self.hparams
-        if stage == "fit" and hp.split == "case_list":
+        if stage == "fit":
             for name in ("train", "val"):
-                if not self.case_splits[name]:
+                if self.case_splits[name]:
+                    continue
+                if hp.split == "case_list":
                     raise DataError(
                         f"{hp.case_list}: the case list has no {name} cases; fitting needs them "
                         "(validation chooses best.ckpt)"
                     )
+                counts = ", ".join(f"{part} {len(self.case_splits[part])}" for part in SPLITS)
+                raise DataError(
+                    f"{hp.data_root}: split={hp.split} gives no {name} cases ({counts}); "
+                    "fitting needs them (validation chooses best.ckpt): read more cases or change the split"
+                )
         needed = {
             "fit": ("train", "val"),
             "validate": ("val",),
             "test": ("test",),
             "predict": (hp.predict_split,),
         }.get(stage, ("train", "val", "test"))
+        self._refuse_volumes_beyond_memory([name for name in needed if name not in self._volumes])
         for name in needed:
             self._split_volumes(name)
+        if stage == "fit":
+            self._check_classes_occur(self._split_volumes("train"))
+
+    def _check_classes_occur(self, volumes: Sequence[ProstateVolume]) -> None:
+        """Refuse a class of ``labels`` that none of the labelled ``volumes`` holds, naming the masks read."""
+        masks = [volume for volume in volumes if volume.labeled]
+        present = torch.zeros(self.num_classes, dtype=torch.bool)
+        for volume in masks:
+            present |= torch.bincount(volume.label.flatten().long(), minlength=self.num_classes).bool()
+        for index, (name, values) in enumerate(self.label_map.items(), start=1):
+            if not present[index]:
+                paths = [str(volume.case.mask_path) for volume in masks]
+                shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+                raise DataError(
+                    f"labels: class {name!r} (mask value {' or '.join(map(str, values))}) occurs in none of the "
+                    f"{len(paths)} training masks read ({shown})"
+                )
 
     def _split_volumes(self, name: str) -> list[ProstateVolume]:
         """Volumes of one split ("train", "val", "test" or "all"), read in parallel threads once."""
@@ -880,6 +977,22 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
             with ThreadPoolExecutor(max_workers=max(1, hp.load_threads)) as pool:
                 self._volumes[name] = list(pool.map(load, self.case_splits[name]))
         return self._volumes[name]
+
+    def _refuse_volumes_beyond_memory(self, names: Sequence[str]) -> None:
+        """Refuse, in one line and before reading any voxel, splits whose volumes at ``image_size`` would not
+        fit in memory: float32 images (every channel) and uint8 masks, slice counts read from the headers."""
+        cases = list({case.key: case for name in names for case in self.case_splits[name]}.values())
+        if not cases:
+            return
+        hp = self.hparams
+        slices = sum(nifti_slices(case.image_path) for case in cases)
+        num_bytes = slices * hp.image_size**2 * (4 * hp.channels + 1)
+        refuse_unless_memory_fits(
+            num_bytes,
+            f"image_size={hp.image_size}: the {' and '.join(names)} volumes ({len(cases)} cases, {slices} slices "
+            f"at {hp.image_size}x{hp.image_size})",
+            "lower data.init_args.image_size",
+        )
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_modules.frames import DEFAULT_FRAME_PATTERN, FramePattern
 from data_modules.resumable import ResumableTraining, sample_seed, split_key
-from data_modules.surgical_layout import SPLIT_PARTS, UNLABELED, first_videos, phase_labels_at, split_videos
+from data_modules.surgical_layout import (
+    DEFAULT_SPLITS,
+    SPLIT_PARTS,
+    UNLABELED,
+    first_videos,
+    phase_labels_at,
+    split_videos,
+)
 from data_modules.video_transforms import (
     TwoViews,
     eval_transform,
@@ -71,6 +78,11 @@ def labelled_frame_index(
     per_video = []
     for video in videos:
         frames, labels = phase_labels_at(annotations[video], dataset, fps)
+        if not pattern.video_dir(frames_dir, video).is_dir():
+            raise DataError(
+                f"{pattern.video_dir(frames_dir, video)}: no frame folder for the annotated video {video} "
+                f"({annotations[video]}); extract its frames, or move its annotation out of the dataset"
+            )
         missing = np.setdiff1d(frames, pattern.list_frames(frames_dir, video))
         if missing.size:
             raise DataError(
@@ -241,6 +253,16 @@ class SurgicalDataModule(ResumableTraining, L.LightningDataModule):
         self.splits = split_videos(list(self.annotations), self.dataset, self.split, self.val_fraction)
         self.splits["train"] = first_videos(self.splits["train"], train_videos)
 
+    def _require_validation(self, stage: str | None) -> None:
+        """Fitting needs validation videos: they choose ``best.ckpt`` (without them it is chosen on nothing)."""
+        if stage == "fit" and not self.splits["val"]:
+            counts = ", ".join(f"{part} {len(self.splits[part])}" for part in SPLIT_PARTS)
+            raise DataError(
+                f"{self.data_root}: split={self.split if self.split is not None else DEFAULT_SPLITS[self.dataset]!r} "
+                f"gives no validation videos ({counts}; val_fraction={self.val_fraction}); fitting needs them "
+                "(validation chooses best.ckpt): add videos, raise val_fraction or give the split a val part"
+            )
+
     def _loader(self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
         """Evaluation loader in order, or (``shuffle``) a resumable training loader seeded by ``seed``."""
         options = {
@@ -345,6 +367,7 @@ class SurgicalSSLDataModule(SurgicalDataModule):
                 self.sets["test"] = FrameDataset(
                     self.frames_dir, self.pattern, test_index, eval_transform(self.image_size, self.resize_size)
                 )
+            self._require_validation(stage)
         self.sets["train"] = FrameDataset(
             self.frames_dir,
             self.pattern,
@@ -404,6 +427,7 @@ class SurgicalPhaseDataModule(SurgicalDataModule):
             else:
                 transform = eval_transform(self.image_size, self.resize_size)
             self.sets[part] = FrameDataset(self.frames_dir, self.pattern, index, transform, seed=self.seed)
+        self._require_validation(stage)
 
     def class_weights(self) -> torch.Tensor:
         """(C,) float32 median-frequency weights of the training labels (TeCNO); absent phases get 0."""
@@ -450,6 +474,7 @@ class PhaseFeatureDataModule(SurgicalDataModule):
                 self.sets[part] = VideoFeatureDataset(
                     self.features_dir, self.splits[part], self.annotations, self.dataset
                 )
+        self._require_validation(stage)
 
     @property
     def feature_dim(self) -> int:

@@ -29,12 +29,14 @@ exactly the canonical ids; a tree with another number of videos (a synthetic one
 proportions, every non-empty part getting at least one video. A split without its own
 validation part gives the last ``val_fraction`` of its training videos (at least one) to
 validation, so model selection never sees a test video; ``val_fraction=0`` keeps the paper's
-40 training videos and no validation. The label budget ``train_videos`` (the low-data regime)
+40 training videos and no validation (for evaluation: fitting needs validation videos, which choose
+``best.ckpt``, and refuses a split without them). The label budget ``train_videos`` (the low-data regime)
 then keeps the first N (int) or the first fraction (float) of the training videos.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from distill.formats.phases import (
     check_dataset,
     frame_step,
     natural_sorted,
+    phase_annotation_files,
     read_phase_file,
 )
 
@@ -125,12 +128,20 @@ def extract_dataset_frames(
     """Extract the frames of every video of a Cholec80 / M2CAI16 / unlabeled tree.
 
     Each annotated video must have its phase file, which must name known phases and annotate
-    as many frames as the video decodes to (+- ``frame_tolerance``). ``extract_kwargs`` go to
+    as many frames as the video decodes to (+- ``frame_tolerance``); a phase file without its video
+    is left out with a warning. ``out_dir`` must lie outside the folder the videos are searched in
+    (a re-run removes the frame files it finds in its video folders). ``extract_kwargs`` go to
     :func:`~data_modules.frames.extract_frames` (fps, size, frame_pattern, workers, progress).
 
     Returns:
         names of the videos extracted by this call (already finished ones are skipped).
     """
+    video_folder = Path(data_root) / "videos" if dataset == "cholec80" else Path(data_root)
+    if Path(out_dir).resolve().is_relative_to(video_folder.resolve()):
+        raise DataError(
+            f"{out_dir}: inside the video folder {video_folder}; extract frames to a folder outside it "
+            "(frame folders would mix with the videos, and a re-run removes the frame files it finds)"
+        )
     sources = []
     for name, path in video_files(data_root, dataset).items():
         if dataset == UNLABELED:
@@ -140,6 +151,17 @@ def extract_dataset_frames(
         if not annotation.is_file():
             raise DataError(f"{annotation}: annotation file not found (needed for {path})")
         sources.append(VideoSource(name, path, len(read_phase_file(annotation, dataset)[0]), annotation))
+    if dataset != UNLABELED:
+        annotations = phase_annotation_files(data_root, dataset)
+        extracted = {source.name for source in sources}
+        orphans = [str(path) for name, path in annotations.items() if name not in extracted]
+        if orphans:
+            warnings.warn(
+                f"{data_root}: {len(orphans)} phase annotation(s) without their video left out "
+                f"({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''}); "
+                f"extracting {len(sources)} of {len(annotations)} annotated videos",
+                stacklevel=2,
+            )
     return extract_frames(sources, out_dir, frame_tolerance=frame_tolerance, **extract_kwargs)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from distill.errors import DataError, Terminated
-from distill.termination import EXIT_STATUS
+from distill.termination import exit_status, stop_signal_name
 
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -43,13 +43,13 @@ def data_error_in_chain(err: BaseException) -> DataError | None:
 def one_line_errors() -> Iterator[None]:
     """Exit with one ``error: ...`` line on a user mistake: a :class:`DataError` (also a wrapped one)
     or an output that cannot be written (full disk, read-only or forbidden folder); and with
-    status 143 after a :class:`Terminated` command (SIGTERM). Any other exception is a bug and
+    status 143 (SIGTERM) or 130 (Ctrl-C) after a :class:`Terminated` command. Any other exception is a bug and
     keeps its traceback."""
     try:
         yield
     except Terminated as err:
-        print(f"error: {err or 'interrupted by SIGTERM'}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_STATUS)
+        print(f"error: {err or f'interrupted by {stop_signal_name()}'}", file=sys.stderr, flush=True)
+        sys.exit(exit_status())
     except Exception as err:
         data_error = data_error_in_chain(err)
         if data_error is not None:

@@ -12,6 +12,7 @@ import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
+from distill.errors import DataError
 from distill.types import NonNegativeInt
 
 
@@ -42,7 +43,9 @@ class FitCompletion(Callback):
     - finished: ``fit_complete.json`` (epoch, step; ``distill.modules.checkpoints.FIT_COMPLETE``),
       written once fit has ended normally, so a run directory given as ``teacher_checkpoint``
       counts only when its training finished (:func:`distill.modules.checkpoints.resolve_checkpoint`);
-    - stopped by SIGTERM (Lightning's ``SIGTERMException``, raised by its loops at the next batch):
+    - no training batch at all (an empty training split; Lightning only warns "No training batches"):
+      a one-line :class:`~distill.errors.DataError` and no marker, so nothing passes as a trained run;
+    - stopped by SIGTERM or Ctrl-C (Lightning's ``SIGTERMException``, raised by its loops at the next batch):
       ``last.ckpt`` is written where the run keeps it (a :class:`LastCheckpoint`'s or ``save_last``
       folder, else the first checkpoint callback's), so the run resumes from where it stopped.
     """
@@ -54,6 +57,11 @@ class FitCompletion(Callback):
         from distill.modules.checkpoints import FIT_COMPLETE
         from distill.utils import write_text_atomic
 
+        if trainer.num_training_batches == 0:
+            raise DataError(
+                "fit: the training data gave no batch (an empty training split, or limit_train_batches=0), "
+                "so nothing was trained; no checkpoint or completion marker was written"
+            )
         if not trainer.is_global_zero:
             return
         marker = json.dumps({"epoch": trainer.current_epoch, "global_step": trainer.global_step})
@@ -72,7 +80,7 @@ class FitCompletion(Callback):
         folders = [c.dirpath for c in keepers + trainer.checkpoint_callbacks if c.dirpath]
         if folders:
             self.saved_on_sigterm = Path(folders[0]) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
-            trainer.save_checkpoint(self.saved_on_sigterm)
+            trainer.save_checkpoint(self.saved_on_sigterm, weights_only=False)  # the full state: resumable
 
 
 def sigterm_note(trainer: L.Trainer | None, resume_hint: bool = False) -> str:

@@ -158,19 +158,23 @@ def add_surgical_data_commands(data_commands: argparse._SubParsersAction) -> Non
     )
 
     def run_extract(args: argparse.Namespace) -> None:
+        import warnings
+
         from data_modules.surgical_layout import extract_dataset_frames
 
-        done = extract_dataset_frames(
-            args.root,
-            args.out,
-            args.dataset,
-            fps=args.fps,
-            size=tuple(args.size),
-            frame_pattern=args.pattern,
-            workers=args.workers,
-            frame_tolerance=args.frame_tolerance,
-            overwrite=args.overwrite,
-        )
+        with warnings.catch_warnings():  # what the extraction leaves out: one line each
+            warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr, flush=True)
+            done = extract_dataset_frames(
+                args.root,
+                args.out,
+                args.dataset,
+                fps=args.fps,
+                size=tuple(args.size),
+                frame_pattern=args.pattern,
+                workers=args.workers,
+                frame_tolerance=args.frame_tolerance,
+                overwrite=args.overwrite,
+            )
         print(f"extracted {len(done)} videos to {args.out} (finished videos are skipped)")
 
     extract.set_defaults(func=run_extract)
@@ -234,11 +238,34 @@ def add_export_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, help="file to write (must not exist)")
     export.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |exported - pytorch| output")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    export.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="ONNX Runtime static INT8 quantisation (QDQ, per-channel weights), calibrated on the run's training "
+        "slices; refused when the test Dice through onnxruntime drops by more than --max-dice-drop",
+    )
+    export.add_argument(
+        "--calibration-slices", type=positive_int, default=64, help="training slices that calibrate INT8 activations"
+    )
+    export.add_argument(
+        "--max-dice-drop", type=number_type(float, 0.0), default=0.01, help="largest accepted fp32 - INT8 test Dice"
+    )
 
     def run_export(args: argparse.Namespace) -> None:
         from distill.export import export_student
 
-        report = export_student(args.checkpoint, args.out, args.format, args.tolerance, args.opset)
+        report = export_student(
+            args.checkpoint,
+            args.out,
+            args.format,
+            args.tolerance,
+            args.opset,
+            quantize=args.quantize,
+            calibration_slices=args.calibration_slices,
+            max_dice_drop=args.max_dice_drop,
+            run_data=prostate_run_data,
+        )
         print(report.format_lines())
 
     export.set_defaults(func=run_export)
@@ -247,6 +274,47 @@ def add_export_commands(commands: argparse._SubParsersAction) -> None:
     commands.add_parser(
         "segment-nifti", help="segment a NIfTI volume with an exported ONNX student (onnxruntime, no PyTorch)"
     )
+
+
+def prostate_run_data(hyper_parameters: dict):
+    """A segmentation run's data (:class:`distill.model_card.RunData`) from its saved DataModule
+    hyper-parameters: the split as the run made it, the raw training volumes, the labelled test cases."""
+    from data_modules.prostate import SITES, ProstateDataModule, read_case
+    from distill.errors import DataError
+    from distill.model_card import RunData
+
+    settings = {k: v for k, v in hyper_parameters.items() if not k.startswith("_")}
+    if not settings.get("data_root") or not Path(settings["data_root"]).is_dir():
+        raise DataError(f"{settings.get('data_root')}: the run's data_root is not a folder here")
+    data = ProstateDataModule(**{**settings, "num_workers": 0})
+    splits = {name: data.case_splits[name] for name in ("train", "val", "test")}
+    order = {site: index for index, site in enumerate(SITES)}
+    sites = sorted(
+        {case.site for cases in splits.values() for case in cases}, key=lambda s: (order.get(s, len(order)), s)
+    )
+    description = {
+        "root": str(settings["data_root"]),
+        "layout": settings.get("layout", "sites"),
+        "split": settings.get("split"),
+        "sites": sites,
+        "cases": {name: len(cases) for name, cases in splits.items()},
+        "cases_per_site": {
+            site: {name: sum(case.site == site for case in cases) for name, cases in splits.items()} for site in sites
+        },
+        "labelled_training_cases": sum(case.mask_path is not None for case in splits["train"]),
+    }
+
+    def train_images():
+        for case in splits["train"]:
+            yield read_case(case, 1, data.label_map)[0]
+
+    def test_cases():
+        for case in splits["test"]:
+            image, mask, spacing, _ = read_case(case, 1, data.label_map)
+            if mask is not None:
+                yield case.site, case.case, image, mask, spacing
+
+    return RunData(description, train_images, test_cases)
 
 
 def add_sweep_command(commands: argparse._SubParsersAction) -> None:
@@ -499,7 +567,23 @@ def run_command(argv: list[str]) -> None:
     if unknown and args.command not in ("table", "teachers", "sweep", "demo"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.lightning_overrides = unknown
+    if args.command != "export" and getattr(args, "out", None) is not None:  # export's --out is a file
+        refuse_file_as_output_folder(Path(args.out))
     args.func(args)
+
+
+def refuse_file_as_output_folder(out: Path) -> None:
+    """A command's ``--out`` folder that is a file, or lies under one, is refused in one line before any work."""
+    from distill.errors import DataError
+
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        problem = (
+            "is a file, not a folder (it names the folder to write into)"
+            if existing == out
+            else f"lies under {existing}, which is a file"
+        )
+        raise DataError(f"{out}: --out {problem}; choose another path")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The exceptions the CLI reports as one line: bad user input, and a command stopped by SIGTERM."""
+"""The exceptions the CLI reports as one line: bad user input, and a command stopped by SIGTERM or Ctrl-C."""
 
 
 class DataError(ValueError):
@@ -6,5 +6,5 @@ class DataError(ValueError):
 
 
 class Terminated(Exception):
-    """A command stopped by SIGTERM (:mod:`distill.termination`); the CLI prints the message, which says
-    what was interrupted, and exits 143 (128 + SIGTERM). Raised without a message by the signal handler."""
+    """A command stopped by SIGTERM or SIGINT (:mod:`distill.termination`); the CLI prints the message,
+    which says what was interrupted, and exits 128 + the signal (143, or 130 for Ctrl-C). Raised without a message by the signal handler."""

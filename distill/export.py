@@ -17,12 +17,21 @@ holds:
   (B, num_phases) ``logits`` and (B, D) pooled ``features`` (the input of the temporal model).
 
 The preprocessing travels inside the file: ONNX metadata ``distill.preprocessing`` (JSON),
-TorchScript extra file ``distill.json``.
+TorchScript extra file ``distill.json``. Every export also writes a model card beside the model,
+``<out>.card.md`` and ``<out>.card.json`` (:mod:`distill.model_card`).
+
+``quantize="int8"`` (segmentation students, ONNX): ONNX Runtime static quantisation (QDQ, INT8
+per-channel weights, UINT8 activations calibrated on ``calibration_slices`` slices drawn with
+``seed`` from the run's training cases), then the run's labelled test cases are segmented through
+onnxruntime with the fp32 and the INT8 model (:class:`~distill.infer_onnx.OnnxSegmenter`, as
+``distill segment-nifti`` runs them): when the mean test Dice drops by more than ``max_dice_drop``,
+nothing is written. ``out`` then holds the INT8 model; the card gives both latencies.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -36,11 +45,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.benchmarking import count_flops
 from distill.errors import DataError
-from distill.infer_onnx import METADATA_KEY
+from distill.infer_onnx import METADATA_KEY, OnnxSegmenter
+from distill.model_card import RunData, build_card, write_card
 from distill.models.backbones import IMAGENET_MEAN, IMAGENET_STD, FrameClassifier, feature_dim
 from distill.modules.checkpoints import (
     checkpoint_family,
+    file_sha256,
     load_network,
     load_state,
     resolve_checkpoint,
@@ -68,6 +80,8 @@ class ExportReport:
             runtime (onnxruntime or TorchScript).
         input_shape: (1, channels, S, S), the shape timed.
         preprocessing: the metadata stored in the file.
+        card: the model card (:func:`distill.model_card.build_card`), written beside ``path``.
+        card_paths: its ``.card.json`` and ``.card.md`` files.
     """
 
     path: Path
@@ -77,18 +91,28 @@ class ExportReport:
     latency_ms: float
     input_shape: tuple[int, ...]
     preprocessing: dict
+    card: dict | None = None
+    card_paths: tuple[Path, ...] = ()
 
     def format_lines(self) -> str:
         """Human-readable summary, one fact per line."""
-        return "\n".join(
-            [
-                f"exported {self.path} ({self.format})",
-                f"max |{self.format} - pytorch| = {self.max_abs_diff:.2e} on sample inputs",
-                f"size {self.size_bytes / 1e6:.2f} MB",
-                f"latency {self.latency_ms:.2f} ms per {self.input_shape} input on CPU (median)",
-                f"preprocessing {json.dumps(self.preprocessing)}",
-            ]
-        )
+        lines = [
+            f"exported {self.path} ({self.format})",
+            f"max |{self.format} - pytorch| = {self.max_abs_diff:.2e} on sample inputs",
+            f"size {self.size_bytes / 1e6:.2f} MB",
+            f"latency {self.latency_ms:.2f} ms per {self.input_shape} input on CPU (median)",
+            f"preprocessing {json.dumps(self.preprocessing)}",
+        ]
+        int8 = (self.card or {}).get("model", {}).get("int8")
+        if int8:
+            latency = self.card["model"]["latency_ms"]
+            lines.append(
+                f"int8: test Dice {int8['dice_int8']:.4f} vs fp32 {int8['dice_fp32']:.4f} on {int8['test_cases']} test "
+                f"cases (drop {int8['dice_drop']:+.4f} <= {int8['max_dice_drop']:g}); latency {latency['int8']:.2f} ms vs "
+                f"fp32 {latency['fp32']:.2f} ms ({latency['fp32'] / latency['int8']:.2f}x)"
+            )
+        lines += [f"model card {path}" for path in self.card_paths]
+        return "\n".join(lines)
 
 
 class LogitsAndFeatures(nn.Module):
@@ -151,20 +175,49 @@ def export_student(
     opset: int = 17,
     latency_repeats: int = 20,
     seed: int = 0,
+    quantize: Literal["int8"] | None = None,
+    calibration_slices: int = 64,
+    max_dice_drop: float = 0.01,
+    run_data: Callable[[dict], RunData] | None = None,
 ) -> ExportReport:
-    """Export the network of ``checkpoint`` to ``out`` and check every output against PyTorch.
+    """Export the network of ``checkpoint`` to ``out``, check every output against PyTorch, write the
+    model card (and with ``quantize="int8"`` quantise and check the test Dice, module docstring).
+
+    ``run_data`` reads a segmentation run's data from its DataModule hyper-parameters (the card's
+    split and the INT8 calibration and test cases); without it (or when it fails) the card says so.
 
     Raises:
-        DataError: ``out`` exists, the format is unknown, the checkpoint is unusable or of another
-            family, or the exported file differs from PyTorch by more than ``tolerance`` (then
-            nothing is written).
+        DataError: ``out`` or its card exists, the format is unknown, the checkpoint is unusable or of
+            another family, the exported file differs from PyTorch by more than ``tolerance``, or the
+            INT8 model loses more than ``max_dice_drop`` test Dice (then nothing is written).
     """
     out = Path(out)
     if format not in FORMATS:
         raise DataError(f"format: expected one of {FORMATS}, got {format!r}")
-    if out.exists():
-        raise DataError(f"{out}: already exists; refusing to overwrite")
+    for path in (out, out.with_name(out.name + ".card.json"), out.with_name(out.name + ".card.md")):
+        if path.exists():
+            raise DataError(f"{path}: already exists; refusing to overwrite")
+    if quantize not in (None, "int8"):
+        raise DataError(f"quantize: expected int8, got {quantize!r}")
+    if quantize and format != "onnx":
+        raise DataError(f"--quantize {quantize}: ONNX exports only (got --format {format})")
+    if calibration_slices < 1:
+        raise DataError(f"calibration slices: expected at least 1, got {calibration_slices}")
     net, preprocessing = load_student(checkpoint)
+    path = resolve_checkpoint(checkpoint)
+    payload = load_state(path)
+    if quantize and "num_slices" not in preprocessing:
+        raise DataError(f"{path}: --quantize {quantize} takes segmentation students (their test Dice is checked)")
+    data, data_problem = None, None
+    if run_data is not None and "num_slices" in preprocessing:
+        try:
+            data = run_data(payload.get("datamodule_hyper_parameters") or {})
+        except DataError as err:
+            if quantize:
+                raise DataError(f"--quantize {quantize} needs the run's data: {err}") from None
+            data_problem = f"the run's data could not be read now ({err})"
+    elif "num_slices" in preprocessing:
+        data_problem = "the run's data was not read (no reader given)"
     size = preprocessing["image_size"]
     generator = torch.Generator().manual_seed(seed)
     sample = torch.randn(2, preprocessing.get("num_slices", 3), size, size, generator=generator)
@@ -172,6 +225,7 @@ def export_student(
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(handle)
+    temporaries = [Path(temporary)]
     try:
         write = _write_onnx if format == "onnx" else _write_torchscript
         run = write(net, sample, Path(temporary), preprocessing, opset, output_names)
@@ -185,13 +239,173 @@ def export_student(
             raise DataError(
                 f"{out}: the {format} export differs from PyTorch by {max_diff:.2e} > tolerance {tolerance:g}; not written"
             )
-        latency = _median_ms(run, sample[:1].numpy(), latency_repeats)
+        runs, int8 = {"fp32": run}, None
+        if quantize:
+            quantized = Path(temporary).with_name(Path(temporary).name + ".int8")
+            temporaries.append(quantized)
+            int8 = quantize_and_check(
+                Path(temporary), quantized, data, preprocessing, calibration_slices, max_dice_drop, seed, out
+            )
+            session = _session(quantized)
+            runs["int8"] = lambda x: session.run(output_names, {"image": x})
+        latencies = interleaved_latency_ms(runs, sample[:1].numpy(), latency_repeats)
+        final = quantized if quantize else Path(temporary)
         if out.exists():
             raise DataError(f"{out}: appeared while exporting; refusing to overwrite")
-        os.replace(temporary, out)
+        os.replace(final, out)
     finally:
-        Path(temporary).unlink(missing_ok=True)
-    return ExportReport(out, format, max_diff, out.stat().st_size, latency, tuple(sample[:1].shape), preprocessing)
+        for leftover in temporaries:
+            Path(leftover).unlink(missing_ok=True)
+    measured = {
+        "file": str(out),
+        "format": format,
+        "size_bytes": out.stat().st_size,
+        "sha256": file_sha256(out),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "gflops": count_flops(net, tuple(sample[:1].shape)) / 1e9,
+        "input_shape": list(sample[:1].shape),
+        "preprocessing": preprocessing,
+        "latency_ms": latencies,
+        "threads": f"{'onnxruntime' if format == 'onnx' else 'torch'} default threads on {os.cpu_count()} CPUs",
+        "max_abs_diff_fp32": max_diff,
+        "int8": int8,
+    }
+    card = build_card(path, payload, measured, data, data_problem)
+    card_paths = write_card(out, card)
+    return ExportReport(
+        out,
+        format,
+        max_diff,
+        out.stat().st_size,
+        latencies["int8" if quantize else "fp32"],
+        tuple(sample[:1].shape),
+        preprocessing,
+        card,
+        card_paths,
+    )
+
+
+def _session(path: Path):
+    """An onnxruntime CPU session of ``path``."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def interleaved_latency_ms(runs: dict[str, Callable], x: np.ndarray, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of ``run(x)`` per named runner, measured in turns (one call of each per round),
+    so that a load change on the machine affects every runner alike."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run(x)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(max(repeats, 1)):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(x)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * float(np.median(values)) for name, values in times.items()}
+
+
+def calibration_inputs(model: Path, data: RunData, count: int, seed: int) -> np.ndarray:
+    """(count, num_slices, S, S) float32 network inputs: slices drawn with ``seed`` from the run's training
+    volumes (every slice equally likely), preprocessed as the exported model's metadata says."""
+    segmenter = OnnxSegmenter(model)
+    stacks = np.concatenate([segmenter.network_input(image) for image in data.train_images()])
+    if not len(stacks):
+        raise DataError("INT8 calibration: the run's training split holds no slice")
+    chosen = np.random.default_rng(seed).choice(len(stacks), size=min(count, len(stacks)), replace=False)
+    return stacks[np.sort(chosen)]
+
+
+def onnx_test_scores(model: Path, data: RunData, num_classes: int) -> dict:
+    """Mean 3D Dice (foreground classes averaged per case) and mean ECE of the run's labelled test cases
+    segmented through onnxruntime by ``model`` (:class:`~distill.infer_onnx.OnnxSegmenter`)."""
+    from distill.metrics.calibration import ece_of_bins, foreground_probability, reliability_bins
+    from distill.metrics.segmentation import volume_class_dice_hd95
+
+    segmenter = OnnxSegmenter(model)
+    dice, ece = [], []
+    for _site, _case, image, label, spacing in data.test_cases():
+        logits = segmenter.logits(image)
+        mask = segmenter.mask(logits)
+        label = torch.from_numpy(np.asarray(label, dtype=np.int64))
+        class_dice, _ = volume_class_dice_hd95(
+            torch.from_numpy(mask.astype(np.int64)), label, list(spacing), num_classes
+        )
+        dice.append(float(np.nanmean(class_dice)))
+        ece.append(ece_of_bins(reliability_bins(foreground_probability(torch.from_numpy(logits)), label > 0)))
+    if not dice:
+        raise DataError("INT8 check: the run's test split holds no labelled case")
+    return {"dice": float(np.mean(dice)), "ece": float(np.mean(ece)), "cases": len(dice)}
+
+
+def quantize_and_check(
+    fp32: Path,
+    int8: Path,
+    data: RunData | None,
+    preprocessing: dict,
+    calibration_slices: int,
+    max_dice_drop: float,
+    seed: int,
+    out: Path,
+) -> dict:
+    """Quantise ``fp32`` into ``int8`` (static, QDQ, per-channel INT8 weights, UINT8 activations,
+    calibrated on training slices), then compare both on the test cases; DataError (naming ``out``)
+    when the test Dice drops by more than ``max_dice_drop``. Returns the card's ``int8`` record."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if data is None:
+        raise DataError("--quantize int8 needs the run's data (its training slices and test cases)")
+    inputs = calibration_inputs(fp32, data, calibration_slices, seed)
+
+    class TrainingSlices(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(inputs[i : i + 1] for i in range(len(inputs)))
+
+        def get_next(self) -> dict | None:
+            item = next(self.items, None)
+            return None if item is None else {"image": item}
+
+    logging.disable(
+        logging.WARNING
+    )  # the quantiser's advice to pre-process first (shape inference), on the root logger
+    try:
+        quantize_static(
+            str(fp32),
+            str(int8),
+            TrainingSlices(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    model = onnx.load(str(int8))
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(preprocessing)})
+    onnx.save(model, str(int8))
+    before = onnx_test_scores(fp32, data, preprocessing["num_classes"])
+    after = onnx_test_scores(int8, data, preprocessing["num_classes"])
+    drop = before["dice"] - after["dice"]
+    if not drop <= max_dice_drop:
+        raise DataError(
+            f"{out}: the INT8 model's test Dice is {after['dice']:.4f} vs {before['dice']:.4f} in fp32 on "
+            f"{before['cases']} test cases, a drop of {drop:.4f} > --max-dice-drop {max_dice_drop:g}; nothing written"
+        )
+    return {
+        "method": "onnxruntime quantize_static, QDQ, per-channel INT8 weights, UINT8 activations (MinMax)",
+        "calibration_slices": len(inputs),
+        "calibration_seed": seed,
+        "test_cases": before["cases"],
+        "dice_fp32": before["dice"],
+        "dice_int8": after["dice"],
+        "dice_drop": drop,
+        "max_dice_drop": max_dice_drop,
+        "ece_fp32": before["ece"],
+        "ece_int8": after["ece"],
+    }
 
 
 def _outputs(result: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

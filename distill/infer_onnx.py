@@ -194,7 +194,12 @@ class OnnxSegmenter:
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """(S, H0, W0) raw volume -> (S, H0, W0) uint8 class mask on the same grid."""
-        mask = self.logits(image).argmax(axis=1).astype(np.uint8)
+        return self.mask(self.logits(image))
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """(S, C, H0, W0) logits of :meth:`logits` -> (S, H0, W0) uint8 class mask (argmax, then the
+        largest component when the metadata asks for it)."""
+        mask = logits.argmax(axis=1).astype(np.uint8)
         return keep_largest_component(mask) if self.preprocessing.get("largest_component") else mask
 
 
@@ -210,6 +215,8 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
 def segment_nifti(model_path: str | Path, image_path: str | Path, out_path: str | Path, batch_size: int = 32) -> Path:
     """Segment ``image_path`` with the ONNX student ``model_path``; the mask goes to ``out_path``
     (which must not exist) on the input's grid and affine."""
+    if not str(out_path).endswith((".nii", ".nii.gz")):
+        raise DataError(f"{out_path}: the mask is written as NIfTI; name it .nii.gz (or .nii)")
     if Path(out_path).exists():
         raise DataError(f"{out_path}: already exists; refusing to overwrite")
     segmenter = OnnxSegmenter(model_path, batch_size=batch_size)

@@ -9,9 +9,12 @@ multiplies (the network's input channels of multi-channel 2.5D data:
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import pickle
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse import ArgumentParser, Namespace, get_loader, set_loader, set_parsing_settings
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -28,11 +31,42 @@ from omegaconf import OmegaConf
 
 from distill.callbacks import FitCompletion, RandomStateCheckpoint, sigterm_note
 from distill.errors import DataError
-from distill.termination import stop_on_sigterm
-from distill.utils import atomic_write, read_extending_yaml, read_yaml, unique_path
+from distill.modules.finite import raise_if_non_finite
+from distill.termination import stop_on_sigterm, stop_signal_name
+from distill.utils import (
+    atomic_write,
+    load_yaml_text,
+    read_extending_yaml,
+    read_yaml,
+    refuse_output_inside_inputs,
+    unique_path,
+)
 from distill.wandb_logging import WandbResultPlots
 
 OmegaConf.register_new_resolver("product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
+PARSER_MODE = "omegaconf+"
+
+
+def cap_yaml_aliases_of_the_parser(mode: str = PARSER_MODE) -> None:
+    """Every YAML value LightningCLI reads in ``mode`` (``--config`` files, ``--key=value`` values) first
+    passes the alias cap of :func:`distill.utils.load_yaml_text`, so an alias bomb is refused in one line
+    instead of hanging the parser; jsonargparse's own loader then reads it as before."""
+    probe = ArgumentParser(parser_mode=mode)  # jsonargparse sets a mode's loader on its first use
+    probe.add_argument("--value")
+    probe.parse_string("value: 1")
+    jsonargparse_load = get_loader(mode)
+    if getattr(jsonargparse_load, "alias_capped", False):
+        return
+
+    def load(value: str):
+        load_yaml_text(value, "YAML value")
+        return jsonargparse_load(value)
+
+    load.alias_capped = True
+    set_loader(mode, load, exceptions=(yaml.YAMLError,))
+
+
+cap_yaml_aliases_of_the_parser()
 
 # Model options that define the network's shape: a checkpoint must agree with the config on them.
 ARCHITECTURE_KEYS = ("network", "network_kwargs", "in_channels", "num_classes", "backbone", "backbone_kwargs")
@@ -56,7 +90,8 @@ def expand_config_files(args: list[str]) -> list[str]:
     """``args`` with each ``--config`` file that ``extends`` another replaced by its resolved YAML text
     (:func:`distill.utils.read_extending_yaml`: the base file, deep-updated by this one's keys).
     A ``--config`` file that is missing, not valid YAML or not a mapping is refused in one line naming
-    the file (and line)."""
+    the file (and line); a ``--config`` value holding YAML text itself (a line break or ``key: value``)
+    is left to the parser."""
     expanded = list(args)
     for i, arg in enumerate(args):
         if arg in ("--config", "-c") and i + 1 < len(args):
@@ -65,6 +100,8 @@ def expand_config_files(args: list[str]) -> list[str]:
             where, path = i, Path(arg.split("=", 1)[1])
         else:
             continue
+        if "\n" in str(path) or (": " in str(path) and not path.is_file()):
+            continue
         if "extends" in read_yaml(path, "config file"):
             text = yaml.safe_dump(read_extending_yaml(path, "config file"), sort_keys=False)
             expanded[where] = text if where == i + 1 else f"--config={text}"
@@ -72,7 +109,8 @@ def expand_config_files(args: list[str]) -> list[str]:
 
 
 def load_checkpoint_for_cli(path: str | Path) -> dict[str, Any]:
-    """The checkpoint at ``path`` (read with ``weights_only=True``); any problem is a one-line DataError."""
+    """The checkpoint at ``path`` (read with ``weights_only=True``); any problem, NaN or inf weights
+    included, is a one-line DataError."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found (--ckpt_path)")
@@ -93,6 +131,7 @@ def load_checkpoint_for_cli(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise DataError(f"{path}: not a Lightning checkpoint (no 'state_dict'; write one with `distill fit`)")
+    raise_if_non_finite(checkpoint["state_dict"], str(path), "weights", "a diverged or damaged training; retrain it")
     return checkpoint
 
 
@@ -132,14 +171,48 @@ def resume_differences(checkpoint: dict[str, Any], model_config: dict[str, Any])
     return differences
 
 
+# The keys whose classes are called with the parameters / the optimizer: they must name such classes.
+CALLED_CLASS_BASES = {"optimizer": torch.optim.Optimizer, "lr_scheduler": torch.optim.lr_scheduler.LRScheduler}
+
+
+def refuse_code_in_config(value: Any, key: str = "") -> None:
+    """Refuse, before anything is instantiated, a parsed config that would call code other than a class:
+    a ``class_path`` naming a function (``os.system``) or a function given as a value; and under an
+    ``optimizer`` / ``lr_scheduler`` key, anything but a ``torch.optim`` optimizer / scheduler class.
+    One-line :class:`DataError` naming the key."""
+    if isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        target = None
+        if isinstance(value.get("class_path"), str):
+            module, _, name = value["class_path"].rpartition(".")
+            target = getattr(importlib.import_module(module), name, None) if module else None
+            _refuse_called(target, value["class_path"], key)
+        for child_key, child in value.items():
+            refuse_code_in_config(child, f"{key}.{child_key}" if key else str(child_key))
+    elif isinstance(value, (list, tuple)):
+        for index, child in enumerate(value):
+            refuse_code_in_config(child, f"{key}[{index}]")
+    elif inspect.isroutine(value):  # a function or method; callable instances (e.g. parsed paths) are data
+        _refuse_called(value, f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', value)}", key)
+
+
+def _refuse_called(target: Any, name: str, key: str) -> None:
+    if not inspect.isclass(target):
+        raise DataError(f"{key}: {name} is not a class; a config names classes only, never a function to call")
+    base = CALLED_CLASS_BASES.get(key.rpartition(".")[2])
+    if base is not None and not issubclass(target, base):
+        raise DataError(f"{key}: {name} is not a {base.__module__}.{base.__name__} class; only those may be named here")
+
+
 def check_writable_dir(path: str | Path) -> None:
-    """Refuse an output folder that cannot be created or written to, in one line."""
+    """Refuse an output folder that cannot be created or written to, in one line. The probe file has a
+    name of its own per call, so DDP ranks starting together do not race on it."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path / ".write-test") as probe:
-            probe.write_bytes(b"")
-        (path / ".write-test").unlink()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
     except OSError as err:
         raise DataError(f"{path}: output folder not writable ({err.strerror or err})") from None
 
@@ -173,23 +246,23 @@ class SaveResolvedConfig(SaveConfigCallback):
 class OneLineErrorParser(LightningArgumentParser):
     """Reports a bad config as one line naming the key, instead of pages of usage text."""
 
-    REASONS = (
-        "is not accepted",
-        "is not expected",
-        "nrecognized argument",
-        "does not exist",
-        "not found",
-        "Expected a",
-        "does not conform to restriction",
+    # jsonargparse's framing lines, and the alternative every optional class key shows: never the reason
+    NOT_REASONS = (
+        "Does not validate against any of the Union subtypes",
+        "Subtypes:",
+        "Errors:",
+        "Given value type:",
+        "Given value:",
+        "Expected a <class 'NoneType'>",
     )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})  # --trainer.max_epoch must not mean max_epochs
 
     def error(self, message: str, ex: Exception | None = None):
-        lines = [line.strip(" -") for line in str(message).splitlines() if line.strip(" -")]
-        reason = next((line for line in lines[1:] for r in self.REASONS if r in line), None)
-        summary = f"{lines[0]} {reason}" if reason and reason != lines[0] else (lines[0] if lines else message)
+        lines = [line.strip(" -") for line in str(message).splitlines() if line.strip(" -")] or [str(message)]
+        reason = next((line for line in lines[1:] if not line.startswith(self.NOT_REASONS)), None)
+        summary = f"{lines[0]} {reason}" if reason else lines[0]
         prog = self.prog.replace(" [options]", "")
         sys.exit(f"error: {summary} (see `{prog} --help`)")
 
@@ -226,7 +299,7 @@ class DistillCLI(LightningCLI):
             subclass_mode_data=True,
             parser_class=OneLineErrorParser,
             save_config_callback=SaveResolvedConfig,
-            parser_kwargs={"parser_mode": "omegaconf+"},
+            parser_kwargs={"parser_mode": PARSER_MODE},
             seed_everything_default=0,
             auto_configure_optimizers=False,
             # added to the config's callbacks (result plots: only with a WandbLogger)
@@ -245,13 +318,15 @@ class DistillCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse, then refuse before any work: bad YAML, a bad ``--ckpt_path`` (missing, not a
-        checkpoint, refused pickle, truncated, another architecture than the config's), evaluation
-        without a checkpoint, an output folder that cannot be written."""
+        checkpoint, refused pickle, truncated, non-finite weights, another architecture than the
+        config's), a config that names code to call (:func:`refuse_code_in_config`), evaluation without
+        a checkpoint, an output folder that cannot be written or lies inside the data folder."""
         expanded = expand_config_files(list(sys.argv[1:] if args is None else args))
         with warnings.catch_warnings():
             if args is None:  # the command line itself, its --config files expanded: not a second command line
                 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().parse_arguments(parser, expanded)
+        refuse_code_in_config(self.config)
         subcommand = self.config.get("subcommand")
         if subcommand is None:
             return
@@ -282,6 +357,9 @@ class DistillCLI(LightningCLI):
             )
         root = (config.get("trainer") or {}).get("default_root_dir")
         if root is not None:
+            data = config.get("data")
+            data_args = (data.get("init_args") if isinstance(data, (dict, Namespace)) else None) or {}
+            refuse_output_inside_inputs(root, data_args, "trainer.default_root_dir")
             check_writable_dir(root)
 
     def before_instantiate_classes(self) -> None:
@@ -301,10 +379,10 @@ class DistillCLI(LightningCLI):
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Run it; stopped by SIGTERM: :class:`~distill.errors.Terminated` saying where, and which
+        """Run it; stopped by SIGTERM or Ctrl-C: :class:`~distill.errors.Terminated` saying where, and which
         ``last.ckpt`` to resume from (:class:`~distill.callbacks.FitCompletion` wrote it)."""
         with stop_on_sigterm(
-            lambda: f"{subcommand}: interrupted by SIGTERM{sigterm_note(self.trainer, resume_hint=True)}"
+            lambda: f"{subcommand}: interrupted by {stop_signal_name()}{sigterm_note(self.trainer, resume_hint=True)}"
         ):
             super()._run_subcommand(subcommand)
 

@@ -47,13 +47,32 @@ def load_teachers_spec(path: str | Path) -> dict:
     if "config" not in spec:
         raise DataError(f"{path}: needs 'config' (the teacher experiment YAML)")
     spec["config"] = os.path.normpath(path.parent / str(spec["config"]))
-    if spec["partition"] == "random" and int(spec.get("num_teachers", 0)) < 2:
+    for key, minimum in (("num_teachers", 2), ("max_cases", 1)):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+            raise DataError(f"{path}: {key} must be an integer >= {minimum}, got {value!r}")
+    if spec["partition"] == "random" and spec.get("num_teachers") is None:
         raise DataError(f"{path}: partition random needs num_teachers >= 2")
     if spec["partition"] == "case_lists" and not spec.get("case_lists"):
         raise DataError(f"{path}: partition case_lists needs a non-empty 'case_lists'")
-    if spec.get("max_cases") is not None and int(spec["max_cases"]) < 1:
-        raise DataError(f"{path}: max_cases must be >= 1, got {spec['max_cases']}")
+    for key in ("overrides", "sites"):
+        if not _strings(spec.get(key) or []):
+            raise DataError(f"{path}: {key} must be a list of strings, got {spec[key]!r}")
+    case_lists = spec.get("case_lists") or []
+    if not isinstance(case_lists, list) or not all(_strings(cases) for cases in case_lists):
+        raise DataError(f"{path}: case_lists must be a list of lists of SITE/CaseXX strings, got {case_lists!r}")
+    for where, names in [
+        ("sites", spec.get("sites") or []),
+        *((f"case_lists[{k}]", c) for k, c in enumerate(case_lists)),
+    ]:
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:
+            raise DataError(f"{path}: {where} lists {twice} twice")
     return spec
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def teacher_subsets(spec: dict, train_keys: list[str], data_seed: int, source: str) -> dict[str, list[str]]:
@@ -68,6 +87,14 @@ def teacher_subsets(spec: dict, train_keys: list[str], data_seed: int, source: s
         subsets = {f"part{k}": sorted(order[i] for i in part) for k, part in enumerate(parts)}
     else:
         subsets = {f"list{k}": list(cases) for k, cases in enumerate(spec["case_lists"])}
+        known = set(train_keys)
+        for k, cases in enumerate(spec["case_lists"]):
+            unknown = [case for case in cases if case not in known]
+            if unknown:
+                raise DataError(
+                    f"{source}: case_lists[{k}] names {', '.join(unknown[:3])}, not among the "
+                    f"{len(train_keys)} labelled training cases of the split (SITE/CaseXX)"
+                )
     for name, cases in subsets.items():
         if not cases:
             raise DataError(f"{source}: teacher {name!r} has no training cases after the split")

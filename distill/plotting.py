@@ -2,6 +2,7 @@
 
 - :func:`segmentation_overlay`: contours of several masks (ground truth, teacher, student) on one slice.
 - :func:`site_dice_bars`: per-site Dice of several table rows, bars with +- std error bars, a dot per seed.
+- :func:`reliability_diagram`: observed foreground rate against predicted probability per bin, one line per row.
 - :func:`phase_ribbons`: phase sequences of one video (ground truth and methods), one ribbon per row.
 - :func:`confusion_matrix_plot`: a confusion matrix with counts and row-normalised shading.
 - :func:`save_figure`: atomic write of a figure (temporary file, then ``os.replace``).
@@ -113,6 +114,39 @@ def site_dice_bars(
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(rows: Mapping[str, np.ndarray], title: str | None = None) -> Figure:
+    """Reliability diagram: per confidence bin, the observed foreground rate against the mean predicted
+    probability, one line per row (marker area ~ voxels in the bin), the diagonal for perfect calibration.
+
+    Args:
+        rows: row name -> (3, bins) sums per bin: count, probability sum, foreground-label sum
+            (:func:`distill.metrics.calibration.reliability_bins`); empty bins are skipped.
+    """
+    if not rows:
+        raise ValueError("no row to draw")
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for i, (name, bins) in enumerate(rows.items()):
+        count, probability, foreground = np.asarray(bins, dtype=np.float64)
+        used = count > 0
+        ece = np.abs(foreground - probability).sum() / count.sum()
+        x, y = probability[used] / count[used], foreground[used] / count[used]
+        sizes = 8 + 60 * np.sqrt(count[used] / count.sum())
+        ax.plot(x, y, color=_colour(i), linewidth=1.2, label=f"{name} (pooled ECE {ece:.3f})")
+        ax.scatter(x, y, s=sizes, color=_colour(i), zorder=3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted foreground probability (bin mean)")
+    ax.set_ylabel("observed foreground rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", loc="upper left")
     if title:
         ax.set_title(title)
     fig.tight_layout()

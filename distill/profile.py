@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import DataError
-from distill.utils import read_json
+from distill.utils import read_json, refuse_unless_memory_fits
 
 
 @dataclass
@@ -61,9 +61,19 @@ def profile_network(
     )
 
 
+def refuse_inputs_beyond_memory(input_shape: tuple[int, ...]) -> None:
+    """One line, before any network is built, when a float32 input of ``input_shape`` (B, C, H, W) cannot fit in memory."""
+    refuse_unless_memory_fits(
+        math.prod(input_shape) * 4,
+        f"--size {input_shape[-1]}: a {'x'.join(map(str, input_shape))} float32 input",
+        "lower --size or --batch",
+    )
+
+
 def profile_specs(specs: list[str], input_shape: tuple[int, ...]) -> list[Profile]:
     from distill.models import build_segmentation_network
 
+    refuse_inputs_beyond_memory(input_shape)
     profiles = []
     for spec in specs:
         name, kwargs = parse_network_spec(spec)
@@ -82,6 +92,7 @@ def profile_results(results_path: str | Path, input_shape: tuple[int, ...]) -> l
     """One profile per table row: its network (from its checkpoint) and mean validation score."""
     from distill.modules.checkpoints import load_network
 
+    refuse_inputs_beyond_memory(input_shape)
     path = Path(results_path)
     runs = read_json(path, "results file", list, " (run `distill table` first)")
     rows: dict[str, list[dict]] = {}

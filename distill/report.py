@@ -7,6 +7,11 @@ sample ones (N-1); a delta is the mean of the per-seed differences candidate - b
 interval holds 0. A run whose validation score is below :data:`COLLAPSE_FRACTION` x its row's
 median (rows of 3 or more seeds) or its comparison baseline's median is *collapsed*: marked in the table, the CSV and the JSON, and
 kept in the means (never dropped, never averaged in silence).
+
+A column with per-group values (``groups: true``, e.g. Dice per site) also shows, per row, its
+worst group (the lowest value of each run; ``worst: max`` in the column for a lower-is-better metric)
+and the standard deviation across groups (N-1), each a mean ± std over seeds, in the Markdown, CSV
+(``<metric>_worst``, ``<metric>_worst_site``, ``<metric>_site_sd``) and JSON (``site_summary``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import json
 import math
 import re
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from scipy import stats
@@ -69,7 +74,43 @@ def metric_columns(columns: list[dict], results: list[RunResult]) -> list[tuple[
             groups = sorted({k[len(key) + 1 :] for r in results for k in r.metrics if k.startswith(key + "/")})
             expanded += [(f"{key}/{g}", f"{label} {g}", fmt) for g in groups]
         expanded.append((key, f"{label} mean" if column.get("groups") else label, fmt))
+        if column.get("groups"):
+            expanded += [(f"{key}_worst", f"{label} worst site", fmt), (f"{key}_site_sd", f"{label} site SD", fmt)]
     return expanded
+
+
+def site_summary(metrics: dict[str, float], key: str, worst: str = "min") -> tuple[str, float, float] | None:
+    """(worst group, its value, sample std across groups (N-1; NaN for one group)) of one run's
+    ``<key>/<group>`` metrics; ``worst``: "min" (higher is better) or "max"; None without group values."""
+    values = {k[len(key) + 1 :]: v for k, v in metrics.items() if k.startswith(key + "/") and not math.isnan(v)}
+    if not values:
+        return None
+    chosen = (min if worst == "min" else max)(values, key=values.get)
+    return chosen, values[chosen], mean_std(list(values.values()))[1]
+
+
+def with_site_summaries(results: list[RunResult], columns: list[dict]) -> list[RunResult]:
+    """``results`` with ``<metric>_worst`` and ``<metric>_site_sd`` added to the metrics of each run, for
+    every grouped column (:func:`site_summary`); the originals are left as they are."""
+    grouped = [(c["metric"], c.get("worst", "min")) for c in columns if c.get("groups")]
+    summarised = []
+    for result in results:
+        extra = {}
+        for key, worst in grouped:
+            summary = site_summary(result.metrics, key, worst)
+            if summary is not None:
+                extra |= {f"{key}_worst": summary[1], f"{key}_site_sd": summary[2]}
+        summarised.append(replace(result, metrics={**result.metrics, **extra}) if extra else result)
+    return summarised
+
+
+def worst_site_names(runs: list[RunResult], column: dict) -> str:
+    """ " (BIDMC)", or " (BIDMC 2, HK 1)" when the seeds' worst groups differ; "" without groups."""
+    sites = [s[0] for r in runs if (s := site_summary(r.metrics, column["metric"], column.get("worst", "min")))]
+    counts = {site: sites.count(site) for site in dict.fromkeys(sites)}
+    if len(counts) <= 1:
+        return f" ({sites[0]})" if sites else ""
+    return " (" + ", ".join(f"{site} {n}" for site, n in sorted(counts.items(), key=lambda x: -x[1])) + ")"
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -93,7 +134,8 @@ def collapsed_runs(
 
     A run is collapsed when its validation score is below ``fraction`` x the median of its row
     (rows with 3 or more scored seeds), or, for a ``compare`` candidate, below ``fraction`` x the
-    median of its baseline row (so a row whose every seed failed is caught too).
+    median of its baseline row (so a row whose every seed failed is caught too); compare entries
+    naming a ``metric`` (e.g. a student's ECE against its teacher's) set no such floor.
     """
     references: dict[str, list[tuple[float, str]]] = {}
     for name, runs in rows.items():
@@ -102,7 +144,7 @@ def collapsed_runs(
             references.setdefault(name, []).append((median, f"its row's median {median:.3f}"))
     for entry in compare:
         baseline = rows.get(entry["baseline"], [])
-        if not _scores(baseline):
+        if not _scores(baseline) or "metric" in entry:  # a comparison of another metric (e.g. ECE) sets no floor
             continue
         median = statistics.median(_scores(baseline))
         for candidate in [entry.get("candidate"), *entry.get("candidates", [])]:
@@ -140,10 +182,13 @@ def best_on_validation(rows: dict[str, list[RunResult]], names: list[str]) -> st
 def comparison_lines(columns: list[dict], compare: list[dict], rows: dict[str, list[RunResult]]) -> list[str]:
     """A delta line per ``compare`` entry, on its ``metric`` (default: the first column's)."""
     labels = {c["metric"]: c.get("label", c["metric"]) for c in columns}
+    formats = {c["metric"]: c.get("format", ".3f") for c in columns}
     lines = []
     for entry in compare:
         metric = entry.get("metric", columns[0]["metric"])
         label = labels[metric]
+        digits = max(3, int(re.sub(r"\D", "", formats[metric]) or 3))  # a finer column (ECE) keeps its digits
+        fmt = f"+.{digits}f"
         baseline = entry["baseline"]
         candidate = entry.get("candidate") or best_on_validation(rows, entry["candidates"])
         chosen = "" if "candidate" in entry else " (best of the candidates on validation)"
@@ -157,12 +202,12 @@ def comparison_lines(columns: list[dict], compare: list[dict], rows: dict[str, l
             interval = "one seed, no interval"
         else:
             verdict = "not significant" if low <= 0 <= high else "significant"
-            interval = f"95% CI {low:+.3f} to {high:+.3f}, {verdict}"
+            interval = f"95% CI {low:{fmt}} to {high:{fmt}}, {verdict}"
         once = [n for n in (baseline, candidate) if len(rows[n]) == 1 and len(deltas) > 1]
         paired = f"{once[0]} trained once, against {len(deltas)} seeds" if once else f"{len(deltas)} paired seeds"
-        per_seed = ", ".join(f"{d:+.3f}" for d in deltas)
+        per_seed = ", ".join(f"{d:{fmt}}" for d in deltas)
         lines.append(
-            f"- {candidate}{chosen} vs {baseline}: {label} {mean:+.3f} ({interval}; {paired}; "
+            f"- {candidate}{chosen} vs {baseline}: {label} {mean:{fmt}} ({interval}; {paired}; "
             f"{100 * mean / max(abs(base_mean), 1e-8):+.1f}% relative); per seed {per_seed}"
         )
     return lines
@@ -193,7 +238,25 @@ def fill_notes(notes: list[str], results: list[RunResult]) -> list[str]:
             node = node.get(key) if isinstance(node, dict) else None
         return "?" if node is None else str(node)
 
-    return [re.sub(r"\{([A-Za-z_][\w.]*)\}", value, note) for note in notes]
+    return [re.sub(r"\{([A-Za-z_][\w.]*)\}", value, note) for note in notes] + protocol_notes(results)
+
+
+def protocol_notes(results: list[RunResult]) -> list[str]:
+    """The evaluation protocol of phase-recognition tables, read from the first run that recorded one
+    (``phase_predictions/test*/protocol.json``: temporal model, prediction rate, relaxed-boundary window,
+    split); [] for other tables."""
+    from distill.modules.phase import PROTOCOL_FILE, protocol_lines
+    from distill.utils import read_json
+
+    for result in sorted(results, key=lambda r: r.seed):
+        found = sorted((Path(result.log_dir) / "phase_predictions").glob(f"test*/{PROTOCOL_FILE}"))
+        if found:
+            lines = protocol_lines(read_json(found[0], "phase evaluation protocol"))
+            return [f"{what} ({result.name}, seed {result.seed}): {value}" for what, value in lines.items()] + [
+                "per video: each run's accuracy SD over test videos is its 'SD over videos' column; per-video "
+                "mean ± SD of every metric in its phase_predictions/test/evaluation.md"
+            ]
+    return []
 
 
 def format_table(
@@ -206,8 +269,10 @@ def format_table(
     """Markdown: a row per run name, mean ± std over seeds per metric, the first column's value per
     seed, parameters, latency, collapsed runs, deltas with their intervals; rows with a
     :data:`ROW_FLAGS` metric at 1 are marked, the mark explained under the table."""
+    results = with_site_summaries(results, columns)
     rows = group_rows(results)
     expanded = metric_columns(columns, results)
+    worst_columns = {f"{c['metric']}_worst": c for c in columns if c.get("groups")}
     seeds = sorted({r.seed for r in results})
     collapsed = collapsed_runs(rows, compare)
     first_key, first_label, first_fmt = expanded[[k for k, _, _ in expanded].index(columns[0]["metric"])]
@@ -228,7 +293,11 @@ def format_table(
         label = name + "".join(f" (! {ROW_FLAGS[key][0]})" for key in flags)
         label += f" (collapsed: seed {', '.join(map(str, marked))})" if marked else ""
         cells = [label, f"{runs[0].parameters / 1e6:.2f}M"]
-        cells += [format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt) for key, _, fmt in expanded]
+        cells += [
+            format_mean_std([r.metrics.get(key, float("nan")) for r in runs], fmt)
+            + (worst_site_names(runs, worst_columns[key]) if key in worst_columns else "")
+            for key, _, fmt in expanded
+        ]
         values = [f"{r.metrics[first_key]:{first_fmt}}" if first_key in r.metrics else "-" for r in runs]
         cells.append(" / ".join(v + ("!" if (name, r.seed) in collapsed else "") for v, r in zip(values, runs)))
         cells.append(format_mean_std([r.ms_per_input for r in runs], ".1f"))
@@ -239,9 +308,12 @@ def format_table(
     return "\n".join(lines)
 
 
-def results_csv(results: list[RunResult], compare: list[dict] = ()) -> str:
-    """One line per run and seed, every metric a column, and whether the run collapsed."""
-    keys = sorted({k for r in results for k in r.metrics})
+def results_csv(results: list[RunResult], compare: list[dict] = (), columns: list[dict] = ()) -> str:
+    """One line per run and seed, every metric a column (with the worst site and spread of the grouped
+    ``columns``: :func:`site_summary`), and whether the run collapsed."""
+    results = with_site_summaries(results, list(columns))
+    grouped = [c for c in columns if c.get("groups")]
+    keys = sorted({k for r in results for k in r.metrics} | {f"{c['metric']}_worst_site" for c in grouped})
     collapsed = collapsed_runs(group_rows(results), compare)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -258,18 +330,39 @@ def results_csv(results: list[RunResult], compare: list[dict] = ()) -> str:
                 r.monitor,
                 r.val_score,
                 (r.name, r.seed) in collapsed,
-                *[r.metrics.get(k, "") for k in keys],
+                *[r.metrics.get(k, _worst_site(r, k, grouped)) for k in keys],
                 r.best_checkpoint,
             ]
         )
     return buffer.getvalue()
 
 
-def results_json(results: list[RunResult], compare: list[dict] = ()) -> str:
+def _worst_site(result: RunResult, key: str, grouped: list[dict]) -> str:
+    """The worst group's name for a ``<metric>_worst_site`` CSV key of a grouped column, else ""."""
+    for column in grouped:
+        if key == f"{column['metric']}_worst_site":
+            summary = site_summary(result.metrics, column["metric"], column.get("worst", "min"))
+            return summary[0] if summary else ""
+    return ""
+
+
+def results_json(results: list[RunResult], compare: list[dict] = (), columns: list[dict] = ()) -> str:
     """Every run and seed as written to ``result.json`` (``distill profile --results`` reads it),
-    with ``collapsed`` (:func:`collapsed_runs`)."""
+    with ``collapsed`` (:func:`collapsed_runs`) and, per grouped column, ``site_summary``:
+    ``{metric: {"worst_site", "worst", "site_sd"}}`` (:func:`site_summary`; the std null for one group)."""
     collapsed = collapsed_runs(group_rows(results), compare)
-    return json.dumps([{**asdict(r), "collapsed": (r.name, r.seed) in collapsed} for r in results], indent=2)
+    grouped = [c for c in columns if c.get("groups")]
+    records = []
+    for r in results:
+        summaries = {
+            c["metric"]: dict(zip(("worst_site", "worst", "site_sd"), summary))
+            for c in grouped
+            if (summary := site_summary(r.metrics, c["metric"], c.get("worst", "min")))
+        }
+        for summary in summaries.values():
+            summary["site_sd"] = None if math.isnan(summary["site_sd"]) else summary["site_sd"]
+        records.append({**asdict(r), "collapsed": (r.name, r.seed) in collapsed, "site_summary": summaries})
+    return json.dumps(records, indent=2)
 
 
 def save_site_chart(results: list[RunResult], column: dict, path: Path) -> None:
@@ -287,6 +380,27 @@ def save_site_chart(results: list[RunResult], column: dict, path: Path) -> None:
             table[name] = {g: (mean, 0.0 if math.isnan(std) else std) for g, (mean, std) in summary.items()}
     if table:
         save_figure(site_dice_bars(table, ylabel=column.get("label", key), per_seed=per_seed), path)
+
+
+def save_calibration_chart(results: list[RunResult], path: Path) -> None:
+    """Reliability diagram of every row whose runs wrote test reliability bins
+    (:data:`~distill.metrics.calibration.CALIBRATION_FILE` in their log folder), pooled over seeds."""
+    import numpy as np
+
+    from distill.metrics.calibration import CALIBRATION_FILE
+    from distill.plotting import reliability_diagram, save_figure
+    from distill.utils import read_json
+
+    rows = {}
+    for name, runs in group_rows(results).items():
+        files = [Path(r.log_dir) / CALIBRATION_FILE for r in runs if (Path(r.log_dir) / CALIBRATION_FILE).is_file()]
+        records = [read_json(f, "calibration bins") for f in files]
+        if records:
+            rows[name] = sum(
+                np.array([r["count"], r["probability_sum"], r["foreground_sum"]], dtype=np.float64) for r in records
+            )
+    if rows:
+        save_figure(reliability_diagram(rows, title="test voxels, pooled over seeds"), path)
 
 
 def save_phase_ribbons(results: list[RunResult], out_dir: Path, num_videos: int = 3) -> None:

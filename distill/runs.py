@@ -4,7 +4,7 @@
 validation data, measures the deployable network (parameters, CPU latency) and leaves a
 :class:`RunResult` as ``result.json``, so a re-started table or teachers command skips finished
 runs: those with the same resolved configuration (its fingerprint is in ``result.json``; a run
-finished with other settings is refused, naming them). SIGTERM stops a run with a one-line
+finished with other settings is refused, naming them). SIGTERM or Ctrl-C stops a run with a one-line
 :class:`~distill.errors.Terminated` naming it (:mod:`distill.termination`). :func:`run_cli_subprocess` runs a ``distill <subcommand> ...`` command line as a child
 process instead (a sweep point: the command as ``wandb agent`` would run it, isolated from the
 parent) and reads its metric back from the CSV log.
@@ -24,12 +24,9 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from distill.errors import DataError, Terminated
-from distill.termination import EXIT_STATUS as TERMINATED_EXIT_STATUS
-from distill.termination import received_sigterm, stop_on_sigterm
-from distill.utils import read_json, read_yaml, write_text_atomic
+from distill.termination import EXIT_STATUSES, received_stop_signal, stop_on_sigterm, stop_signal_name
+from distill.utils import load_yaml_text, read_json, read_yaml, write_text_atomic
 
 
 @dataclass
@@ -147,7 +144,7 @@ def run_experiment(
 
     A finished run (``root_dir/result.json``) is read back instead of trained again when its resolved
     configuration is the same (its fingerprint, ``config_sha256``), else refused in one line naming
-    what differs. SIGTERM stops the run with :class:`~distill.errors.Terminated` naming it.
+    what differs. SIGTERM or Ctrl-C stops the run with :class:`~distill.errors.Terminated` naming it.
     """
     from distill.callbacks import sigterm_note
     from distill.lightning_cli import DistillCLI
@@ -160,7 +157,7 @@ def run_experiment(
     trainer = None
 
     def interrupted() -> str:
-        return f"run {name!r} (seed {seed}) in {root_dir}: interrupted by SIGTERM{sigterm_note(trainer)}; rerun to train it again"
+        return f"run {name!r} (seed {seed}) in {root_dir}: interrupted by {stop_signal_name()}{sigterm_note(trainer)}; rerun to train it again"
 
     with stop_on_sigterm(interrupted):
         with warnings.catch_warnings():  # the caller passes ``args`` on purpose while ``sys.argv`` holds its own
@@ -176,7 +173,9 @@ def run_experiment(
                 run=False,
             )
         trainer = cli.trainer
-        settings = resolved_settings(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)))
+        settings = resolved_settings(
+            load_yaml_text(cli.parser.dump(cli.config, skip_none=False), f"{config} (resolved)")
+        )
         if finished is not None:
             check_same_settings(done, finished, settings)
             return finished
@@ -229,7 +228,7 @@ def _fit_test_measure(
         predictions=predictions,
         config_sha256=config_sha256,
     )
-    if received_sigterm():  # it came in the last batch or while testing: the run is not marked finished
+    if received_stop_signal():  # it came in the last batch or while testing: the run is not marked finished
         raise Terminated()
     write_text_atomic(done, json.dumps(asdict(result), indent=2))
     return result
@@ -264,13 +263,13 @@ def last_logged(run_dir: Path, metric: str) -> float | None:
 
 
 class ProcessKilled(Exception):
-    """A child process was stopped by a signal (killed, or SIGTERM), not by an error of its own."""
+    """A child process was stopped by a signal (killed, SIGTERM or Ctrl-C), not by an error of its own."""
 
 
 def stopped_by_signal(returncode: int) -> bool:
     """Whether a child's exit status means a signal stopped it: killed by one (negative status: the
-    OOM killer's SIGKILL, a SIGTERM without handler) or ``distill``'s own exit after SIGTERM (143)."""
-    return returncode < 0 or returncode == TERMINATED_EXIT_STATUS
+    OOM killer's SIGKILL, a SIGTERM without handler) or ``distill``'s own exit after SIGTERM or Ctrl-C (143, 130)."""
+    return returncode < 0 or returncode in EXIT_STATUSES
 
 
 def run_cli_subprocess(argv: list[str], run_dir: Path, metric: str, overrides: Sequence[str] = ()) -> float | None:

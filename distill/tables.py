@@ -9,9 +9,10 @@ data, then tested), overrides applied to every run, the columns, and which runs 
     seeds: 3                          # runs per row (seed_everything 0..N-1); --seeds overrides
     notes: ["split: {data.init_args.split} by case", "protocol: ..."]   # optional header notes; {dotted.key}:
                                       # that value of the first run's saved config
-    columns:                          # default: Dice (per site and mean) and HD95
-      - {metric: test/dice, label: Dice, groups: true}   # groups: one column per test/dice/<group>
+    columns:                          # default: Dice (per site, mean, worst site, SD across sites), HD95, ECE
+      - {metric: test/dice, label: Dice, groups: true}   # groups: one column per test/dice/<group>, + worst, SD
       - {metric: test/hd95, label: HD95 mm, format: .2f}
+      - {metric: test/ece, label: ECE, format: .4f}      # expected calibration error, 15 bins (lower: better)
     runs:                             # config / teachers files: relative to this spec's folder
       - {name: teacher, config: ../teacher.yaml}
       - {name: teachers by site, teachers: ../teachers/by_site.yaml}
@@ -67,7 +68,8 @@ configuration and refuses ones finished with other settings (use another ``--out
 be distinct (also as folder names); one table at a time works in an ``--out`` (a lock). SIGTERM
 stops the table at once, naming the run it interrupted (exit 143). The table (mean +- std over
 seeds; deltas as mean +- std of the per-seed differences) is printed and saved as ``results.md``,
-``results.csv``, ``results.json``, ``site_dice.png`` (rows with per-site metrics) and
+``results.csv``, ``results.json``, ``site_dice.png`` (rows with per-site metrics), ``calibration.png``
+(reliability diagram of the rows whose test runs wrote calibration bins) and
 ``phase_ribbons_<video>.png`` (ground truth vs every row's test phase predictions, rows that write
 them, e.g. the TCN; first seed, three test videos), all by :mod:`distill.report`; earlier files are
 never overwritten.
@@ -87,7 +89,14 @@ from distill.errors import DataError
 from distill.limit_trained import load_teachers_spec, train_limit_trained_teachers
 from distill.progress import QUIET_TRAINER_OVERRIDES, TableProgress, quiet_lightning
 from distill.runs import RunResult, run_experiment, slug
-from distill.utils import folder_lock, read_extending_yaml, read_yaml, unique_path, write_text_atomic
+from distill.utils import (
+    folder_lock,
+    read_extending_yaml,
+    read_yaml,
+    refuse_output_inside_inputs,
+    unique_path,
+    write_text_atomic,
+)
 
 RUN_KEYS = {
     "name",
@@ -107,6 +116,7 @@ SPEC_KEYS = {"title", "runs", "overrides", "compare", "columns", "seeds", "notes
 DEFAULT_COLUMNS = [
     {"metric": "test/dice", "label": "Dice", "groups": True},
     {"metric": "test/hd95", "label": "HD95 mm", "format": ".2f"},
+    {"metric": "test/ece", "label": "ECE", "format": ".4f"},
 ]
 
 
@@ -141,6 +151,11 @@ def load_table_spec(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> Ta
     unknown = set(raw) - SPEC_KEYS
     if unknown:
         raise DataError(f"{path}: unknown key(s) {sorted(unknown)} (known: extends, {', '.join(sorted(SPEC_KEYS))})")
+    overrides = raw.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(item, str) for item in overrides):
+        raise DataError(f"{path}: 'overrides' must be a list of --key=value strings, got {overrides!r}")
+    if not raw.get("runs"):
+        raise DataError(f"{path}: no runs ('runs' is missing or empty; is it indented under another key?)")
     names: dict[str, dict] = {}
     folders: dict[str, str] = {}
     for run in raw.get("runs", []):
@@ -320,6 +335,13 @@ def planned_epochs(config: str, overrides: list[str]) -> int:
         return 0
 
 
+def override_values(overrides: list[str], group: str) -> dict[str, str]:
+    """The ``--<group>.init_args.KEY=VALUE`` overrides as ``{KEY: VALUE}`` (the last one of a key wins)."""
+    prefix = f"--{group}.init_args."
+    pairs = (item[len(prefix) :].split("=", 1) for item in overrides if item.startswith(prefix) and "=" in item)
+    return {key: value for key, value in pairs}
+
+
 def run_table(
     spec_path: str | Path,
     out_dir: str | Path,
@@ -334,6 +356,7 @@ def run_table(
     """
     spec = load_table_spec(spec_path)
     out_dir = Path(out_dir)
+    refuse_output_inside_inputs(out_dir, override_values([*spec.overrides, *(extra_overrides or [])], "data"), "--out")
     with folder_lock(out_dir, "`distill table`"):
         return _run_table(spec, out_dir, extra_overrides, seeds or spec.seeds, verbose)
 
@@ -397,8 +420,9 @@ def _run_table(
     print("\n" + table)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(unique_path(out_dir / "results.md"), table + "\n")
-    write_text_atomic(unique_path(out_dir / "results.csv"), report.results_csv(results, spec.compare))
-    write_text_atomic(unique_path(out_dir / "results.json"), report.results_json(results, spec.compare))
+    write_text_atomic(unique_path(out_dir / "results.csv"), report.results_csv(results, spec.compare, spec.columns))
+    write_text_atomic(unique_path(out_dir / "results.json"), report.results_json(results, spec.compare, spec.columns))
     report.save_site_chart(results, spec.columns[0], unique_path(out_dir / "site_dice.png"))
+    report.save_calibration_chart(results, unique_path(out_dir / "calibration.png"))
     report.save_phase_ribbons(results, out_dir)
     return results

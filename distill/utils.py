@@ -8,7 +8,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,30 @@ def is_disk_full(err: BaseException, folder: Path) -> bool:
         return False
 
 
+def available_memory() -> int:
+    """Bytes this process can allocate now without swapping: ``MemAvailable`` of ``/proc/meminfo``
+    (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def refuse_unless_memory_fits(num_bytes: int, what: str, hint: str) -> None:
+    """A one-line DataError, before anything is allocated, when ``what`` (e.g. ``"image_size=100000: the
+    train volumes"``, naming the option) would take more than :func:`available_memory`; ``hint`` ends it."""
+    available = available_memory()
+    if num_bytes > available:
+        raise DataError(
+            f"{what} would take {num_bytes / 1e9:.1f} GB of memory, more than the {available / 1e9:.1f} GB "
+            f"available; {hint}"
+        )
+
+
 @contextmanager
 def folder_lock(folder: str | Path, holder: str) -> Iterator[None]:
     """Hold ``folder/.lock`` inside the block (``fcntl.flock``, the holder's pid written in it), so
@@ -120,6 +144,24 @@ def folder_lock(folder: str | Path, holder: str) -> Iterator[None]:
         os.close(descriptor)
 
 
+#: DataModule arguments that name folders the data is read from: no output may be written inside them.
+INPUT_FOLDER_KEYS = ("data_root", "frames_dir", "features_dir")
+
+
+def refuse_output_inside_inputs(output: str | Path, data_args: Mapping[str, Any], what: str) -> None:
+    """One-line :class:`DataError` when the output folder ``output`` (the option ``what``) is, or lies
+    inside, a data folder of ``data_args`` (:data:`INPUT_FOLDER_KEYS`): its files would be read as data
+    by this run and every later one. Call it before creating anything."""
+    resolved = Path(output).resolve()
+    for key in INPUT_FOLDER_KEYS:
+        folder = data_args.get(key)
+        if folder is not None and (resolved == Path(folder).resolve() or Path(folder).resolve() in resolved.parents):
+            raise DataError(
+                f"{output}: {what} lies inside the data folder {folder} ({key}), where runs would be read as "
+                "data; choose an output folder outside it"
+            )
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """``Path(path).write_text(text)``, atomically (:func:`atomic_write`)."""
     with atomic_write(path) as temporary:
@@ -127,18 +169,67 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+#: The most values a YAML document may hold once its aliases are expanded: far above any config or spec,
+#: far below an alias bomb ("billion laughs": nine nested levels of nine aliases hold 9**9 values).
+MAX_YAML_VALUES = 100_000
+
+
+def yaml_alias_problem(root: yaml.Node | None) -> str | None:
+    """Why the composed YAML document ``root`` is refused, or None: an alias that contains itself, or
+    more than :data:`MAX_YAML_VALUES` values once every alias is expanded (counted without expanding)."""
+    sizes: dict[int, int] = {}
+    opened: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in opened:
+            raise RecursionError
+        opened.add(key)
+        children = node.value if isinstance(node, yaml.CollectionNode) else ()
+        parts = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+        sizes[key] = 1 + sum(size(part) for part in parts)
+        if sizes[key] > MAX_YAML_VALUES:
+            raise OverflowError
+        return sizes[key]
+
+    try:
+        size(root) if root is not None else 0
+    except RecursionError:
+        return "an alias that contains itself, or nesting too deep to read"
+    except OverflowError:
+        return f"aliases that expand to more than {MAX_YAML_VALUES} values (an alias bomb); write the values out"
+    return None
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, refusing a document whose aliases expand beyond reason
+    (:func:`yaml_alias_problem`) with a one-line :class:`DataError` naming ``source`` before it is built.
+    Every YAML this project reads goes through here (:func:`read_yaml`, and the CLI's config values)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        problem = yaml_alias_problem(root)
+        if problem is not None:
+            raise DataError(f"{source}: refused, {problem}")
+        return loader.construct_document(root) if root is not None else None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path, what: str, expect: type | None = dict, missing_hint: str = "") -> Any:
     """The data of the YAML file ``path`` (a ``what``, e.g. "table spec"), read with ``yaml.safe_load``.
 
     Every problem is a one-line :class:`DataError` naming the file: missing (then ``missing_hint``),
     invalid YAML (line and column), a tag that builds Python objects (``!!python/...``: refused),
-    a top level that is not an ``expect`` (``None``: anything). An empty file reads as an empty ``expect``.
+    aliases that expand beyond reason (:func:`load_yaml_text`), a top level that is not an ``expect`` (``None``: anything). An empty file reads as an empty ``expect``.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found{missing_hint}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_text(path.read_text(), str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

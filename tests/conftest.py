@@ -17,8 +17,22 @@ os.environ["WANDB_MODE"] = "disabled"  # no test talks to W&B; a test wanting of
 # One intra-op thread per test process and its children: `make test` runs two workers on two cores,
 # and two OpenMP threads per worker wait on each other (a one-run tiny table measured 3.5 s with one
 # thread, 8.9 s with two, on a loaded 2-core machine).
-torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# DISTILL_TEST_TORCH_THREADS=N runs the suite with N threads instead (CPU rounding changes with N).
+TORCH_THREADS = int(os.environ.get("DISTILL_TEST_TORCH_THREADS", "1"))
+torch.set_num_threads(TORCH_THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(TORCH_THREADS))
+
+
+def one_line_exit(argv: list[str]) -> str:
+    """The one ``error: ...`` line ``distill argv`` exits with (`from conftest import one_line_exit`)."""
+    from distill.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
 
 SURGICAL_VIDEO_SIZE = (64, 80)  # (H, W) of the synthetic videos of synthetic_cholec80
 NUM_CHOLEC80 = 6

@@ -1,5 +1,6 @@
 """A callback for the resume and interruption tests: the process sends itself a signal (SIGKILL
-unless told otherwise) at a given global step.
+unless told otherwise) at a given global step; ``SIGINT`` goes to its whole process group, data
+loader workers included, as a terminal's Ctrl-C does.
 
 It runs before the checkpoint callbacks (Lightning orders those last), so the step it dies at is
 trained but not saved: the resumed run must redo it exactly.
@@ -20,4 +21,7 @@ class KillAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
+            if self.signum == signal.SIGINT:
+                os.killpg(os.getpgrp(), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)

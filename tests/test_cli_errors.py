@@ -7,19 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line_exit
 
 from distill.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = str(REPO / "experiments/prostate/teacher.yaml")
-
-
-def one_line_exit(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
 
 
 @pytest.mark.parametrize(

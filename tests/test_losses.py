@@ -334,6 +334,7 @@ def test_feature_mse_adapters_train():
         optimizer.zero_grad()
         loss_fn([student], [teacher]).backward()
         optimizer.step()
+    # measured over seeds 0-15, 1 and 2 threads: last / first 0.20-0.31
     assert loss_fn([student], [teacher]).item() < 0.5 * first
 
 

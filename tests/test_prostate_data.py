@@ -288,7 +288,7 @@ def test_save_mask_like_round_trips_and_refuses_to_overwrite(synthetic_prostate_
 def write_case(folder: Path, case: str = "Case00", image=None, mask=None, mask_suffix: str = "_segmentation") -> Path:
     """A tiny (8, 8, 4) case; ``image``/``mask`` override the arrays, None mask writes no mask."""
     folder.mkdir(parents=True, exist_ok=True)
-    image = np.ones((8, 8, 4), np.float32) if image is None else image
+    image = np.arange(8 * 8 * 4, dtype=np.float32).reshape(8, 8, 4) if image is None else image
     nib.save(nib.Nifti1Image(image, np.eye(4)), folder / f"{case}.nii.gz")
     if mask is not False:
         mask = np.zeros((8, 8, 4), np.uint8) if mask is None else mask
@@ -297,7 +297,8 @@ def write_case(folder: Path, case: str = "Case00", image=None, mask=None, mask_s
 
 
 def load(root: Path) -> None:
-    module(root, image_size=8).setup("fit")
+    """Read every case (a one-case tree has no val case to fit with)."""
+    module(root, image_size=8, predict_split="all").setup("predict")
 
 
 def test_missing_mask(tmp_path):

@@ -21,7 +21,7 @@ from distill.lightning_cli import AtomicCheckpointIO
 from distill.models import build_segmentation_network
 from distill.modules import FrozenTeachers
 from distill.modules.checkpoints import load_network
-from distill.modules.finite import check_training_loss
+from distill.modules.finite import NonFiniteLossWatch
 from distill.modules.teacher_cache import compute_teacher_logits, read_teacher_cache, write_teacher_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,16 +78,36 @@ def test_teacher_caches_with_non_finite_logits_are_refused_when_built_and_when_r
 
 
 # ------------------------------------------------------------------ non-finite losses and weights
-def test_a_non_finite_loss_names_its_terms_and_the_outputs_that_went_non_finite():
-    outputs = {"logits": torch.zeros(2, 2, 4, 4), "teacher_logits": torch.full((1, 2, 2, 4, 4), math.nan)}
+def test_a_non_finite_loss_names_its_first_step_terms_and_outputs_at_the_next_check():
+    """Recorded on the device at every step, read at the check: the first non-finite step's terms and
+    outputs are named (the student's finite logits are not); finite steps and a new record say nothing."""
+    finite = {"logits": torch.zeros(2, 2, 4, 4), "teacher_logits": torch.zeros(1, 2, 2, 4, 4)}
+    broken = {"logits": torch.zeros(2, 2, 4, 4), "teacher_logits": torch.full((1, 2, 2, 4, 4), math.nan)}
     terms = {"dice": torch.tensor(0.5), "kd": torch.tensor(math.nan)}
-    check_training_loss(torch.tensor(0.5), terms, outputs, epoch=0, step=0)  # finite: nothing to say
+    watch = NonFiniteLossWatch()
+    watch.update(torch.tensor(0.5), {"dice": torch.tensor(0.5), "kd": torch.tensor(0.1)}, finite, step=40)
+    watch.check(epoch=3, step=40)  # finite: nothing to say
+    for step in (41, 42):
+        watch.update(terms["dice"] + terms["kd"], terms, broken, step=step)
+        watch.update(torch.tensor(0.5), {"dice": torch.tensor(0.5), "kd": torch.tensor(0.1)}, finite, step=step)
     with pytest.raises(DataError) as info:
-        check_training_loss(terms["dice"] + terms["kd"], terms, outputs, epoch=3, step=41)
-    message = str(info.value)
-    assert message.startswith("training stopped at epoch 3, step 41: the loss is nan (terms kd=nan; in teacher_logits")
-    assert "logits (" not in message.replace("teacher_logits (", "")  # the student's logits are finite
-    assert "\n" not in message
+        watch.check(epoch=3, step=42)
+    assert str(info.value) == (
+        "training stopped at epoch 3, step 42: the loss went non-finite at step 41 (non-finite: term kd, "
+        "teacher_logits); nothing from that step on is saved (lower the learning rate, or check the inputs and teachers)"
+    )
+    watch.check(epoch=3, step=43)  # a new record
+
+
+def test_a_gradient_scaler_may_skip_non_finite_steps_but_not_too_many_in_a_row():
+    watch = NonFiniteLossWatch()
+    for step, loss in enumerate([math.inf, 1.0, math.inf, math.inf, 1.0]):
+        watch.update(torch.tensor(loss), {"dice": torch.tensor(loss)}, {}, step=step)
+    watch.check(epoch=0, step=4, tolerated_run=2)  # at most 2 in a row: skipped overflows
+    for step in range(5, 8):
+        watch.update(torch.tensor(math.inf), {"dice": torch.tensor(math.inf)}, {}, step=step)
+    with pytest.raises(DataError, match=r"went non-finite at step 5 \(3 steps in a row, more than the 2 the gradient"):
+        watch.check(epoch=0, step=7, tolerated_run=2)
 
 
 def test_a_diverging_run_stops_in_one_line_and_leaves_no_non_finite_checkpoint(synthetic_prostate_root, tmp_path):
@@ -106,7 +126,7 @@ def test_a_diverging_run_stops_in_one_line_and_leaves_no_non_finite_checkpoint(s
         main(argv)
     message = str(info.value.code)
     assert message.startswith("error: training stopped at epoch ") and "\n" not in message
-    assert "non-finite weights or buffers" in message or "the loss is" in message
+    assert "non-finite weights or buffers" in message or "the loss went non-finite" in message
     assert not list(out.rglob("fit_complete.json"))
     for checkpoint in out.rglob("*.ckpt"):
         state = torch.load(checkpoint, weights_only=True)["state_dict"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import TINY, one_line_exit
 
 from distill.cli import main
 from distill.errors import DataError
@@ -25,28 +25,27 @@ TEACHER = REPO / "experiments/prostate/teacher.yaml"
 OVERRIDES = [*TINY, "--trainer.limit_val_batches=1"]
 
 
-def one_line_exit(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
-    return message
-
-
 def distill(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "WANDB_MODE": "disabled"}
     return subprocess.run(
-        [sys.executable, "-m", "distill.cli", *argv], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "distill.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,  # a Ctrl-C sent to its process group reaches it alone
     )
 
 
-# ------------------------------------------------------------------ SIGTERM
-def test_sigterm_stops_a_table_at_once_naming_the_run(synthetic_prostate_root, tmp_path):
-    """SIGTERM mid-epoch of the first run: last.ckpt is written, no result.json, the second run never
-    starts, exit 143 with one line naming the run (`distill fit`'s case: tests/test_resume.py)."""
+# ------------------------------------------------------------------ SIGTERM and Ctrl-C
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_stops_a_table_at_once_naming_the_run(synthetic_prostate_root, tmp_path, stop):
+    """SIGTERM, or Ctrl-C (SIGINT to the process group), mid-epoch of the first run: last.ckpt is
+    written, no result.json, the second run never starts, exit 143 / 130 with one line naming the run
+    and the signal (`distill fit`'s case: tests/test_resume.py)."""
     config = yaml.safe_load(STUDENT.read_text())
     config["trainer"]["callbacks"].append(
-        {"class_path": "kill_callback.KillAtStep", "init_args": {"step": 1, "signal_name": "SIGTERM"}}
+        {"class_path": "kill_callback.KillAtStep", "init_args": {"step": 1, "signal_name": stop}}
     )
     killed_config = tmp_path / "student_sigterm.yaml"
     killed_config.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -58,9 +57,10 @@ def test_sigterm_stops_a_table_at_once_naming_the_run(synthetic_prostate_root, t
     )
     run_dir = out / "first" / "seed_0"
     last = run_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert done.returncode == 128 + signal.Signals[stop], done.stderr[-2000:]
+    said = {"SIGTERM": "SIGTERM", "SIGINT": "SIGINT (Ctrl-C)"}[stop]
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: run 'first' (seed 0) in {run_dir}: interrupted by SIGTERM at epoch 0, step 1; "
+        f"error: run 'first' (seed 0) in {run_dir}: interrupted by {said} at epoch 0, step 1; "
         f"wrote {last}; rerun to train it again"
     )
     assert torch.load(last, weights_only=True)["global_step"] == 1
@@ -84,6 +84,30 @@ def test_sigterm_between_trainer_calls_is_not_lost():
         os.kill(os.getpid(), signal.SIGTERM)  # a trainer call's handler runs: nothing raised here
         chained.append("went on")
     assert chained == [signal.SIGTERM, "went on"] and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_ctrl_c_is_a_stop_like_sigterm_and_twice_stops_at_once():
+    """Ctrl-C outside a trainer call stops the command at once (exit 130 through the CLI); during one it
+    is passed to the SIGTERM handler in force (Lightning's: stop at the next batch, checkpoint there),
+    and a second Ctrl-C raises KeyboardInterrupt at once. The handlers are restored after."""
+    from distill.errors import Terminated
+    from distill.termination import exit_status, handle_sigterm
+
+    default_sigint = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Terminated, match=r"^distill fit: interrupted by SIGINT \(Ctrl-C\)$"):
+        with handle_sigterm("distill fit"):
+            os.kill(os.getpid(), signal.SIGINT)
+            raise AssertionError("not stopped")
+    assert exit_status() == 130
+    seen = []
+    with pytest.raises(KeyboardInterrupt), handle_sigterm("distill fit"):
+        ours = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda signum, frame: (seen.append(signum), ours(signum, frame)))
+        os.kill(os.getpid(), signal.SIGINT)  # a trainer call's SIGTERM handler gets it: nothing raised here
+        seen.append("went on")
+        os.kill(os.getpid(), signal.SIGINT)
+    assert seen == [signal.SIGTERM, "went on"]
+    assert signal.getsignal(signal.SIGINT) is default_sigint and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 # ------------------------------------------------------------------ finished runs
@@ -297,8 +321,7 @@ def test_resuming_with_another_learning_rate_says_so(tmp_path, capsys):
 
 def test_profile_and_phase_tool_mistakes_are_one_line(tmp_path):
     assert one_line_exit(["profile", "slim_unet:width=-4", "--size", "32"]) == (
-        "error: network spec 'slim_unet:width=-4': cannot build it with these options "
-        "(Trying to create tensor with negative dimension -4: [-4, 3, 3, 3])"
+        "error: network 'slim_unet': network_kwargs.width must be an integer >= 1, got -4"
     )
     truncated = tmp_path / "results.json"
     truncated.write_text('[{"name": "a", "seed": 0,')

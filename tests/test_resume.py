@@ -53,6 +53,7 @@ def write_config(path: Path, data_root: Path, run_dir: Path, num_workers: int, k
 
 
 def distill_fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``distill fit`` in a child process, in a session of its own (its Ctrl-C reaches its group only)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
@@ -65,6 +66,7 @@ def distill_fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
+        start_new_session=True,
     )
 
 
@@ -84,25 +86,27 @@ def full_run(synthetic_prostate_root, tmp_path_factory) -> Path:
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_killed_mid_epoch_then_resume_matches_uninterrupted_run(full_run, synthetic_prostate_root, tmp_path, kill):
     """The killed and resumed runs load with 2 workers: order and augmentation depend on (seed,
     epoch, sample) only, so the results are the same as the uninterrupted run's. SIGKILL: the
-    newest last.ckpt (step 6) is resumed; SIGTERM (a scheduler's, `timeout`'s): the run stops at the
-    next batch, writes last.ckpt there (step 7) and exits 143 saying so."""
+    newest last.ckpt (step 6) is resumed; SIGTERM (a scheduler's, `timeout`'s) and SIGINT (Ctrl-C, to
+    the process group, workers included): the run stops at the next batch, writes last.ckpt there
+    (step 7) and exits 143 / 130 saying so."""
     killed_dir = tmp_path / "killed"
     killed = distill_fit(write_config(tmp_path / "killed.yaml", synthetic_prostate_root, killed_dir, 2, kill=kill))
     last = killed_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     if kill == "SIGKILL":
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     else:
-        assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-2000:]
+        assert killed.returncode == 128 + signal.Signals[kill], killed.stderr[-2000:]
+        said = {"SIGTERM": "SIGTERM", "SIGINT": "SIGINT (Ctrl-C)"}[kill]
         assert killed.stderr.strip().splitlines()[-1] == (
-            f"error: fit: interrupted by SIGTERM at epoch 1, step 7; wrote {last} (resume: --ckpt_path={last})"
+            f"error: fit: interrupted by {said} at epoch 1, step 7; wrote {last} (resume: --ckpt_path={last})"
         )
         assert not (last.parent / "fit_complete.json").exists()  # not a finished run
     saved = torch.load(last, weights_only=True)
-    saved_step = {"SIGKILL": 6, "SIGTERM": 7}[kill]
+    saved_step = {"SIGKILL": 6, "SIGTERM": 7, "SIGINT": 7}[kill]
     assert saved["global_step"] == saved_step and saved["epoch"] == 1  # mid-epoch
 
     resume_config = write_config(tmp_path / "resume.yaml", synthetic_prostate_root, killed_dir, 2)

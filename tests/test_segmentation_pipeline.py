@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from distill.cli import main
 from distill.errors import DataError
 from distill.losses import weighted_sum
-from distill.models import FeatureTaps, build_segmentation_network, count_parameters, init_output_prior
+from distill.models import FeatureTaps, build_segmentation_network, count_parameters
 from distill.modules import SegDistillModule, SegmentationModule
 from distill.modules.checkpoints import file_sha256, load_segmentation_network
 from distill.tables import run_table
@@ -53,26 +53,11 @@ def test_feature_taps_capture_named_layers_and_reject_bad_paths():
         FeatureTaps(net, ["down_5"], owner="teacher")
 
 
-@pytest.mark.parametrize("network", ["slim_unet", "mobile_unet"])
-def test_output_prior_makes_every_seed_start_at_the_prior(network):
-    kwargs = {"width": 4} if network == "slim_unet" else {}
-    for seed in range(3):
-        torch.manual_seed(seed)
-        net = build_segmentation_network(network, 3, 3, **kwargs)
-        init_output_prior(net, 3, 0.02)
-        probs = net.train()(torch.randn(2, 3, 32, 32)).softmax(1)
-        expected = torch.tensor([0.98, 0.01, 0.01]).view(1, 3, 1, 1).expand_as(probs)
-        assert torch.allclose(probs, expected, atol=1e-6)
-    module = SegmentationModule(network_kwargs={"width": 4})  # the default: 1 % foreground
-    assert module(torch.randn(1, 3, 32, 32)).softmax(1)[:, 1].flatten().tolist() == pytest.approx([0.01] * 32 * 32)
-    with pytest.raises(DataError, match="foreground_prior must be in \\(0, 1\\)"):
-        init_output_prior(net, 3, 1.5)
-
-
 @pytest.fixture
 def teacher_file(tmp_path) -> Path:
-    """A plain safetensors state dict of a width-8 U-Net teacher."""
+    """A plain safetensors state dict of a width-8 U-Net teacher (seeded: the same in any test order)."""
     path = tmp_path / "teacher.safetensors"
+    torch.manual_seed(0)
     save_file(build_segmentation_network("unet", 3, 2, width=8).state_dict(), str(path))
     return path
 
@@ -206,7 +191,7 @@ def test_distillation_terms_are_computed_and_the_loss_decreases(teacher_file):
     batch = {"image": image, "label": (image[:, 1] > 0.5).long()}  # learnable from the centre slice
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(50):
         terms = module.loss_terms(batch, module.training_outputs(batch))
         loss = weighted_sum(terms, module.loss_weights)
         optimizer.zero_grad()
@@ -214,6 +199,8 @@ def test_distillation_terms_are_computed_and_the_loss_decreases(teacher_file):
         optimizer.step()
         losses.append(loss.item())
     assert set(terms) == {"dice", "lovasz", "kd", "feature"}
+    # measured over teacher and student seeds 0-11 (1 thread): last / first 0.53-0.72 after 50 steps;
+    # after 25 steps 0.63-0.82 (seeds 0-15 and 0-11, 1 thread) and 0.63-0.81 (seeds 0-15, 2 threads)
     assert losses[-1] < 0.85 * losses[0]
 
 

@@ -98,7 +98,7 @@ def test_an_unlabelled_batch_trains_on_distillation_alone(teacher_file):
     batch = make_batch(torch.zeros(4, dtype=torch.bool))
     optimizer = torch.optim.Adam(module.net.parameters(), lr=3e-3)
     kd_losses = []
-    for _ in range(8):
+    for _ in range(16):
         optimizer.zero_grad()
         outputs = module.training_outputs(batch)
         terms = module.loss_terms(batch, outputs)
@@ -110,7 +110,9 @@ def test_an_unlabelled_batch_trains_on_distillation_alone(teacher_file):
         assert grads and all(torch.isfinite(g).all() for g in grads)
         optimizer.step()
         kd_losses.append(terms["kd"].item())
-    assert kd_losses[-1] < 0.8 * kd_losses[0]
+    # measured over teacher, student and batch seeds 0-15, 1 thread (0-6 at 2): last / first kd 0.04-0.34
+    # after 16 steps (after 8: 0.18-0.77 at 1 thread, 0.09-0.60 at 2)
+    assert kd_losses[-1] < 0.6 * kd_losses[0]
 
 
 def test_over_labelled_zero_keeps_the_graph_and_checks_shapes():

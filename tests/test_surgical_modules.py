@@ -264,49 +264,56 @@ def textured_frames(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, 1, 1, generator=generator) + 0.5 * texture
 
 
+MECHANISM_OPTIONS = {**TINY, "queue_size": 32, "momentum": 0.99}
+
+
 @pytest.fixture()
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_distillation_alone_takes_on_the_teachers_similarities_and_moco_alone_does_not(tmp_path, one_thread):
-    """Mechanism: the same student, batches and steps; only the loss differs. Agreement with the
-    teacher is measured on held-out frames."""
-    options = {**TINY, "queue_size": 32, "momentum": 0.99}
-    placeholder = tmp_path / "teacher.ckpt"  # a MoCo checkpoint to load; its network is then replaced
+def placeholder_teacher(tmp_path) -> Path:
+    """A MoCo checkpoint for MoCoDistillModule to load; the test then replaces its network."""
     run = trainer(tmp_path)
-    run.strategy.connect(MoCoModule(**options))
-    run.save_checkpoint(placeholder)
+    run.strategy.connect(MoCoModule(**MECHANISM_OPTIONS))
+    run.save_checkpoint(tmp_path / "teacher.ckpt")
+    return tmp_path / "teacher.ckpt"
+
+
+def agreement_after_training(placeholder: Path, term: str, init_seed: int, order_seed: int) -> tuple[float, float]:
+    """(5-neighbour overlap, similarity KL) of a student with MeanColourTeacher on 64 held-out frames,
+    after 40 Adam steps on the loss ``term`` alone; ``init_seed`` draws the student, ``order_seed`` its batches."""
     pool, held_out = textured_frames(64, 1), textured_frames(64, 2)
     teacher = MeanColourTeacher().eval()
-    agreement = {}
-    for name, weights in {"distill": {"distill": 1.0}, "moco": {"info_nce": 1.0}}.items():
-        torch.manual_seed(0)
-        weights = {"info_nce": 0.0, "distill": 0.0, "probe": 0.0, **weights}
-        model = MoCoDistillModule(teacher_checkpoint=str(placeholder), loss_weights=weights, **options)
-        model.prepare_distillation()
-        model.teachers.networks[0] = teacher
-        optimizer = torch.optim.Adam(model.trainable_parameters(model.encoder_q), lr=0.01)
-        generator = torch.Generator().manual_seed(1)
-        for _ in range(40):
-            frames = pool[torch.randperm(64, generator=generator)[:16]]
-            views = [frames + 0.3 * torch.randn(frames.shape, generator=generator) for _ in range(2)]
-            batch = {"views": views, "label": torch.full((16,), -1)}
-            loss = weighted_sum(model.loss_terms(batch, model.training_outputs(batch)), weights, owner="test")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            student = model.encoder_q.eval()(held_out)
-        agreement[name] = neighbour_overlap(teacher(held_out), student, 5), similarity_kl(teacher(held_out), student)
-    (overlap_d, kl_d), (overlap_m, kl_m) = agreement["distill"], agreement["moco"]
-    # measured over batch orders: distillation's KL 3.5-9x lower, overlap 1.4-2.3x higher (chance: 5 / 63)
-    assert kl_d < 0.5 * kl_m
-    assert overlap_d > 1.3 * overlap_m and overlap_d > 3 * 5 / 63
+    torch.manual_seed(init_seed)
+    weights = {"info_nce": 0.0, "distill": 0.0, "probe": 0.0, term: 1.0}
+    model = MoCoDistillModule(teacher_checkpoint=str(placeholder), loss_weights=weights, **MECHANISM_OPTIONS)
+    model.prepare_distillation()
+    model.teachers.networks[0] = teacher
+    optimizer = torch.optim.Adam(model.trainable_parameters(model.encoder_q), lr=0.01)
+    generator = torch.Generator().manual_seed(order_seed)
+    for _ in range(40):
+        frames = pool[torch.randperm(64, generator=generator)[:16]]
+        views = [frames + 0.3 * torch.randn(frames.shape, generator=generator) for _ in range(2)]
+        batch = {"views": views, "label": torch.full((16,), -1)}
+        loss = weighted_sum(model.loss_terms(batch, model.training_outputs(batch)), weights, owner="test")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        student = model.encoder_q.eval()(held_out)
+    return neighbour_overlap(teacher(held_out), student, 5), similarity_kl(teacher(held_out), student)
+
+
+def test_distillation_alone_takes_on_the_teachers_similarities_and_moco_alone_does_not(placeholder_teacher):
+    """Mechanism: the same student, batches and steps; only the loss differs. Agreement with the
+    teacher is measured on held-out frames."""
+    seeds = [(0, 1), (1, 2), (2, 3)]  # (student init, batch order): one run decides nothing, see below
+    distilled = np.array([agreement_after_training(placeholder_teacher, "distill", *s) for s in seeds])
+    moco = np.array([agreement_after_training(placeholder_teacher, "info_nce", *s) for s in seeds])
+    (overlap_d, kl_d), (overlap_m, kl_m) = distilled.mean(0), moco.mean(0)
+    # Measured, init seeds 0-4 x order seeds 1-5, 1 and 2 threads (25 + 22 runs): one run's KL ratio
+    # distill / moco is 0.13-0.50 and overlap ratio 1.16-3.5 (another machine got 0.56). Means of any
+    # 3 of those runs: KL ratio 0.16-0.49 (median 0.32), overlap ratio 1.33-2.9, distillation's overlap
+    # 0.25-0.46 (chance 5 / 63 = 0.08; MoCo's 0.14-0.22).
+    assert kl_d < 0.65 * kl_m, (distilled, moco)
+    assert overlap_d > 1.15 * overlap_m and overlap_d > 2.5 * 5 / 63, (distilled, moco)
 
 
 def test_teacher_and_student_queues_hold_the_same_samples_in_the_same_rows(teacher_ckpt):

@@ -91,13 +91,19 @@ def test_surgical_table_chains_pretraining_finetuning_and_tcn(synthetic_cholec80
     videos = [p.name.removesuffix("-phase.txt") for p in sorted((data / "cholec80" / "phase_annotations").iterdir())]
     split = split_videos(videos, "cholec80", "paper", 0.2)
     assert split["val"] and not set(split["val"]) & set(split["test"])
+    tested = next(line for line in table.splitlines() if line.startswith("- tested on ("))  # the runs' protocol
+    assert tested.endswith(f", seed 0): {', '.join(split['test'])}") and "- relaxed boundary (" in table
     for result in results:
         assert result.monitor == "val/accuracy"
         with open(Path(result.log_dir) / "metrics.csv") as stream:
             val_scores = [float(row["val/accuracy"]) for row in csv.DictReader(stream) if row.get("val/accuracy")]
         assert len(val_scores) == 2 and result.val_score == pytest.approx(max(val_scores))  # the best epoch on val
         predictions = Path(result.log_dir) / "phase_predictions" / "test"
-        assert sorted(p.name for p in predictions.iterdir()) == [f"{v}-pred.txt" for v in split["test"]]
+        assert sorted(p.name for p in predictions.iterdir()) == [
+            "evaluation.md",
+            "protocol.json",
+            *[f"{v}-pred.txt" for v in split["test"]],
+        ]
         for video in split["test"]:
             frames, _ = read_phase_file(predictions / f"{video}-pred.txt")
             gt_frames, _ = read_phase_file(data / "cholec80" / "phase_annotations" / f"{video}-phase.txt")

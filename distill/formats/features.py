@@ -46,7 +46,16 @@ def load_video_features(features_dir: str | Path, video: str, mmap: bool = False
     for path in paths:
         if not path.is_file():
             raise DataError(f"{path}: feature file not found (write it with save_video_features)")
-    features, frames = np.load(paths[0], mmap_mode="r" if mmap else None), np.load(paths[1])
+    arrays = []
+    for path, mode in zip(paths, ("r" if mmap else None, None)):
+        try:
+            arrays.append(np.load(path, mmap_mode=mode))
+        except (EOFError, ValueError, OSError) as err:  # empty, truncated, or not an .npy array
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise DataError(
+                f"{path}: unreadable feature file, empty, truncated or not .npy ({reason}); write it again"
+            ) from None
+    features, frames = arrays
     if features.ndim != 2 or frames.shape != (features.shape[0],):
         raise DataError(f"{paths[0]}: features {features.shape} do not match frames {frames.shape} in {paths[1].name}")
     return features, frames.astype(np.int64)

@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 
 from distill.errors import DataError
-from distill.formats.phases import VIDEO_FPS, phase_names, read_phase_file
+from distill.formats.phases import VIDEO_FPS, natural_sorted, phase_names, read_phase_file
 
 Mode = Literal["corrected", "published"]
 MODES: tuple[str, ...] = ("corrected", "published")
@@ -239,6 +239,20 @@ class PhaseReport:
         """Std over phases (N-1) of :meth:`per_phase`; NaN-aware for precision only."""
         return float(_std(self.per_phase(metric), 0, ignore_nan=metric == "precision"))
 
+    def window_frames(self) -> list[int]:
+        """The relaxed-boundary window in frames at each prediction rate (``tolerance_s`` x fps, rounded half up)."""
+        return [math.floor(self.tolerance_s * float(fps) + 0.5) for fps in np.unique(self.fps)]
+
+    def per_video_summary(self) -> dict[str, tuple[float, float]]:
+        """``{metric: (mean, std)}`` over videos (N-1) of the relaxed accuracy and of each video's
+        NaN-aware mean over phases of Jaccard, precision and recall, %."""
+        values = {"accuracy": self.accuracy_per_video}
+        values |= {m: _mean(self.per_video[m], 1, ignore_nan=True) for m in METRICS}
+        return {
+            name: (float(_mean(v, 0, ignore_nan=True)), float(_std(v, 0, ignore_nan=True)))
+            for name, v in values.items()
+        }
+
     def to_dict(self) -> dict:
         """JSON-ready numbers (NaN written as null)."""
 
@@ -249,6 +263,11 @@ class PhaseReport:
             "dataset": self.dataset,
             "mode": self.mode,
             "tolerance_s": self.tolerance_s,
+            "tolerance_frames": self.window_frames(),
+            "prediction_fps": [float(f) for f in np.unique(self.fps)],
+            "per_video_mean_std": {
+                name: {"mean": clean(mean), "std": clean(std)} for name, (mean, std) in self.per_video_summary().items()
+            },
             "accuracy": {"mean": clean(self.accuracy), "std": clean(self.accuracy_std)},
             **{m: {"mean": clean(self.mean(m)), "std": clean(self.std(m))} for m in METRICS},
             "frame_accuracy": clean(self.frame_accuracy),
@@ -274,8 +293,9 @@ class PhaseReport:
         """Readable table: per-phase means over videos, then the summary lines."""
         rates = ", ".join(f"{f:g}" for f in np.unique(self.fps))
         width = max(len(name) for name in self.phase_names)
+        frames = ", ".join(map(str, self.window_frames()))
         lines = [
-            f"{self.dataset}, {len(self.video_names)} videos, relaxed boundary {self.tolerance_s:g} s "
+            f"{self.dataset}, {len(self.video_names)} videos, relaxed boundary {self.tolerance_s:g} s = {frames} frames "
             f"at {rates} fps, {self.mode} mode",
             f"{'Phase':<{width}}  {'Jaccard':>8}  {'Precision':>9}  {'Recall':>8}",
         ]
@@ -291,6 +311,10 @@ class PhaseReport:
             ),
             f"Frame accuracy {self.frame_accuracy:6.2f}  (unrelaxed, all frames)",
             f"Macro F1       {self.macro_f1:6.2f}  (unrelaxed, all frames)",
+            "",
+            f"Per video, mean +- SD over the {len(self.video_names)} videos (relaxed; Jaccard, precision, recall: "
+            "each video's mean over its phases):",
+            *(f"{m.capitalize():<10} {mean:6.2f} +- {std:5.2f}" for m, (mean, std) in self.per_video_summary().items()),
         ]
         return "\n".join(lines)
 
@@ -339,6 +363,9 @@ GROUND_TRUTH_PATTERNS: dict[str, tuple[str, ...]] = {
 }
 
 
+PREDICTION_SUFFIXES = ("-pred.txt", "_pred.txt")
+
+
 def prediction_candidates(ground_truth: Path) -> tuple[str, ...]:
     """File names accepted as the prediction for ``ground_truth``.
 
@@ -346,7 +373,7 @@ def prediction_candidates(ground_truth: Path) -> tuple[str, ...]:
     ``[test_]workflow_video_XX.txt`` -> the same name, ``..._XX-pred.txt``, ``..._XX_pred.txt``.
     """
     video = ground_truth.name.removesuffix(".txt").removesuffix("-phase")
-    return ground_truth.name, f"{video}-pred.txt", f"{video}_pred.txt"
+    return ground_truth.name, *(f"{video}{suffix}" for suffix in PREDICTION_SUFFIXES)
 
 
 def _align_prediction(
@@ -389,11 +416,14 @@ def evaluate_phase_dirs(
     :func:`prediction_candidates`, at any regular rate: their frame numbers say which 25 fps
     frames are predicted, the ground truth is subsampled to those frames, and the prediction
     rate is ``25 / frame step`` unless ``pred_fps`` is given. The predictions must cover the
-    whole video (no gap longer than one step at either end). Extra prediction files are ignored.
+    whole video (no gap longer than one step at either end). Other files are ignored, but a
+    prediction file (a candidate name of some video) without its ground truth is refused: the
+    report would score fewer videos than were predicted.
 
     Raises:
-        DataError: no ground-truth files, a video without (or with two) prediction files,
-            frames not in the ground truth or unevenly spaced, unknown phase names.
+        DataError: no ground-truth files, a video without (or with two) prediction files, a
+            prediction without ground truth or that is the ground-truth file itself, frames not in
+            the ground truth or unevenly spaced, unknown phase names.
     """
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     phase_names(dataset)  # raises DataError for an unknown dataset
@@ -405,6 +435,19 @@ def evaluate_phase_dirs(
     gt_paths = sorted({path for pattern in patterns for path in gt_dir.glob(pattern)})
     if not gt_paths:
         raise DataError(f"{gt_dir}: no ground-truth files matching {' or '.join(patterns)}")
+    expected = {name for gt_path in gt_paths for name in prediction_candidates(gt_path)}
+    unmatched = natural_sorted(
+        path.name
+        for pattern in (*patterns, *(f"*{suffix}" for suffix in PREDICTION_SUFFIXES))
+        for path in pred_dir.glob(pattern)
+        if path.name not in expected
+    )
+    if unmatched:
+        raise DataError(
+            f"{pred_dir}: {len(unmatched)} prediction file(s) without ground truth in {gt_dir} "
+            f"({', '.join(unmatched[:3])}{', ...' if len(unmatched) > 3 else ''}); the report would leave them out: "
+            "add their ground truth or move them elsewhere"
+        )
     videos, rates = {}, {}
     for gt_path in gt_paths:
         found = [pred_dir / name for name in prediction_candidates(gt_path) if (pred_dir / name).is_file()]
@@ -413,6 +456,8 @@ def evaluate_phase_dirs(
             raise DataError(
                 f"{gt_path}: {problem} in {pred_dir}; expected one of {', '.join(prediction_candidates(gt_path))}"
             )
+        if found[0].samefile(gt_path):
+            raise DataError(f"{found[0]}: the prediction is the ground-truth file itself; give the prediction folder")
         gt_frames, gt_labels = read_phase_file(gt_path, dataset)
         pred_frames, pred_labels = read_phase_file(found[0], dataset)
         positions, step = _align_prediction(gt_path, gt_frames, found[0], pred_frames)

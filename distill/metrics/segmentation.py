@@ -60,16 +60,18 @@ def volume_key(name: str) -> int:
 
 
 class PerGroupVolumeMetrics(Metric):
-    """Mean Dice/HD95 over cases, overall and per group (site); DDP-safe (states are gathered).
+    """Mean Dice/HD95 (and ECE) over cases, overall and per group (site); DDP-safe (states are gathered).
 
-    ``update(dice, hd95, group, volume, empty_label)`` once per case, ``dice`` and ``hd95`` a value
+    ``update(dice, hd95, group, volume, empty_label, ece, reliability)`` once per case, ``dice`` and ``hd95`` a value
     or one per foreground class (:func:`volume_class_dice_hd95`), ``volume`` naming it (e.g. its
     image path), ``empty_label`` saying that its mask has no foreground (scored as
     :func:`volume_dice_hd95` says; listed by :meth:`per_volume`); ``compute()`` returns
     ``{"dice": m, "hd95": m, "dice/<GROUP>": m, "hd95/<GROUP>": m, ...}`` for the groups seen, a
     case's value being the (NaN-skipping) mean over its classes, and with ``class_names`` (more
     than one class) also ``"dice_<CLASS>"`` and ``"hd95_<CLASS>"``, the mean over cases of each
-    class. Every volume counts once: Lightning's distributed sampler repeats volumes to
+    class. With ``ece`` (the volume's expected calibration error, :mod:`distill.metrics.calibration`)
+    it also returns ``"ece"`` and ``"ece/<GROUP>"``, means over cases, and :meth:`reliability` sums the
+    volumes' ``reliability`` bins (3, bins + 1). Every volume counts once: Lightning's distributed sampler repeats volumes to
     give every rank as many, and the repeats are dropped after gathering (by ``volume``), so the
     results do not depend on the number of processes.
     """
@@ -85,6 +87,8 @@ class PerGroupVolumeMetrics(Metric):
         self.add_state("group", default=[], dist_reduce_fx="cat")
         self.add_state("volume", default=[], dist_reduce_fx="cat")
         self.add_state("empty_label", default=[], dist_reduce_fx="cat")
+        self.add_state("ece", default=[], dist_reduce_fx="cat")
+        self.add_state("reliability_bins", default=[], dist_reduce_fx="cat")
 
     def update(
         self,
@@ -93,27 +97,37 @@ class PerGroupVolumeMetrics(Metric):
         group: str,
         volume: str,
         empty_label: bool = False,
+        ece: float | None = None,
+        reliability: torch.Tensor | None = None,
     ) -> None:
         self.dice.append(torch.tensor(dice, dtype=torch.float64, device=self.device).reshape(1, -1))
         self.hd95.append(torch.tensor(hd95, dtype=torch.float64, device=self.device).reshape(1, -1))
         self.group.append(torch.tensor([self.groups.index(group)], device=self.device))
         self.volume.append(torch.tensor([volume_key(volume)], dtype=torch.int64, device=self.device))
         self.empty_label.append(torch.tensor([int(empty_label)], dtype=torch.uint8, device=self.device))
+        self.ece.append(torch.tensor([float("nan") if ece is None else ece], dtype=torch.float64, device=self.device))
+        if reliability is not None:
+            self.reliability_bins.append(reliability.to(self.device, torch.float64)[None])
 
     def _distinct_volumes(self) -> dict[str, torch.Tensor]:
         """The current states, each volume once, in the order of :func:`volume_key` (independent of ranks)."""
-        cat = lambda state: torch.cat(state) if isinstance(state, list) else state  # noqa: E731
-        keys, order = torch.sort(cat(self.volume), stable=True)
-        first = torch.ones_like(keys, dtype=torch.bool)
-        first[1:] = keys[1:] != keys[:-1]
-        kept = order[first]
+        keys, kept = _distinct(_cat(self.volume))
         return {
-            "volume": keys[first],
-            "group": cat(self.group)[kept],
-            "class_dice": cat(self.dice)[kept],
-            "class_hd95": cat(self.hd95)[kept],
-            "empty_label": cat(self.empty_label)[kept].bool(),
+            "volume": keys,
+            "group": _cat(self.group)[kept],
+            "class_dice": _cat(self.dice)[kept],
+            "class_hd95": _cat(self.hd95)[kept],
+            "empty_label": _cat(self.empty_label)[kept].bool(),
+            "ece": _cat(self.ece)[kept],
         }
+
+    def reliability(self) -> torch.Tensor | None:
+        """(3, bins + 1) reliability sums over the distinct volumes of all ranks (a collective under DDP);
+        None when no volume gave bins."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn):
+            if not len(self.reliability_bins) or len(_cat(self.reliability_bins)) != len(_cat(self.volume)):
+                return None
+            return _cat(self.reliability_bins)[_distinct(_cat(self.volume))[1]].sum(0)
 
     def per_volume(self) -> dict[str, torch.Tensor]:
         """``{"volume": (N,) int64 volume_key, "group": (N,) index into groups, "dice": (N,), "hd95": (N,)
@@ -127,7 +141,10 @@ class PerGroupVolumeMetrics(Metric):
         volumes = self._distinct_volumes()
         class_dice, class_hd95, group = volumes["class_dice"], volumes["class_hd95"], volumes["group"]
         dice, hd95 = _class_mean(class_dice), _class_mean(class_hd95)
+        ece = volumes["ece"]
         results = {"dice": dice.nanmean(), "hd95": hd95.nanmean()}
+        if not ece.isnan().all():
+            results["ece"] = ece.nanmean()
         if len(self.class_names) > 1:
             for index, name in enumerate(self.class_names):
                 results[f"dice_{name}"] = class_dice[:, index].nanmean()
@@ -137,7 +154,22 @@ class PerGroupVolumeMetrics(Metric):
             if in_group.any():
                 results[f"dice/{name}"] = dice[in_group].nanmean()
                 results[f"hd95/{name}"] = hd95[in_group].nanmean()
+                if "ece" in results:
+                    results[f"ece/{name}"] = ece[in_group].nanmean()
         return results
+
+
+def _cat(state: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """A list state concatenated (after a DDP sync it is already one tensor)."""
+    return torch.cat(state) if isinstance(state, list) else state
+
+
+def _distinct(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) volume keys -> the distinct keys, sorted, and the position of each one's first entry."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    first = torch.ones_like(sorted_keys, dtype=torch.bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    return sorted_keys[first], order[first]
 
 
 def _class_mean(values: torch.Tensor) -> torch.Tensor:

@@ -207,6 +207,8 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """The tensors of a weights file; DataError naming the file when it cannot be used."""
     if not path.is_file():
         raise DataError(f"weights file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"weights file {path} is empty (0 bytes): its download or copy was interrupted")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -223,7 +225,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             f"weights file {path} refused: it holds Python objects other than tensors ({first_line})"
         ) from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise DataError(f"weights file {path} is not a readable PyTorch file: {error}") from None
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(
+            f"weights file {path} is not a readable PyTorch file (truncated or corrupt): {reason}"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(content, dict) and isinstance(content.get(key), dict):
             content = content[key]

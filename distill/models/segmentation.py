@@ -34,6 +34,10 @@ def unet(in_channels: int, num_classes: int, width: int = 64, dropout: float = 0
     Module paths for feature distillation: ``conv_0``, ``down_1`` .. ``down_4`` (encoder,
     stride 2..16), ``upcat_4`` .. ``upcat_1`` (decoder, stride 8..1).
     """
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise DataError(f"network_kwargs.width must be an integer >= 1, got {width!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise DataError(f"network_kwargs.dropout must be a number in [0, 1), got {dropout!r}")
     features = (width, 2 * width, 4 * width, 8 * width, 16 * width, width)
     return BasicUNet(
         spatial_dims=2,
@@ -121,36 +125,49 @@ def build_segmentation_network(name: str, in_channels: int, num_classes: int, **
         raise DataError(f"unknown network {name!r}; registered: {', '.join(sorted(SEGMENTATION_NETWORKS))}") from None
     try:
         return builder(in_channels=in_channels, num_classes=num_classes, **kwargs)
-    except TypeError as err:
-        raise DataError(f"network {name!r}: bad network_kwargs {kwargs}: {err}") from None
+    except DataError as err:
+        raise DataError(f"network {name!r}: {err}") from None
+    except (TypeError, RuntimeError) as err:  # an unknown option or timm encoder, a size beyond memory
+        reason = " ".join(str(err).split())[:200]
+        raise DataError(f"network {name!r}: cannot build it with network_kwargs {kwargs} ({reason})") from None
 
 
 @torch.no_grad()
-def init_output_prior(net: nn.Module, num_classes: int, foreground_prior: float) -> None:
-    """Start ``net`` predicting the class prior at every pixel, whatever the seed.
+def init_output_prior(
+    net: nn.Module, num_classes: int, foreground_prior: float, weight_std: float | None = None
+) -> None:
+    """Start ``net`` predicting about the class prior at every pixel, whatever the seed.
 
-    The last ``Conv2d`` with ``num_classes`` outputs gets zero weights and the bias
-    ``log(1 - prior), log(prior / (C - 1)), ...`` (the prior initialisation of Lin et al., ICCV
-    2017). A random output layer makes some seeds start with foreground almost everywhere,
-    where the soft Dice gradient of a rare foreground (~ intersection / (sum of p)^2) nearly
-    vanishes and training stalls for many epochs.
+    The last ``Conv2d`` with ``num_classes`` outputs gets the bias ``log(1 - prior),
+    log(prior / (C - 1)), ...`` (the prior initialisation of Lin et al., ICCV 2017); its
+    weights stay random. A random output layer with its random bias makes some seeds start with
+    foreground almost everywhere, where the soft Dice gradient of a rare foreground
+    (~ intersection / (sum of p)^2) nearly vanishes and training stalls for many epochs.
 
     Args:
         net: a segmentation network (B, in, H, W) -> (B, num_classes, H, W).
         num_classes: C >= 2 (softmax over background and the C - 1 foreground classes).
         foreground_prior: total initial probability of the foreground classes, in (0, 1).
+        weight_std: None keeps the network's own random output weights (the mean foreground
+            probability then starts within ~2x of the prior); a number draws them from
+            normal(0, weight_std) (RetinaNet: 0.01); 0 zeroes them (every pixel starts exactly at
+            the prior, but every earlier layer gets a zero gradient at the first step and Adam
+            grows the weights by at most ~lr per step).
     """
     if not 0.0 < foreground_prior < 1.0 or num_classes < 2:
         raise DataError(
             f"foreground_prior must be in (0, 1) with num_classes >= 2, got {foreground_prior}, {num_classes}"
         )
+    if weight_std is not None and weight_std < 0:
+        raise DataError(f"foreground_prior_weight_std must be >= 0 or null, got {weight_std}")
     heads = [
         m for m in net.modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes and m.bias is not None
     ]
     if not heads:
         raise ValueError(f"init_output_prior: {type(net).__name__} has no Conv2d with {num_classes} outputs and a bias")
     head = heads[-1]
-    head.weight.zero_()
+    if weight_std is not None:
+        head.weight.normal_(0.0, weight_std)
     prior = torch.full((num_classes,), foreground_prior / (num_classes - 1))
     prior[0] = 1.0 - foreground_prior
     head.bias.copy_(prior.log())

@@ -51,6 +51,25 @@ def concat_all_gather(tensor: Tensor) -> Tensor:
     return torch.cat(gathered)
 
 
+def queue_batch_problem(queue_size: int, batch_size: int, world_size: int) -> str | None:
+    """Why a queue of ``queue_size`` rows cannot take whole global batches of ``batch_size`` x
+    ``world_size`` keys (every step must write whole batches to keep it aligned), naming the
+    process counts that would work; None when it can."""
+    if queue_size % (batch_size * world_size) == 0:
+        return None
+    worlds = [w for w in range(1, queue_size // batch_size + 1) if queue_size % (batch_size * w) == 0]
+    shown = ", ".join(map(str, worlds[:8])) + (", ..." if len(worlds) > 8 else "")
+    works = (
+        f"with this batch size it works on {shown} processes"
+        if worlds
+        else "no process count works with this batch size; choose one that divides the queue size"
+    )
+    return (
+        f"must be a multiple of the global batch (data.batch_size={batch_size} x {world_size} processes = "
+        f"{batch_size * world_size}); {works}"
+    )
+
+
 class MemoryQueue(nn.Module):
     """FIFO queue of the last ``size`` keys (MoCo's dictionary of negatives), as module buffers.
 

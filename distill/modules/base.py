@@ -36,9 +36,28 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from distill.errors import DataError
 from distill.losses import check_loss_weights, weighted_sum
-from distill.modules.finite import check_training_loss, raise_if_non_finite
-from distill.types import NonNegativeFloat, NonNegativeInt
+from distill.modules.finite import NonFiniteLossWatch, raise_if_non_finite
+from distill.types import NonNegativeFloat, NonNegativeInt, PositiveInt
+
+
+def check_optimizer_settings(optimizer: OptimizerCallable, owner: str) -> None:
+    """Build ``optimizer`` on a stand-in parameter, so settings it refuses (a negative ``lr``, ``weight_decay``,
+    ``momentum``, ``eps``, ``betas`` out of [0, 1)) or an ``lr`` of 0 fail at construction, in one line."""
+    try:
+        probe = optimizer([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise DataError(
+            f"{owner}: optimizer refuses its settings (model.init_args.optimizer.init_args): {err}"
+        ) from None
+    if float(probe.defaults.get("lr", 1.0)) == 0:
+        raise DataError(f"{owner}: optimizer lr is 0, so nothing would be trained; set optimizer.init_args.lr > 0")
+
+
+#: Non-finite training losses in a row that a gradient scaler may skip (each halves its scale: 25 is
+#: a factor 3e7) before the run is stopped; without a scaler the first one stops it.
+SCALER_SKIPS_TOLERATED = 25
 
 
 class DistillModuleBase(L.LightningModule):
@@ -55,6 +74,9 @@ class DistillModuleBase(L.LightningModule):
             ``warmup_steps`` of linear warm-up; ``"constant"`` keeps it.
         channels_last: run convolutions in NHWC memory format (faster with mixed precision on
             GPUs and with oneDNN on CPUs). Mixed precision itself is ``trainer.precision``.
+        finite_check_every: read the device-side record of non-finite losses every this many
+            training steps (and at epoch end), the only host sync it costs; ``None``: the
+            trainer's ``log_every_n_steps``, so a NaN stops the run within one logging interval.
     """
 
     #: Loss terms this method can compute; ``loss_weights`` may only name these.
@@ -74,15 +96,24 @@ class DistillModuleBase(L.LightningModule):
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         warmup_steps: NonNegativeInt = 0,
         channels_last: bool = False,
+        finite_check_every: PositiveInt | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])  # collects the arguments of every subclass too
         self.loss_weights = dict(loss_weights if loss_weights is not None else self.default_loss_weights)
         check_loss_weights(self.loss_weights, self.loss_term_names, owner=type(self).__name__)
+        if not any(weight > 0 for weight in self.loss_weights.values()):
+            raise DataError(
+                f"{type(self).__name__}: every loss weight is 0 ({self.loss_weights or 'none given'}), so nothing "
+                "would be trained; give at least one term of loss_weights a weight > 0"
+            )
+        check_optimizer_settings(optimizer, owner=type(self).__name__)
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule
         self.warmup_steps = warmup_steps
         self.channels_last = channels_last
+        self.finite_check_every = finite_check_every
+        self.non_finite_watch = NonFiniteLossWatch()
 
     def to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
@@ -129,11 +160,25 @@ class DistillModuleBase(L.LightningModule):
         outputs = self.training_outputs(batch)
         terms = self.loss_terms(batch, outputs)
         loss = weighted_sum(terms, self.loss_weights, owner=type(self).__name__)
-        check_training_loss(loss, terms, outputs, self.current_epoch, self.global_step)
+        self.non_finite_watch.update(loss, terms, outputs, self.global_step)
+        every = self.finite_check_every or self.trainer.log_every_n_steps
+        if batch_idx % every == every - 1:
+            self.check_finite_loss()
         batch_size = self.batch_size(batch)
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=batch_size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite_loss()
+
+    def check_finite_loss(self) -> None:
+        """Stop the run if the loss went non-finite since the last check (:class:`NonFiniteLossWatch`);
+        with a gradient scaler (``16-mixed``), only after more than :data:`SCALER_SKIPS_TOLERATED`
+        non-finite steps in a row: single ones are overflows the scaler skips."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        tolerated = SCALER_SKIPS_TOLERATED if scaler is not None else 0
+        self.non_finite_watch.check(self.current_epoch, self.global_step, tolerated)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.val_metrics.update(*self.evaluation_outputs(batch))

@@ -55,6 +55,10 @@ def file_sha256(path: str | Path) -> str:
 
 def load_state(path: Path) -> dict:
     """Read a Lightning ``.ckpt``, a ``torch.save``d state dict or a ``.safetensors`` file, never unpickling code."""
+    if path.stat().st_size == 0:
+        raise DataError(
+            f"{path}: empty file (0 bytes), not a checkpoint: its writing was interrupted or the copy failed"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -62,7 +66,10 @@ def load_state(path: Path) -> dict:
             return {"state_dict": load_file(str(path))}
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure is the same user problem
-        raise DataError(f"{path}: unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        reason = (str(err).strip().splitlines() or ["no message"])[0]
+        raise DataError(
+            f"{path}: unreadable checkpoint, truncated or corrupt ({type(err).__name__}: {reason})"
+        ) from None
     if not isinstance(payload, dict):
         raise DataError(f"{path}: not a checkpoint or state dict (got {type(payload).__name__})")
     return payload if "state_dict" in payload else {"state_dict": payload}

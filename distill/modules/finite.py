@@ -6,9 +6,10 @@ without these checks: training goes on with NaN, and ``best.ckpt`` is written fu
 its top-k is not full). Here:
 
 - teachers and teacher caches are checked when they are read (:func:`raise_if_non_finite`);
-- :class:`~distill.modules.base.DistillModuleBase` checks the loss of every training step (one
-  ``isfinite`` per step) and, when it is not finite, names the terms and the outputs (student,
-  teachers) that went first;
+- :class:`~distill.modules.base.DistillModuleBase` watches the loss of every training step on the
+  device (:class:`NonFiniteLossWatch`: no host sync per step), reads it every few steps and at
+  epoch end, and when it went non-finite names the step and the terms and outputs (student,
+  teachers) that were;
 - every checkpoint's ``state_dict`` is checked before it is written, so no file ever holds them.
 
 Each raises :class:`~distill.errors.DataError`: one line naming what went non-finite and where.
@@ -57,24 +58,54 @@ def raise_if_non_finite(named: Mapping[str, Any], where: str, what: str, hint: s
         raise DataError(f"{where}: non-finite {what}: {shown} ({hint})")
 
 
-def check_training_loss(
-    loss: torch.Tensor, terms: Mapping[str, torch.Tensor], outputs: Any, epoch: int, step: int
-) -> None:
-    """Raise if the step's ``loss`` is NaN/inf, naming its non-finite terms and outputs (e.g.
-    ``teacher_logits``: the teachers; ``logits``: the student) at ``epoch``/``step``."""
-    if bool(torch.isfinite(loss.detach())):
-        return
-    terms_found = [f"{name}={float(value):g}" for name, value in terms.items() if not torch.isfinite(value).all()]
-    outputs_found = non_finite_tensors(flatten_tensors(outputs))
-    detail = "; ".join(
-        part
-        for part in (
-            f"terms {', '.join(terms_found)}" if terms_found else "",
-            f"in {', '.join(outputs_found[:4])}" if outputs_found else "",
+class NonFiniteLossWatch:
+    """Watches every training step's loss on its device and reads the result on the host only every
+    ``every`` steps and at epoch end (one sync then, none per step): a non-finite loss stops the run
+    at the next check, naming the step it first happened at and its non-finite terms and outputs.
+
+    Under mixed precision with a gradient scaler a non-finite loss is a step the scaler skips, not
+    an error; only more than ``tolerated_run`` non-finite steps in a row stop the run.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.state: dict[str, torch.Tensor] = {}
+
+    def update(self, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], outputs: Any, step: int) -> None:
+        """Record (device-side) whether ``loss`` is finite at ``step``, and which terms and outputs are not."""
+        named = [*((f"term {k}", v) for k, v in terms.items()), *flatten_tensors(outputs)]
+        named = [(name, value) for name, value in named if value.is_floating_point()]
+        flags = torch.stack([~torch.isfinite(value.detach()).all() for _, value in named])
+        bad = ~torch.isfinite(loss.detach())
+        if not self.state or len(named) != len(self.names):
+            self.names = [name for name, _ in named]
+            zero = torch.zeros((), dtype=torch.long, device=loss.device)
+            self.state = {"first": zero - 1, "flags": torch.zeros_like(flags), "run": zero, "longest": zero}
+        state = self.state
+        first_now = bad & (state["first"] < 0)
+        state["first"] = torch.where(first_now, torch.full_like(state["first"], step), state["first"])
+        state["flags"] = torch.where(first_now, flags.to(state["flags"].device), state["flags"])
+        state["run"] = torch.where(bad, state["run"] + 1, torch.zeros_like(state["run"]))
+        state["longest"] = torch.maximum(state["longest"], state["run"])
+
+    def check(self, epoch: int, step: int, tolerated_run: int = 0) -> None:
+        """Read the record (one host sync) and raise a one-line DataError if the loss went non-finite
+        (more than ``tolerated_run`` steps in a row); then start a new record."""
+        if not self.state:
+            return
+        first, longest = torch.stack([self.state["first"], self.state["longest"]]).tolist()
+        flags = self.state["flags"].tolist()
+        self.state = {}
+        if first < 0 or longest <= tolerated_run:
+            return
+        found = [name for name, flag in zip(self.names, flags) if flag]
+        skipped = (
+            f"{longest} steps in a row, more than the {tolerated_run} the gradient scaler may skip; "
+            if tolerated_run
+            else ""
         )
-        if part
-    )
-    raise DataError(
-        f"training stopped at epoch {epoch}, step {step}: the loss is {float(loss):g} ({detail or 'no term named'}); "
-        "nothing from this step on is saved (lower the learning rate, or check the inputs and teachers)"
-    )
+        raise DataError(
+            f"training stopped at epoch {epoch}, step {step}: the loss went non-finite at step {first} "
+            f"({skipped}non-finite: {', '.join(found[:5]) or 'the loss only'}); nothing from that step on is saved "
+            "(lower the learning rate, or check the inputs and teachers)"
+        )

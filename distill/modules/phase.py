@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,21 +22,38 @@ from typing import Literal
 import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from distill.errors import DataError
 from distill.formats.phases import VIDEO_FPS, write_phase_file
 from distill.losses.temporal import phase_segmentation_loss
-from distill.metrics.phase import evaluate_phases
+from distill.metrics.calibration import N_BINS
+from distill.metrics.phase import PhaseReport, evaluate_phases
 from distill.models.backbones import FrameClassifier, build_frame_classifier
 from distill.models.temporal import MultiStageTCN, SingleStageTCN
 from distill.modules.base import DistillModuleBase
 from distill.modules.checkpoints import load_network
 from distill.types import NonNegativeFloat, PositiveFloat, PositiveInt
-from distill.utils import child_path, unique_path
+from distill.utils import child_path, unique_path, write_text_atomic
+
+#: Written beside a TCN's test predictions: its evaluation protocol and results.
+PROTOCOL_FILE = "protocol.json"
+
+
+def protocol_lines(protocol: dict) -> dict[str, str]:
+    """A phase run's :meth:`TCNPhaseModule.protocol` as readable ``{what: value}`` lines."""
+    split = protocol.get("split") or {}
+    return {
+        "temporal model": protocol["temporal_model"],
+        "predictions": f"{', '.join(f'{f:g}' for f in protocol['prediction_fps'])} fps",
+        "relaxed boundary": f"{protocol['tolerance_s']:g} s = {', '.join(map(str, protocol['tolerance_frames']))} frames",
+        "split": "; ".join(f"{part}: {', '.join(videos) or '-'}" for part, videos in split.items()) or "not recorded",
+        "tested on": ", ".join(protocol["test_videos"]),
+    }
 
 
 class PhaseClassifierModule(DistillModuleBase):
@@ -54,7 +72,8 @@ class PhaseClassifierModule(DistillModuleBase):
         head_lr: learning rate of the head (its own parameter group); None: the optimiser's.
         optimizer: default Adam; it and the other shared options: see :class:`DistillModuleBase`.
 
-    Frame accuracy is logged as ``val/acc`` and ``test/acc``.
+    Frame accuracy is logged as ``val/acc`` and ``test/acc``, the multi-class expected calibration
+    error (top-1 confidence, 15 bins) as ``val/ece`` and ``test/ece``.
     """
 
     loss_term_names = ("ce",)
@@ -83,7 +102,12 @@ class PhaseClassifierModule(DistillModuleBase):
             self.backbone.requires_grad_(False)
         self.register_buffer("ce_weights", torch.ones(num_classes), persistent=False)
         self.init_evaluation_metrics(
-            lambda: MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")})
+            lambda: MetricCollection(
+                {
+                    "acc": MulticlassAccuracy(num_classes, average="micro"),
+                    "ece": MulticlassCalibrationError(num_classes, n_bins=N_BINS, norm="l1"),
+                }
+            )
         )
         self.train()  # Lightning keeps the modes set here: a probed backbone starts in eval mode
 
@@ -141,8 +165,8 @@ class PhaseClassifierModule(DistillModuleBase):
         return {"ce": F.cross_entropy(outputs["logits"], batch["label"], weight=self.ce_weights)}
 
     def evaluation_outputs(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, num_classes) logits and (B,) labels."""
-        return self(batch["image"]), batch["label"]
+        """(B, num_classes) class probabilities and (B,) labels."""
+        return self(batch["image"]).float().softmax(dim=1), batch["label"]
 
     def predict_step(self, batch: Mapping, batch_idx: int) -> dict:
         """``{"features": (B, D), "prediction": (B,) int64, "video": list[str], "frame": (B,)}`` on the CPU."""
@@ -165,8 +189,9 @@ def write_phase_file_atomic(path: Path, frames: np.ndarray, labels: np.ndarray, 
 class RelaxedPhaseMetrics(nn.Module):
     """Per-video predictions of one evaluation epoch, scored with the relaxed phase metrics.
 
-    ``compute()``: ``{accuracy, precision, recall, jaccard}`` (corrected protocol) and the same
-    under ``published/`` (the published MATLAB script's behaviour); empty before any video.
+    ``compute()``: ``{accuracy, precision, recall, jaccard}`` (corrected protocol), their SD over
+    videos as ``<metric>_video_sd`` (:meth:`~distill.metrics.phase.PhaseReport.per_video_summary`), and
+    the same under ``published/`` (the published MATLAB script's behaviour); empty before any video.
     """
 
     def __init__(self, dataset: str, tolerance_s: float) -> None:
@@ -178,18 +203,34 @@ class RelaxedPhaseMetrics(nn.Module):
         """One video's (T,) 25 fps frame indices, ground-truth and predicted phases."""
         self.videos[video] = (frames, label, prediction)
 
-    def compute(self) -> dict[str, float]:
-        if not self.videos:
-            return {}
+    def sync(self) -> None:
+        """Under DDP, every process's videos (each scored a share; the sampler's padding repeats a video
+        on two, counted once), in name order, on every process; a collective. Nothing to do otherwise."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        shares: list[dict | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, self.videos)
+        merged = {name: scored for share in shares for name, scored in share.items()}
+        self.videos = {name: merged[name] for name in sorted(merged)}
+
+    def report(self, mode: str = "corrected") -> PhaseReport:
+        """The videos seen so far evaluated in ``mode`` (each at its own prediction rate)."""
         rates = {
             name: VIDEO_FPS / (np.diff(frames)[0] if len(frames) > 1 else 1)
             for name, (frames, _, _) in self.videos.items()
         }
         pairs = {name: (gt, pred) for name, (_, gt, pred) in self.videos.items()}
+        return evaluate_phases(pairs, rates, self.dataset, mode, self.tolerance_s)
+
+    def compute(self) -> dict[str, float]:
+        self.sync()
+        if not self.videos:
+            return {}
         results = {}
         for mode, prefix in (("corrected", ""), ("published", "published/")):
-            report = evaluate_phases(pairs, rates, self.dataset, mode, self.tolerance_s)
+            report = self.report(mode)
             values = {"accuracy": report.accuracy, **{m: report.mean(m) for m in ("precision", "recall", "jaccard")}}
+            values |= {f"{name}_video_sd": std for name, (_, std) in report.per_video_summary().items()}
             results.update({f"{prefix}{name}": float(value) for name, value in values.items()})
         return results
 
@@ -315,10 +356,38 @@ class TCNPhaseModule(DistillModuleBase):
         )
 
     def on_test_epoch_end(self) -> None:
-        """Logs the metrics and writes the predictions into a new folder of the run."""
-        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """Logs the metrics and writes the predictions (all processes' videos, from process 0) into a new
+        folder of the run, with the evaluation protocol and results (``protocol.json``, ``evaluation.md``: :meth:`protocol`)."""
+        self.test_metrics.sync()  # under DDP every process scored a share of the videos
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
+        if not self.trainer.is_global_zero:
+            super().on_test_epoch_end()
+            return
         folder = unique_path(root / "phase_predictions" / "test")
         folder.mkdir(parents=True)
         for name, (frames, _, pred) in self.test_metrics.videos.items():
             write_phase_file_atomic(child_path(folder, f"{name}-pred.txt"), frames, pred, self.hparams.dataset)
+        if self.test_metrics.videos:
+            report = self.test_metrics.report()
+            protocol = self.protocol(report)
+            write_text_atomic(folder / PROTOCOL_FILE, json.dumps(protocol | {"results": report.to_dict()}, indent=2))
+            lines = [f"- {key}: {value}" for key, value in protocol_lines(protocol).items()]
+            write_text_atomic(folder / "evaluation.md", "\n".join([*lines, "", report.format()]) + "\n")
         super().on_test_epoch_end()
+
+    def protocol(self, report: PhaseReport) -> dict:
+        """What a reader needs to compare the results with published ones: causal or offline temporal
+        model, prediction rate, relaxed-boundary window (s and frames), the videos of each split."""
+        h = self.hparams
+        splits = getattr(getattr(self.trainer, "datamodule", None), "splits", None) or {}
+        return {
+            "temporal_model": ("causal" if h.causal else "offline (sees future frames)")
+            + (f" single-stage TCN, {h.num_layers} layers" if h.num_stages == 1 else f" MS-TCN, {h.num_stages} stages"),
+            "prediction_fps": [float(f) for f in np.unique(report.fps)],
+            "tolerance_s": h.tolerance_s,
+            "tolerance_frames": report.window_frames(),
+            "evaluation": "relaxed boundary, corrected MATLAB protocol (published/ metrics: the script's behaviour)",
+            "dataset": h.dataset,
+            "split": {part: list(videos) for part, videos in splits.items()},
+            "test_videos": list(report.video_names),
+        }

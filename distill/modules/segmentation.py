@@ -10,6 +10,7 @@ resolution.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -31,12 +32,21 @@ from distill.losses.registry import (
     choose_loss,
     logit_loss,
 )
+from distill.metrics.calibration import (
+    CALIBRATION_FILE,
+    N_BINS,
+    ece_of_bins,
+    foreground_probability,
+    reliability_bins,
+    reliability_record,
+)
 from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_class_dice_hd95
 from distill.models import FeatureTaps, build_segmentation_network, init_output_prior
 from distill.modules.base import DistillModuleBase
 from distill.modules.teacher_cache import attach_teacher_cache
 from distill.modules.teachers import FrozenTeachers, TeacherStudent
-from distill.types import PositiveFloat, PositiveInt
+from distill.types import NonNegativeFloat, PositiveFloat, PositiveInt
+from distill.utils import write_text_atomic
 
 # Network options as typed values, so command-line overrides such as ``width=16`` arrive as numbers.
 NetworkKwargs = dict[str, int | float | bool | str | list[int]]
@@ -60,12 +70,17 @@ class SegmentationModule(DistillModuleBase):
             data read are added when fitting or testing.
         eval_batch_size: slices per forward pass when predicting a whole volume.
         largest_component: keep only the largest 3D connected component of the prediction.
-        foreground_prior: the network starts predicting this foreground probability at every
-            pixel (zero output weights, prior bias: :func:`distill.models.init_output_prior`),
-            so no seed starts with foreground everywhere, where soft Dice barely trains. Set it
-            near the task's foreground fraction (default 0.01; the gland is 1.4 % of the demo's
-            training pixels): Adam moves the bias about ``lr`` per step, so a far-off prior slows the
-            start. ``None`` keeps the random output layer.
+        foreground_prior: the network starts predicting about this foreground probability
+            (the output bias: :func:`distill.models.init_output_prior`), so no seed starts with
+            foreground everywhere, where soft Dice barely trains. Set it near the task's
+            foreground fraction (default 0.01; the gland is 1.4 % of the demo's training pixels):
+            Adam moves the bias about ``lr`` per step, so a far-off prior slows the start.
+            ``None`` keeps the random output layer, bias included.
+        foreground_prior_weight_std: the output weights under the prior bias: None (default)
+            keeps the network's own random weights; a number draws them from normal(0, std)
+            (RetinaNet: 0.01); 0 zeroes them, which leaves every earlier layer without gradient
+            at the first step and, with Adam, the head's weights at most ~``lr`` per step (on one
+            real patient such runs fell apart after their best epoch; README).
     """
 
     loss_term_names = ("dice", "lovasz", "ce")
@@ -86,12 +101,13 @@ class SegmentationModule(DistillModuleBase):
         largest_component: bool = False,
         class_names: list[str] | None = None,
         foreground_prior: PositiveFloat | None = 0.01,
+        foreground_prior_weight_std: NonNegativeFloat | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.net = build_segmentation_network(network, in_channels, num_classes, **(network_kwargs or {}))
         if foreground_prior is not None:
-            init_output_prior(self.net, num_classes, foreground_prior)
+            init_output_prior(self.net, num_classes, foreground_prior, foreground_prior_weight_std)
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.dice_loss = DiceLoss()
@@ -176,28 +192,49 @@ class SegmentationModule(DistillModuleBase):
     @torch.no_grad()
     def predict_volume(self, image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """(D, S, H, W) network inputs -> (D, H0, W0) int64 mask at the original in-plane ``size``."""
-        masks = []
-        for chunk in image.split(self.eval_batch_size):
-            logits = self(chunk)
-            logits = F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return self.predict_and_calibrate(image, size)[0]
+
+    @torch.no_grad()
+    def predict_and_calibrate(
+        self, image: torch.Tensor, size: Sequence[int], label: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_volume`'s mask, and the (3, N_BINS + 1) :func:`reliability_bins` of its voxels'
+        foreground probabilities (before any largest-component step) against ``label`` (D, H0, W0)
+        > 0 (all zero without ``label``)."""
+        masks, bins = [], torch.zeros(3, N_BINS + 1, dtype=torch.float64, device=image.device)
+        for chunk, rows in zip(image.split(self.eval_batch_size), torch.arange(len(image)).split(self.eval_batch_size)):
+            logits = F.interpolate(self(chunk).float(), size=tuple(size), mode="bilinear", align_corners=False)
             masks.append(logits.argmax(dim=1))
+            if label is not None:
+                bins += reliability_bins(foreground_probability(logits), label[rows.to(label.device)] > 0).to(bins)
         mask = torch.cat(masks)
         if self.keep_largest is not None:
             mask = self.keep_largest(mask[None])[0]
-        return torch.as_tensor(mask, dtype=torch.int64)
+        return torch.as_tensor(mask, dtype=torch.int64), bins
 
-    def evaluation_outputs(self, volume: Mapping) -> tuple[list[float], list[float], str, str, bool]:
-        """One volume -> (Dice, HD95 in mm of each foreground class, site, image path, empty label):
-        :class:`PerGroupVolumeMetrics`' update."""
+    def evaluation_outputs(
+        self, volume: Mapping
+    ) -> tuple[list[float], list[float], str, str, bool, float, torch.Tensor]:
+        """One volume -> (Dice, HD95 in mm of each foreground class, site, image path, empty label, ECE of
+        the foreground probability, its reliability bins): :class:`PerGroupVolumeMetrics`' update."""
         label = volume["label"]
-        pred = self.predict_volume(volume["image"], label.shape[-2:])
+        pred, bins = self.predict_and_calibrate(volume["image"], label.shape[-2:], label)
         dice, hd95 = volume_class_dice_hd95(pred, label, volume["spacing"].tolist(), self.hparams.num_classes)
         site = volume["site"]
         if site not in self.val_metrics.groups:
             raise DataError(
                 f"{volume['image_path']}: site {site!r} is not in the model's report_sites {self.val_metrics.groups}"
             )
-        return dice, hd95, site, volume["image_path"], not label.any()
+        return dice, hd95, site, volume["image_path"], not label.any(), ece_of_bins(bins), bins
+
+    def on_test_epoch_end(self) -> None:
+        """Also writes the test volumes' pooled reliability bins to ``calibration.json`` in the run's log
+        folder (read by the tables' ``calibration.png``)."""
+        bins = self.test_metrics.reliability()
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
+        if bins is not None and self.trainer.is_global_zero:
+            write_text_atomic(folder / CALIBRATION_FILE, json.dumps(reliability_record(bins)))
+        super().on_test_epoch_end()
 
     def predict_step(self, volume: Mapping, batch_idx: int) -> dict:
         """One volume -> ``{"mask": (D, H0, W0) uint8, "image_path", "site", "case"}``."""
@@ -301,9 +338,11 @@ class SegDistillBase(TeacherStudent, SegmentationModule):
         )
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self.teacher_cache is not None:
+    def on_fit_start(self) -> None:
+        """Build or read the teacher cache once the weights are on the accelerator (teachers included),
+        so the teachers run there; before the first training batch is drawn."""
+        super().on_fit_start()
+        if self.teacher_cache is not None:
             cache = Path(self.trainer.default_root_dir) / self.teacher_cache  # an absolute path stays as it is
             attach_teacher_cache(
                 cache, self.trainer.datamodule, self.teachers, self.eval_batch_size, self.trainer.strategy
@@ -322,9 +361,12 @@ class SegDistillBase(TeacherStudent, SegmentationModule):
 
     @torch.no_grad()
     def _dry_run(self) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-        """One small input through student and teachers: checks their agreement, returns features."""
+        """One small input through student and teachers: checks their agreement, returns features.
+
+        Runs during ``setup``, where Lightning already reports the accelerator as ``self.device`` but
+        has not moved the weights: the probe goes where the student's parameters are."""
         in_channels, num_classes = self.hparams.in_channels, self.hparams.num_classes
-        probe = torch.zeros(1, in_channels, 64, 64, device=self.device)
+        probe = torch.zeros(1, in_channels, 64, 64, device=next(self.net.parameters()).device)
         was_training = self.net.training
         self.net.eval()
         self.net(probe)

@@ -45,12 +45,13 @@ from distill.models.ssl import (
     batch_unshuffle_ddp,
     build_moco_encoder,
     cosine_momentum,
+    queue_batch_problem,
     update_momentum,
 )
 from distill.modules.base import DistillModuleBase
 from distill.modules.checkpoints import load_state
 from distill.modules.teachers import FrozenTeachers, TeacherStudent
-from distill.types import NonNegativeFloat, PositiveFloat, PositiveInt
+from distill.types import ClosedUnitInterval, PositiveFloat, PositiveInt
 
 BackboneWeights = str | None  # None (random init), "public", or a weights file
 
@@ -58,6 +59,9 @@ __all__ = ["MoCoDistillModule", "MoCoEncoder", "MoCoModule"]
 
 KNN_NEIGHBOURS = 10  # k of the test k-NN accuracy of the projection embeddings
 OVERLAP_NEIGHBOURS = 5  # k of the student-teacher neighbour overlap
+#: The logit of a queue row no sample has filled yet: its softmax weight is exactly 0 in float32 (also
+#: after a distillation temperature up to ~100), and it stays finite in float16.
+UNFILLED_LOGIT = -1e4
 AT_CHANCE = 0.9  # a teacher whose checkpoint's InfoNCE is above this share of ln(1 + K) learned (almost) nothing
 
 
@@ -116,9 +120,9 @@ class MoCoModule(DistillModuleBase):
         proj_batch_norm: bool = False,
         queue_size: PositiveInt = 2048,
         temperature: PositiveFloat = 0.2,
-        momentum: NonNegativeFloat = 0.999,
+        momentum: ClosedUnitInterval = 0.999,
         momentum_schedule: Literal["constant", "cosine"] = "constant",
-        final_momentum: NonNegativeFloat = 1.0,
+        final_momentum: ClosedUnitInterval = 1.0,
         freeze_backbone: bool = False,
         freeze_bn_stats: bool = True,
         shuffle_bn: bool = True,
@@ -139,7 +143,10 @@ class MoCoModule(DistillModuleBase):
         self.init_evaluation_metrics(
             lambda: MetricCollection({"probe_acc": MulticlassAccuracy(num_classes, average="micro")})
         )
-        self.epoch_info_nce = MeanMetric()  # this training epoch's InfoNCE (all processes)
+        # this training epoch's InfoNCE and online-probe accuracy (all processes); no NaN check: that
+        # would be a host sync per step, and a non-finite loss stops the run anyway (NonFiniteLossWatch)
+        self.epoch_info_nce = MeanMetric(nan_strategy="disable")
+        self.train_probe_acc = MeanMetric(nan_strategy="disable")
         self.checkpoint_info_nce: float | None = None  # the loaded checkpoint's
         self.held_out: list[dict[str, torch.Tensor]] = []  # test embeddings, per batch
         if self.channels_last:
@@ -159,12 +166,9 @@ class MoCoModule(DistillModuleBase):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            global_batch = self.trainer.datamodule.batch_size * self.trainer.world_size
-            if self.queue.size % global_batch:
-                raise DataError(
-                    f"model.queue_size={self.queue.size} must be a multiple of the global batch "
-                    f"(data.batch_size={self.trainer.datamodule.batch_size} x {self.trainer.world_size} processes)"
-                )
+            problem = queue_batch_problem(self.queue.size, self.trainer.datamodule.batch_size, self.trainer.world_size)
+            if problem:
+                raise DataError(f"model.queue_size={self.queue.size} {problem}")
 
     def parameter_groups(self) -> list[dict]:
         probe = {"params": list(self.probe.parameters()), "lr": self.hparams.probe_lr, "weight_decay": 0.0}
@@ -211,17 +215,15 @@ class MoCoModule(DistillModuleBase):
         return {"features": features, "query": query, "keys": keys, "logits": logits}
 
     def probe_loss(self, features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the probe on the labelled frames (label >= 0) of detached (B, D) features."""
+        """Cross-entropy of the probe on the labelled frames (label >= 0) of detached (B, D) features:
+        the mean over those frames, 0 (with the probe in the graph, for DDP) when there are none.
+        Weighted rather than indexed, so no step waits for the host to count them."""
         logits = self.probe(features.detach())
-        labelled = label >= 0
-        if not labelled.any():
-            return logits.sum() * 0.0  # keeps the probe in the graph (DDP) without a gradient
-        self.log(
-            "train/probe_acc",
-            (logits[labelled].argmax(1) == label[labelled]).float().mean(),
-            batch_size=int(labelled.sum()),
-        )
-        return F.cross_entropy(logits[labelled], label[labelled])
+        labelled = (label >= 0).float()
+        per_frame = F.cross_entropy(logits, label.clamp(min=0), reduction="none")
+        self.train_probe_acc.update((logits.argmax(1) == label).float(), labelled)
+        self.log("train/probe_acc", self.train_probe_acc, on_step=False, on_epoch=True)
+        return (per_frame * labelled).sum() / labelled.sum().clamp(min=1.0)
 
     def loss_terms(self, batch: Mapping, outputs: Mapping) -> dict[str, torch.Tensor]:
         info_nce = info_nce_loss(outputs["logits"])
@@ -290,11 +292,8 @@ class MoCoModule(DistillModuleBase):
             metrics["train_info_nce"] = info_nce
         labelled = held_out["label"] >= 0 if held_out else None
         if held_out and int(labelled.sum()) > 1:
-            metrics["knn_acc"] = knn_accuracy(
-                held_out["student"][labelled].cpu(),
-                held_out["label"][labelled].cpu(),
-                held_out["video"][labelled].cpu(),
-                KNN_NEIGHBOURS,
+            metrics["knn_acc"] = knn_accuracy(  # in row blocks, on the device
+                held_out["student"][labelled], held_out["label"][labelled], held_out["video"][labelled], KNN_NEIGHBOURS
             )
         return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
@@ -376,15 +375,18 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
         )
         outputs["teacher_keys"] = teacher_keys
         self.teacher_queue.enqueue(teacher_keys)
-        outputs["filled_rows"] = int(self.filled_rows)
+        outputs["filled_rows"] = self.filled_rows.clone()  # before this batch's keys (a device scalar)
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.filled_rows.fill_(min(self.queue.size, outputs["filled_rows"] + world_size * teacher_keys.shape[0]))
+        self.filled_rows.add_(world_size * teacher_keys.shape[0]).clamp_(max=self.queue.size)
         return outputs
 
     def loss_terms(self, batch: Mapping, outputs: Mapping) -> dict[str, torch.Tensor]:
         terms = super().loss_terms(batch, outputs)
-        columns = 1 + outputs["filled_rows"]  # the positive and the queue rows holding real samples
-        student, teacher = outputs["logits"][:, :columns], outputs["teacher_logits"][:, :columns]
+        # the positive and the queue rows holding real samples; the others masked out (their softmax
+        # weight is exactly 0) rather than sliced off, so no step waits for the host to read the count
+        logits = outputs["logits"]
+        unfilled = torch.arange(logits.shape[1], device=logits.device) > outputs["filled_rows"]
+        student, teacher = (x.masked_fill(unfilled, UNFILLED_LOGIT) for x in (logits, outputs["teacher_logits"]))
         terms["distill"] = similarity_distillation_loss(student, teacher, self.hparams.distill_temperature)
         return terms
 
@@ -399,7 +401,7 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
         """Plus the agreement with the teacher on the test frames and the teacher's own InfoNCE."""
         metrics = super().learning_metrics(held_out)
         if "teacher" in held_out and held_out["student"].shape[0] > 1:
-            student, teacher = held_out["student"].cpu(), held_out["teacher"].float().cpu()
+            student, teacher = held_out["student"], held_out["teacher"].float()
             metrics["teacher_kl"] = similarity_kl(teacher, student, self.hparams.temperature)
             metrics["teacher_overlap"] = neighbour_overlap(teacher, student, OVERLAP_NEIGHBOURS)
             metrics["teacher_overlap_chance"] = min(1.0, OVERLAP_NEIGHBOURS / (student.shape[0] - 1))

@@ -28,6 +28,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -176,6 +178,12 @@ class FrozenTeachers(nn.Module):
                     raise DataError(
                         f"{path}: content hash {digest[:12]}... differs from the recorded {expected[:12]}... "
                         "(the teacher was retrained or replaced); point to the original file or drop the recorded hash"
+                    )
+                twin = next((r for r in records if r.sha256 == digest), None)
+                if twin is not None:
+                    raise DataError(
+                        f"{path}: the same network as teacher {records.index(twin)} ({twin.checkpoint}, equal content "
+                        "hash); each teacher must be listed once"
                     )
                 records.append(TeacherRecord(checkpoint=str(path), sha256=digest))
             self._records = records
@@ -335,7 +343,7 @@ class ManifestEntry:
 
     name: str
     checkpoint: str
-    sha256: str
+    sha256: str | None  # None: not checked
     subset: dict
     val_metric: float | None = None
 
@@ -347,33 +355,63 @@ def read_teacher_manifest(path: str | Path) -> list[ManifestEntry]:
 
         teachers:
           - {name: BMC, checkpoint: BMC/.../best.ckpt, sha256: ..., subset: {train_sites: [BMC]}, val_metric: 0.81}
+
+    Names are unique; each checkpoint lies inside the manifest's folder (the teacher runs next to
+    it) and is listed once; ``sha256`` is 64 hex digits, or null: not checked.
     """
     path = Path(path)
     raw = read_yaml(path, "teacher manifest", missing_hint=" (train the teachers with `distill teachers` first)")
     entries = raw.get("teachers")
     if not entries or not isinstance(entries, list):
         raise DataError(f"{path}: a teacher manifest needs a non-empty 'teachers' list")
-    result = []
+    result: list[ManifestEntry] = []
     for entry in entries:
         if not isinstance(entry, dict):
             raise DataError(f"{path}: teacher entry {entry!r} must be a mapping with name, checkpoint and sha256")
         missing = {"name", "checkpoint", "sha256"} - set(entry)
         if missing:
             raise DataError(f"{path}: teacher entry {entry.get('name', entry)} lacks {', '.join(sorted(missing))}")
-        checkpoint = Path(entry["checkpoint"])
-        checkpoint = checkpoint if checkpoint.is_absolute() else path.parent / checkpoint
+        name, written, sha256 = str(entry["name"]), entry["checkpoint"], entry["sha256"]
+        if any(e.name == name for e in result):
+            raise DataError(f"{path}: two teachers are named {name!r}; give each teacher its own name")
+        if not isinstance(written, str) or not written:
+            raise DataError(f"{path}: teacher {name!r} checkpoint must be a file path, got {written!r}")
+        checkpoint = path.parent / written
+        if not (
+            _inside(checkpoint.absolute(), path.parent.absolute())
+            or _inside(checkpoint.resolve(), path.parent.resolve())
+        ):
+            raise DataError(
+                f"{path}: teacher {name!r} checkpoint {written} lies outside the manifest's folder {path.parent} "
+                "(a manifest lists the teacher runs next to it; move the runs there and name them relative to it)"
+            )
         if not checkpoint.is_file():
-            raise DataError(f"{path}: teacher {entry['name']!r} checkpoint {checkpoint} not found")
+            raise DataError(f"{path}: teacher {name!r} checkpoint {checkpoint} not found")
+        twin = next((e for e in result if Path(e.checkpoint).resolve() == checkpoint.resolve()), None)
+        if twin is not None:
+            raise DataError(f"{path}: teachers {twin.name!r} and {name!r} are the same checkpoint {written}")
+        if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+            raise DataError(
+                f"{path}: teacher {name!r} sha256 must be 64 hex digits or null (not checked), got {sha256!r}"
+            )
+        subset = entry.get("subset") or {}
+        if not isinstance(subset, dict):
+            raise DataError(f"{path}: teacher {name!r} subset must be a mapping, got {subset!r}")
         result.append(
             ManifestEntry(
-                name=str(entry["name"]),
+                name=name,
                 checkpoint=str(checkpoint),
-                sha256=str(entry["sha256"]),
-                subset=dict(entry.get("subset") or {}),
+                sha256=sha256.lower() if sha256 is not None else None,
+                subset=dict(subset),
                 val_metric=entry.get("val_metric"),
             )
         )
     return result
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (absolute) names something inside ``folder`` (absolute), ``..`` resolved by name."""
+    return Path(os.path.normpath(path)).is_relative_to(os.path.normpath(folder))
 
 
 class TeacherStudent:
