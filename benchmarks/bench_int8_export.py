@@ -25,36 +25,19 @@ import numpy as np
 import torch
 
 from distill.cli import prostate_run_data
-from distill.export import export_student, interleaved_latency_ms
+from distill.export import export_student, interleaved_latency_ms, quantize_int8
 from distill.models import build_segmentation_network, count_parameters
 
 
 def quantised_pair(width: int, size: int, folder: Path, calibration: int = 16) -> tuple[Path, Path, int]:
     """fp32 and INT8 ONNX files of a slim U-Net of ``width`` (3 slices in, 2 classes) at ``size`` px."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     net = build_segmentation_network("slim_unet", 3, 2, width=width).eval()
     fp32, int8 = folder / f"w{width}.onnx", folder / f"w{width}.int8.onnx"
     sample = torch.randn(1, 3, size, size)
     torch.onnx.export(
         net, (sample,), str(fp32), input_names=["image"], output_names=["logits"], opset_version=17, dynamo=False
     )
-    slices = iter(np.random.default_rng(0).standard_normal((calibration, 1, 3, size, size)).astype(np.float32))
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            item = next(slices, None)
-            return None if item is None else {"image": item}
-
-    quantize_static(
-        str(fp32),
-        str(int8),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    quantize_int8(fp32, int8, np.random.default_rng(0).standard_normal((calibration, 3, size, size)).astype(np.float32))
     return fp32, int8, count_parameters(net)
 
 

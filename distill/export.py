@@ -340,27 +340,13 @@ def onnx_test_scores(model: Path, data: RunData, num_classes: int) -> dict:
     return {"dice": float(np.mean(dice)), "ece": float(np.mean(ece)), "cases": len(dice)}
 
 
-def quantize_and_check(
-    fp32: Path,
-    int8: Path,
-    data: RunData | None,
-    preprocessing: dict,
-    calibration_slices: int,
-    max_dice_drop: float,
-    seed: int,
-    out: Path,
-) -> dict:
-    """Quantise ``fp32`` into ``int8`` (static, QDQ, per-channel INT8 weights, UINT8 activations,
-    calibrated on training slices), then compare both on the test cases; DataError (naming ``out``)
-    when the test Dice drops by more than ``max_dice_drop``. Returns the card's ``int8`` record."""
-    import onnx
+def quantize_int8(fp32: Path, int8: Path, inputs: np.ndarray) -> None:
+    """Quantise the ONNX model ``fp32`` into ``int8`` with ONNX Runtime's static quantisation: QDQ,
+    per-channel INT8 weights, UINT8 activations whose ranges come from ``inputs`` (N, C, H, W), one
+    calibration sample per row."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    if data is None:
-        raise DataError("--quantize int8 needs the run's data (its training slices and test cases)")
-    inputs = calibration_inputs(fp32, data, calibration_slices, seed)
-
-    class TrainingSlices(CalibrationDataReader):
+    class Rows(CalibrationDataReader):
         def __init__(self) -> None:
             self.items = iter(inputs[i : i + 1] for i in range(len(inputs)))
 
@@ -375,7 +361,7 @@ def quantize_and_check(
         quantize_static(
             str(fp32),
             str(int8),
-            TrainingSlices(),
+            Rows(),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
@@ -383,6 +369,27 @@ def quantize_and_check(
         )
     finally:
         logging.disable(logging.NOTSET)
+
+
+def quantize_and_check(
+    fp32: Path,
+    int8: Path,
+    data: RunData | None,
+    preprocessing: dict,
+    calibration_slices: int,
+    max_dice_drop: float,
+    seed: int,
+    out: Path,
+) -> dict:
+    """Quantise ``fp32`` into ``int8`` (static, QDQ, per-channel INT8 weights, UINT8 activations,
+    calibrated on training slices), then compare both on the test cases; DataError (naming ``out``)
+    when the test Dice drops by more than ``max_dice_drop``. Returns the card's ``int8`` record."""
+    import onnx
+
+    if data is None:
+        raise DataError("--quantize int8 needs the run's data (its training slices and test cases)")
+    inputs = calibration_inputs(fp32, data, calibration_slices, seed)
+    quantize_int8(fp32, int8, inputs)
     model = onnx.load(str(int8))
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(preprocessing)})
     onnx.save(model, str(int8))
