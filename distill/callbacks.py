@@ -150,6 +150,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
         save_mask_like(prediction["mask"].numpy(), prediction["image_path"], out, overwrite=self.overwrite)
 
 
+SHARDS = ".shards"  # PhaseFeatureWriter: each DDP process's share of the videos, merged by process 0
+
+
 class PhaseFeatureWriter(BasePredictionWriter):
     """Writes what ``distill predict`` of a :class:`~distill.modules.phase.PhaseClassifierModule` gives.
 
@@ -158,7 +161,13 @@ class PhaseFeatureWriter(BasePredictionWriter):
     and ``<output_dir>/predictions/<video>-pred.txt`` (``Frame<TAB>Phase``) at ``prediction_fps``
     (default: every predicted frame). Batches arrive in video and frame order (the predict
     loader does not shuffle); a video is written once complete, each file through a temporary
-    name and a rename. An existing output file stops the run (never overwritten).
+    name and a rename. An output folder that already holds results stops the run before any
+    prediction (never overwritten).
+
+    Under DDP the distributed sampler deals the frames out round-robin, so each process holds every
+    ``W``-th frame of every video (and the padding repeats a few): each writes its share of a video to
+    ``<output_dir>/.shards/``, and process 0 merges the shares by frame number (each frame once) into
+    the same files a single process writes.
 
     Args:
         output_dir: where ``features/`` and ``predictions/`` go.
@@ -179,9 +188,18 @@ class PhaseFeatureWriter(BasePredictionWriter):
         )
         self.current: str | None = None
         self.parts: list[dict] = []
+        self.shard_rank: int | None = None  # this process's rank when writing shares (DDP)
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        from distill.errors import DataError
+
+        for folder in (self.output_dir / "features", self.output_dir / "predictions"):
+            if folder.is_dir() and any(folder.iterdir()):
+                raise DataError(
+                    f"{folder}: already exists and holds results; predict into a new output_dir (results are never overwritten)"
+                )
         self.current, self.parts = None, []
+        self.shard_rank = trainer.global_rank if trainer.world_size > 1 else None
 
     def write_on_batch_end(
         self,
@@ -202,19 +220,18 @@ class PhaseFeatureWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         self.flush()
+        if self.shard_rank is not None:
+            trainer.strategy.barrier("phase_feature_shards")
+            if trainer.is_global_zero:
+                self.merge_shards()
+            trainer.strategy.barrier("phase_features_merged")
 
     def flush(self) -> None:
-        """Write the finished video held in memory."""
-        import os
-
+        """Write the finished video held in memory (under DDP: this process's share of it)."""
         import numpy as np
         import torch
 
-        from distill.errors import DataError
-        from distill.formats.features import save_video_features
-        from distill.formats.phases import frame_step
-        from distill.modules.phase import write_phase_file_atomic
-        from distill.utils import child_path
+        from distill.utils import atomic_write, child_path
 
         if self.current is None:
             return
@@ -222,6 +239,47 @@ class PhaseFeatureWriter(BasePredictionWriter):
         features, predictions, frames = (
             torch.cat([p[key] for p in parts]).numpy() for key in ("features", "prediction", "frame")
         )
+        if self.shard_rank is None:
+            self.write_video(video, features, predictions, frames)
+            return
+        shard = child_path(self.output_dir / SHARDS, f"{video}.{self.shard_rank}.npz")
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(shard) as temporary, open(temporary, "wb") as stream:
+            np.savez(stream, features=features, prediction=predictions, frame=frames)
+
+    def merge_shards(self) -> None:
+        """Process 0, after every process flushed: each video's shares, ordered by frame number and each
+        frame once (the sampler's padding repeats some), written as one process writes them."""
+        import shutil
+
+        import numpy as np
+
+        folder = self.output_dir / SHARDS
+        videos: dict[str, list] = {}
+        for shard in sorted(folder.glob("*.npz")):
+            videos.setdefault(shard.name.rsplit(".", 2)[0], []).append(shard)
+        for video, shards in videos.items():
+            loaded = [np.load(shard, allow_pickle=False) for shard in shards]
+            frames = np.concatenate([part["frame"] for part in loaded])
+            frames, first = np.unique(frames, return_index=True)  # sorted, each frame once
+            features, predictions = (
+                np.concatenate([part[key] for part in loaded])[first] for key in ("features", "prediction")
+            )
+            self.write_video(video, features, predictions, frames)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def write_video(self, video: str, features, predictions, frames) -> None:
+        """Write one whole video's (T, D) features, (T,) predicted phases and (T,) frame numbers."""
+        import os
+
+        import numpy as np
+
+        from distill.errors import DataError
+        from distill.formats.features import save_video_features
+        from distill.formats.phases import frame_step
+        from distill.modules.phase import write_phase_file_atomic
+        from distill.utils import child_path
+
         feature_dir, prediction_dir = self.output_dir / "features", self.output_dir / "predictions"
         targets = [
             child_path(feature_dir, f"{video}.npy"),

@@ -1,7 +1,7 @@
-"""Lightning DDP on CPU (gloo, 2 processes) for the temporal phase model: each process scores a share
-of the test videos (the distributed sampler deals them out and repeats one to even them), yet the
-relaxed phase metrics and the written ``<video>-pred.txt`` files are those of a 1-process run: the
-videos are gathered before scoring, each counted once, and process 0 alone writes."""
+"""Lightning DDP on CPU (gloo, 2 processes) for the phase pipeline: each process sees a share of the
+data (the distributed sampler deals it out and repeats a few items to even it), yet the temporal
+model's relaxed phase metrics and ``<video>-pred.txt`` files, and the frame classifier's exported
+features, are those of a 1-process run."""
 
 from __future__ import annotations
 
@@ -19,11 +19,25 @@ import torch
 from distill.cli import main
 from distill.formats.features import save_video_features
 from distill.formats.phases import read_phase_file
-from distill.modules import TCNPhaseModule
+from distill.modules import PhaseClassifierModule, TCNPhaseModule
 
 REPO = Path(__file__).resolve().parents[1]
 # 3 test videos: an odd count, so the sampler of 2 processes repeats one
 SPLIT = "--data.init_args.split={train: [video01], val: [video02], test: [video03, video04, video05]}"
+
+
+def run_ddp_subprocess(subcommand: str, argv: list[str]) -> None:
+    """``distill <subcommand> argv`` as 2 DDP processes on the CPU (gloo)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env |= {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "distill.cli", subcommand, *argv, "--trainer.strategy=ddp", "--trainer.devices=2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_tcn_test_metrics_and_predictions_under_ddp_equal_one_process(synthetic_cholec80, tmp_path):
@@ -51,13 +65,7 @@ def test_tcn_test_metrics_and_predictions_under_ddp_equal_one_process(synthetic_
         "--trainer.accelerator=cpu",
     ]
     main(["test", *argv, f"--trainer.default_root_dir={tmp_path / 'one'}"])
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
-    env |= {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    ddp = [*argv, f"--trainer.default_root_dir={tmp_path / 'two'}", "--trainer.strategy=ddp", "--trainer.devices=2"]
-    done = subprocess.run(
-        [sys.executable, "-m", "distill.cli", "test", *ddp], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_ddp_subprocess("test", [*argv, f"--trainer.default_root_dir={tmp_path / 'two'}"])
 
     def logged(run: str) -> dict[str, float]:
         (metrics,) = (tmp_path / run).rglob("metrics.csv")
@@ -73,3 +81,40 @@ def test_tcn_test_metrics_and_predictions_under_ddp_equal_one_process(synthetic_
     assert files["one"] == files["two"] == ["video03-pred.txt", "video04-pred.txt", "video05-pred.txt"]
     for name in files["one"]:
         assert (folders[0][0] / name).read_text() == (folders[1][0] / name).read_text(), name
+
+
+def test_feature_export_under_ddp_writes_the_files_of_one_process(synthetic_cholec80, tmp_path):
+    """The distributed sampler deals each video's frames out round-robin (and pads with repeats): the
+    processes write their shares, process 0 merges them by frame number, and every features,
+    frame-number and prediction file equals the 1-process file."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "classifier.ckpt"
+    model = PhaseClassifierModule(backbone="test_efficientnet")
+    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": lightning.__version__}, checkpoint)
+    argv = [
+        "--config",
+        str(REPO / "experiments/surgical/finetune.yaml"),
+        "--model.init_args.backbone=test_efficientnet",
+        "--model.init_args.pretrained_checkpoint=null",
+        f"--data.init_args.frames_dir={synthetic_cholec80.frames}",
+        f"--data.init_args.data_root={synthetic_cholec80.root}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.resize_size=36",
+        "--data.init_args.batch_size=3",
+        "--data.init_args.num_workers=0",
+        "--trainer.precision=32-true",
+        f"--ckpt_path={checkpoint}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+    ]
+    main(["predict", *argv, f"--trainer.default_root_dir={tmp_path / 'one'}"])
+    run_ddp_subprocess("predict", [*argv, f"--trainer.default_root_dir={tmp_path / 'two'}"])
+    one, two = tmp_path / "one" / "predict", tmp_path / "two" / "predict"
+    names = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
+    assert len(names) == 3 * 6 and not (two / ".shards").exists()
+    for name in names:
+        if name.endswith(".npy"):
+            np.testing.assert_allclose(np.load(two / name), np.load(one / name), rtol=1e-3, atol=1e-3, err_msg=name)
+        else:
+            assert (two / name).read_text() == (one / name).read_text(), name
