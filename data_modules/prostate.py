@@ -639,9 +639,10 @@ class ProstateSliceDataset(Dataset):
     """Training samples: 2.5D stacks of adjacent slices with the centre slice's mask.
 
     Item: ``{"image": float32 (channels * num_slices, H, W) (see :func:`volume_stacks`),
-    "label": int64 (H, W) class indices, "labeled": bool ()}``, plus ``"teacher_logits"`` float16
+    "label": int64 (H, W) class indices[, "labeled": bool ()]}``, plus ``"teacher_logits"`` float16
     (K, C, H, W) once cached teacher outputs are attached. ``labeled`` is False for slices of
-    unlabelled volumes, whose ``label`` is an all-zero placeholder.
+    unlabelled volumes, whose ``label`` is an all-zero placeholder; it is left out when every volume
+    is labelled, so a fully supervised training step never reads it back to the host.
     Slices with foreground are always used; with ``foreground_only`` False all slices are, otherwise
     a seeded ``background_fraction`` of the others is added. Unlabelled volumes give every slice
     (which of them hold the gland is unknown without a mask). Keys are indices or
@@ -673,6 +674,7 @@ class ProstateSliceDataset(Dataset):
             (v, s) for v, volume in enumerate(self.volumes) if not volume.labeled for s in range(volume.mask.shape[0])
         ]
         self.samples = sorted([pair for pair, gland in zip(slices, has_gland) if gland] + background + unlabeled)
+        self.semi_supervised = bool(unlabeled)
         self.teacher_logits: torch.Tensor | None = None  # (N, K, C, H, W), see attach_teacher_outputs
 
     def __len__(self) -> int:
@@ -693,11 +695,9 @@ class ProstateSliceDataset(Dataset):
                 sample = self.transform(sample)
             else:  # a ResumableSampler key: the augmentation depends on (seed, epoch, index) only
                 sample = self.transform(sample, torch.Generator().manual_seed(sample_seed(self.seed, epoch, index)))
-        item = {
-            "image": sample["image"].float(),
-            "label": sample["label"][0].long(),
-            "labeled": torch.tensor(volume.labeled),
-        }
+        item = {"image": sample["image"].float(), "label": sample["label"][0].long()}
+        if self.semi_supervised:
+            item["labeled"] = torch.tensor(volume.labeled)
         if self.teacher_logits is not None:
             item["teacher_logits"] = sample["teacher_logits"].half().unflatten(0, self.teacher_logits.shape[1:3])
         return item
@@ -734,7 +734,8 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
     """Prostate MRI (any layout of :mod:`data_modules.layouts`) for 2.5D segmentation with case-level splits.
 
     Train batches: ``{"image": float32 (B, channels * num_slices, H, W), "label": int64 (B, H, W),
-    "labeled": bool (B,)}`` (``labeled`` False: an unlabelled slice with an all-zero ``label``).
+    "labeled": bool (B,)}`` (``labeled`` False: an unlabelled slice with an all-zero ``label``; only
+    when ``labeled_cases`` leaves some training cases unlabelled).
     Val/test/predict: one volume per item (see :class:`ProstateVolumeDataset`); predict serves
     the test cases (``predict_split="test"``) or every labelled case read (``"all"``).
 
