@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from distill.argparse_tools import ToolParser, one_line_errors
-from distill.termination import handle_sigterm
+from distill.termination import handle_stop_signals
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRAINING_COMMANDS = (*LIGHTNING_SUBCOMMANDS, "table", "teachers", "demo")  # may log to W&B: offline without a key
@@ -542,7 +542,7 @@ def build_tool_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     stoppable = bool(argv) and argv[0] in (*TRAINING_COMMANDS, "sweep")  # SIGTERM: exit 143 saying what stopped
-    with one_line_errors(), handle_sigterm(f"distill {argv[0]}") if stoppable else contextlib.nullcontext():
+    with one_line_errors(), handle_stop_signals(f"distill {argv[0]}") if stoppable else contextlib.nullcontext():
         run_command(argv)
 
 

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from distill.callbacks import FitCompletion, RandomStateCheckpoint, sigterm_note
 from distill.errors import DataError
 from distill.modules.finite import raise_if_non_finite
-from distill.termination import stop_on_sigterm, stop_signal_name
+from distill.termination import stop_on_signal, stop_signal_name
 from distill.utils import (
     atomic_write,
     load_yaml_text,
@@ -381,7 +381,7 @@ class DistillCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; stopped by SIGTERM or Ctrl-C: :class:`~distill.errors.Terminated` saying where, and which
         ``last.ckpt`` to resume from (:class:`~distill.callbacks.FitCompletion` wrote it)."""
-        with stop_on_sigterm(
+        with stop_on_signal(
             lambda: f"{subcommand}: interrupted by {stop_signal_name()}{sigterm_note(self.trainer, resume_hint=True)}"
         ):
             super()._run_subcommand(subcommand)

@@ -25,7 +25,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from distill.errors import DataError, Terminated
-from distill.termination import EXIT_STATUSES, received_stop_signal, stop_on_sigterm, stop_signal_name
+from distill.termination import EXIT_STATUSES, received_stop_signal, stop_on_signal, stop_signal_name
 from distill.utils import load_yaml_text, read_json, read_yaml, write_text_atomic
 
 
@@ -159,7 +159,7 @@ def run_experiment(
     def interrupted() -> str:
         return f"run {name!r} (seed {seed}) in {root_dir}: interrupted by {stop_signal_name()}{sigterm_note(trainer)}; rerun to train it again"
 
-    with stop_on_sigterm(interrupted):
+    with stop_on_signal(interrupted):
         with warnings.catch_warnings():  # the caller passes ``args`` on purpose while ``sys.argv`` holds its own
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             cli = DistillCLI(

@@ -9,10 +9,10 @@ trainer call and forgets the signal at the next one, so a signal that came betwe
 and test, between a table's runs, in the last batch) was lost; and Ctrl-C raised ``KeyboardInterrupt``,
 which Lightning turns into exit 1 without a checkpoint.
 
-:func:`handle_sigterm` installs, for a whole command, a handler of both signals that remembers the
+:func:`handle_stop_signals` installs, for a whole command, a handler of both signals that remembers the
 first one. SIGINT is passed on to the SIGTERM handler in force, so during a trainer call Lightning stops
 at the next batch exactly as for SIGTERM; a second Ctrl-C raises ``KeyboardInterrupt`` at once. Outside
-trainer calls it stops at once by raising :class:`~distill.errors.Terminated`. :func:`stop_on_sigterm`
+trainer calls it stops at once by raising :class:`~distill.errors.Terminated`. :func:`stop_on_signal`
 turns a ``SIGTERMException``, a bare ``Terminated`` or a remembered signal into a ``Terminated`` saying
 what was interrupted; the command exits with ``128 + signal`` (:func:`exit_status`: 143, 130 for Ctrl-C).
 Standard library only: the CLI installs it before importing PyTorch.
@@ -46,7 +46,7 @@ def _on_stop_signal(signum: int, frame) -> None:
 
 
 def received_stop_signal() -> bool:
-    """Whether SIGTERM or SIGINT came during the current command (:func:`handle_sigterm`)."""
+    """Whether SIGTERM or SIGINT came during the current command (:func:`handle_stop_signals`)."""
     return _received is not None
 
 
@@ -60,7 +60,7 @@ def exit_status() -> int:
     return 128 + (_received or signal.SIGTERM)
 
 
-def is_sigterm(err: BaseException) -> bool:
+def is_stop(err: BaseException) -> bool:
     """Whether ``err`` is how a stop signal stops code: :class:`Terminated` or Lightning's ``SIGTERMException``."""
     if isinstance(err, Terminated):
         return True
@@ -72,14 +72,14 @@ def is_sigterm(err: BaseException) -> bool:
 
 
 @contextmanager
-def stop_on_sigterm(describe: Callable[[], str]) -> Iterator[None]:
+def stop_on_signal(describe: Callable[[], str]) -> Iterator[None]:
     """Inside the block, a stop signal ends it with ``Terminated(describe())``: when it stops the block,
     and when it came while the block ran without stopping it (then once the block is done). A
     ``Terminated`` that already says what it interrupted passes unchanged."""
     try:
         yield
     except BaseException as err:
-        if not is_sigterm(err) or (isinstance(err, Terminated) and err.args):
+        if not is_stop(err) or (isinstance(err, Terminated) and err.args):
             raise
         raise Terminated(describe()) from None
     if received_stop_signal():
@@ -87,14 +87,14 @@ def stop_on_sigterm(describe: Callable[[], str]) -> Iterator[None]:
 
 
 @contextmanager
-def handle_sigterm(what: str) -> Iterator[None]:
+def handle_stop_signals(what: str) -> Iterator[None]:
     """For one command (``what``, e.g. "distill table"): SIGTERM and SIGINT are remembered and end the
     command with :class:`Terminated` (see the module docstring); the previous handlers are restored after."""
     global _received
     _received = None
     previous = {signum: signal.signal(signum, _on_stop_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with stop_on_sigterm(lambda: f"{what}: interrupted by {stop_signal_name()}"):
+        with stop_on_signal(lambda: f"{what}: interrupted by {stop_signal_name()}"):
             yield
     finally:
         for signum, handler in previous.items():

@@ -72,13 +72,19 @@ def test_sigterm_between_trainer_calls_is_not_lost():
     """Outside a trainer call the handler stops the command at once; inside one (Lightning's handler
     chained before it) the signal is remembered and ends the block when the call returns."""
     from distill.errors import Terminated
-    from distill.termination import handle_sigterm
+    from distill.termination import handle_stop_signals
 
-    with pytest.raises(Terminated, match="^distill table: interrupted by SIGTERM$"), handle_sigterm("distill table"):
+    with (
+        pytest.raises(Terminated, match="^distill table: interrupted by SIGTERM$"),
+        handle_stop_signals("distill table"),
+    ):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("not stopped")
     chained = []
-    with pytest.raises(Terminated, match="^distill table: interrupted by SIGTERM$"), handle_sigterm("distill table"):
+    with (
+        pytest.raises(Terminated, match="^distill table: interrupted by SIGTERM$"),
+        handle_stop_signals("distill table"),
+    ):
         ours = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda signum, frame: (chained.append(signum), ours(signum, frame)))
         os.kill(os.getpid(), signal.SIGTERM)  # a trainer call's handler runs: nothing raised here
@@ -91,16 +97,16 @@ def test_ctrl_c_is_a_stop_like_sigterm_and_twice_stops_at_once():
     is passed to the SIGTERM handler in force (Lightning's: stop at the next batch, checkpoint there),
     and a second Ctrl-C raises KeyboardInterrupt at once. The handlers are restored after."""
     from distill.errors import Terminated
-    from distill.termination import exit_status, handle_sigterm
+    from distill.termination import exit_status, handle_stop_signals
 
     default_sigint = signal.getsignal(signal.SIGINT)
     with pytest.raises(Terminated, match=r"^distill fit: interrupted by SIGINT \(Ctrl-C\)$"):
-        with handle_sigterm("distill fit"):
+        with handle_stop_signals("distill fit"):
             os.kill(os.getpid(), signal.SIGINT)
             raise AssertionError("not stopped")
     assert exit_status() == 130
     seen = []
-    with pytest.raises(KeyboardInterrupt), handle_sigterm("distill fit"):
+    with pytest.raises(KeyboardInterrupt), handle_stop_signals("distill fit"):
         ours = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, lambda signum, frame: (seen.append(signum), ours(signum, frame)))
         os.kill(os.getpid(), signal.SIGINT)  # a trainer call's SIGTERM handler gets it: nothing raised here
