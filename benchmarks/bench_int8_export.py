@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.cli import prostate_run_data
-from distill.export import export_student, interleaved_latency_ms, quantize_int8
+from data_modules.prostate_run_data import prostate_run_data
+from distill.export import export_student, interleaved_latency_ms
 from distill.models import build_segmentation_network, count_parameters
+from distill.quantize import quantize_int8
 
 
 def quantised_pair(width: int, size: int, folder: Path, calibration: int = 16) -> tuple[Path, Path, int]:

@@ -43,9 +43,11 @@ def train_rate(model, batches: list[dict], device: torch.device) -> tuple[float,
 
     def step(batch: dict) -> None:
         batch = {"views": [v.to(device, non_blocking=True) for v in batch["views"]], "label": batch["label"].to(device)}
+        model.update_momentum_encoders()
         outputs = model.training_outputs(batch)
         terms = model.loss_terms(batch, outputs)
         loss = sum(model.loss_weights[name] * value for name, value in terms.items())
+        model.enqueue_keys()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distill.cli import packaged_experiments
 from distill.errors import DataError
+from distill.table_spec import packaged_experiments
 from distill.tables import run_table
 
 TABLES = {"single": "demo.yaml", "few_labels": "demo_few_labels.yaml"}

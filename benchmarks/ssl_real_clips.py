@@ -27,7 +27,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from data_modules.surgical import FrameDataset, SurgicalSSLDataModule, unlabelled_frame_index
+from data_modules.surgical import SurgicalSSLDataModule
+from data_modules.surgical_datasets import FrameDataset, unlabelled_frame_index
 from data_modules.surgical_layout import extract_dataset_frames
 from data_modules.video_transforms import eval_transform
 from distill.errors import DataError

@@ -1,9 +1,13 @@
-"""Fast paired 2D augmentation for 2.5D slice training: flips, rotation/scaling, intensity jitter.
+"""Seeded augmentation of training samples, and a fast paired 2D augmentation for 2.5D slice training.
 
-One random draw moves every spatial key together: the image stack and any cached teacher
-logits bilinearly, the label with nearest neighbour, so they stay aligned (the teacher-output
-cache relies on it). Random numbers come from the ``generator`` passed in (a sample's
-augmentation is then a function of its seed) or torch's global generator.
+:func:`seeded_augmentation` runs any augmentation (torchvision transforms, :class:`SliceAugmentation`)
+on torch's CPU random stream seeded from ``(seed, epoch, index)``, so a sample's augmentation
+depends on these three only (what resumable training needs, :mod:`data_modules.resumable`).
+
+:class:`SliceAugmentation`: flips, rotation/scaling, intensity jitter. One random draw moves every
+spatial key together: the image stack and any cached teacher logits bilinearly, the label with
+nearest neighbour, so they stay aligned (the teacher-output cache relies on it). Random numbers
+come from torch's global generator (seeded per sample by :func:`seeded_augmentation`).
 
 Why not MONAI's ``RandAffined``: on CPU it costs 15-30 ms per 64x64 sample (meta-tensor and
 grid bookkeeping around one ``grid_sample``), a hundred times the ``grid_sample`` itself, and
@@ -14,10 +18,37 @@ the data loader could not keep up with a small student. The geometry here is MON
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+
+from data_modules.resumable import sample_seed
+
+Sample = TypeVar("Sample")
+Augmented = TypeVar("Augmented")
+
+
+def seeded_augmentation(
+    augment: Callable[[Sample], Augmented], sample: Sample, seed: int, epoch: int | None, index: int
+) -> Augmented:
+    """``augment(sample)``, its random numbers drawn from torch's CPU generator seeded with
+    :func:`~data_modules.resumable.sample_seed` ``(seed, epoch, index)`` and its state restored after,
+    for a :class:`~data_modules.resumable.ResumableSampler` key; with ``epoch`` None (a plain index)
+    from the global stream as it runs on.
+
+    Args:
+        augment: draws from torch's global generator (torchvision ``v2`` transforms,
+            :class:`SliceAugmentation`).
+        sample: what ``augment`` takes, e.g. a uint8 (3, H, W) frame or a slice sample mapping.
+        seed, epoch, index: the DataModule's seed and the key of the sample (:func:`~data_modules.resumable.split_key`).
+    """
+    if epoch is None:
+        return augment(sample)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
+        return augment(sample)
 
 
 class SliceAugmentation:
@@ -49,10 +80,8 @@ class SliceAugmentation:
         self.intensity, self.intensity_prob = intensity, intensity_prob
         self.bilinear_keys = ("image", *spatial_keys)
 
-    def __call__(
-        self, sample: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        draws = iter(torch.rand(9, generator=generator).tolist())  # every draw, in a fixed order
+    def __call__(self, sample: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        draws = iter(torch.rand(9).tolist())  # every draw, in a fixed order
 
         def chance(probability: float) -> bool:
             return next(draws) < probability

@@ -2,8 +2,12 @@
 
 ``layout`` of :class:`~data_modules.prostate.ProstateDataModule`:
 
-- ``sites`` (default): the MS-Net/SAML release, ``<root>/<SITE>/CaseXX.nii.gz`` +
-  ``CaseXX_segmentation.nii.gz`` (read by :func:`data_modules.prostate.discover_cases`).
+- ``sites`` (default): the MS-Net/SAML release, one folder per site (:func:`discover_cases`)::
+
+      <root>/RUNMC/Case00.nii.gz  Case00_segmentation.nii.gz  ...   (alias folder ISBI)
+      <root>/BMC/Case00.nii.gz    Case00_Segmentation.nii.gz  ...   (alias folder ISBI_1.5)
+      <root>/I2CVB/  UCL/  BIDMC/  HK/   (other folder names: list them in ``sites:``)
+
 - ``datalist``: a MONAI Decathlon-style ``dataset.json`` (``datalist:``, default
   ``<root>/dataset.json``) with ``training`` / ``validation`` / ``test`` lists of
   ``{"image": ..., "label": ..., "site": ...}``, read with MONAI's
@@ -19,6 +23,7 @@
 
 Every reader returns :class:`ProstateCase` records; a case without a mask (``mask_path`` None) is
 an unlabelled training image. ``unlabeled_images:`` folders (:func:`image_folder_cases`) add more.
+Site names go through :func:`distill.formats.sites.canonical_site` ("isbi" -> "RUNMC").
 """
 
 from __future__ import annotations
@@ -26,26 +31,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
+from lightning.pytorch.utilities import rank_zero_warn
 from monai.data import load_decathlon_datalist
 
 from distill.errors import DataError
-from distill.formats.sites import PROSTATE_SITES, SITE_ALIASES
+from distill.formats.sites import KNOWN_SITES_HINT, PROSTATE_SITES, canonical_site
 
-LAYOUTS: tuple[str, ...] = ("sites", "datalist", "msd", "nnunet")
+#: ``layout`` as written in YAML.
+Layout = Literal["sites", "datalist", "msd", "nnunet"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 #: The lists of a Decathlon datalist and the split each one feeds (``split: datalist``).
 DATALIST_SPLITS: dict[str, str] = {"training": "train", "validation": "val", "test": "test"}
 NIFTI_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii")
 _CHANNEL_FILE = re.compile(r"^(.+)_(\d{4})$")
-#: Upper-case release site names and aliases -> canonical release site.
-SITE_LOOKUP = {name.upper(): name for name in PROSTATE_SITES} | {a.upper(): s for a, s in SITE_ALIASES.items()}
-
-
-def site_name(name: str) -> str:
-    """A release site under another spelling or alias is that site ("isbi" -> "RUNMC"); others as written."""
-    return SITE_LOOKUP.get(name.upper(), name)
+#: The two spellings of the release's mask files (``Case00_segmentation.nii.gz``, ``Case00_Segmentation.nii.gz``).
+MASK_SUFFIXES: tuple[str, ...] = ("_segmentation", "_Segmentation")
+_CASE_FILE = re.compile(rf"^Case(\d+)({'|'.join(map(re.escape, MASK_SUFFIXES))})?(\.nii(?:\.gz)?)$")
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,102 @@ def _unique_cases(cases: list[ProstateCase], source: Path) -> list[ProstateCase]
     return cases
 
 
+def discover_cases(
+    data_root: str | Path, sites: Sequence[str] | None = None, exclude: Sequence[str | Path] = ()
+) -> list[ProstateCase]:
+    """Find every case of the requested sites (all site folders when ``sites`` is None) of the
+    ``sites`` layout. A folder with another name than the release's sites is read when ``sites``
+    lists it (by its exact name, case-insensitively); ``exclude`` folders (unlabelled images) are skipped.
+
+    Returns cases ordered by site (as ``sites`` lists them; release order when None) and case number.
+    """
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: prostate data root not found; expected site folders {'/, '.join(PROSTATE_SITES)}/ holding "
+            f"CaseXX.nii.gz + CaseXX_segmentation.nii.gz (write a synthetic tree with "
+            f"`distill data synth-prostate --out {root}`)"
+        )
+    listed = {str(name).upper() for name in sites or ()}
+    skipped = {(root / folder).resolve() for folder in exclude}
+    folders: dict[str, Path] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.resolve() in skipped:
+            continue
+        site = canonical_site(folder.name)
+        if site not in PROSTATE_SITES:
+            if sites is None:
+                raise DataError(
+                    f"{folder}: unknown site folder; {KNOWN_SITES_HINT}; list the sites to read with `sites:`"
+                )
+            if folder.name.upper() not in listed:
+                continue
+        if site in folders:
+            raise DataError(f"{folder}: site {site} is also at {folders[site]}; keep one folder per site")
+        folders[site] = folder
+    wanted = (
+        [canonical_site(name, "sites", [s for s in folders if s not in PROSTATE_SITES]) for name in sites]
+        if sites is not None
+        else [s for s in PROSTATE_SITES if s in folders]
+    )
+    for site in wanted:
+        if site not in folders:
+            raise DataError(f"{root / site}: site folder not found (found: {', '.join(folders) or 'none'})")
+    if not wanted:
+        raise DataError(f"{root}: no site folders; {KNOWN_SITES_HINT}")
+    return [case for site in wanted for case in _site_cases(site, folders[site])]
+
+
+def _site_cases(site: str, folder: Path) -> list[ProstateCase]:
+    """Cases of one site folder, ordered by case number; every image needs its mask.
+
+    Files are matched to cases by case number, so two files that claim one case's image or mask
+    (``Case01.nii`` and ``Case01.nii.gz``, ``Case1.nii.gz`` and ``Case01.nii.gz``, both mask
+    spellings) are refused: they would become two cases of one patient, possibly on both sides of a split.
+    A mask without its image is refused; other NIfTI files are left unread, with a warning.
+    """
+    claimed: dict[tuple[int, bool], Path] = {}
+    unread = []
+    for path in sorted(folder.iterdir()):
+        match = _CASE_FILE.match(path.name)
+        if match is None or not path.is_file():
+            if nifti_stem(path) is not None and not path.name.startswith("."):
+                unread.append(path.name)
+            continue
+        key = (int(match.group(1)), match.group(2) is not None)
+        if key in claimed:
+            raise DataError(
+                f"{claimed[key]}, {path}: two files claim the {'mask' if key[1] else 'image'} of case "
+                f"{site}/Case{match.group(1)}; keep one"
+            )
+        claimed[key] = path
+    images = sorted((number, path) for (number, is_mask), path in claimed.items() if not is_mask)
+    orphan = next(
+        (path for (number, is_mask), path in sorted(claimed.items()) if is_mask and (number, False) not in claimed),
+        None,
+    )
+    if orphan is not None:
+        case = orphan.name.split("_", 1)[0]
+        raise DataError(f"{orphan}: mask of case {site}/{case} without its image ({case}.nii.gz not found)")
+    if not images:
+        raise DataError(f"{folder}: empty site folder (no CaseXX.nii.gz images)")
+    if unread:
+        rank_zero_warn(
+            f"{folder}: {len(unread)} NIfTI file(s) not named CaseXX.nii.gz or CaseXX_segmentation.nii.gz "
+            f"left unread ({', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''})"
+        )
+    cases = []
+    for number, image in images:
+        case = image.name.split(".", 1)[0]
+        extension = image.name[len(case) :]
+        mask = claimed.get((number, True))
+        if mask is None:
+            masks = [f"{case}{suffix}{extension}" for suffix in MASK_SUFFIXES]
+            raise DataError(f"{image}: mask {masks[0]} (or {masks[1]}) not found")
+        cases.append(ProstateCase(site, case, image, mask))
+    return cases
+
+
 def datalist_cases(
     path: str | Path, base_dir: str | Path | None = None, default_site: str = "data", keys=tuple(DATALIST_SPLITS)
 ) -> list[ProstateCase]:
@@ -169,7 +271,7 @@ def datalist_cases(
             # site/case from the file as written: MONAI turns values naming an existing path into paths
             fields = original if isinstance(original, dict) else {}
             case_id = str(fields.get("case") or nifti_stem(files[0]) or files[0].stem)
-            site = site_name(str(fields.get("site") or default_site))
+            site = canonical_site(str(fields.get("site") or default_site))
             label_path = Path(label) if label is not None else None
             cases.append(ProstateCase(site, case_id, files[0], label_path, tuple(files[1:]), DATALIST_SPLITS[key]))
     return _unique_cases(cases, path)
@@ -212,7 +314,7 @@ def nnunet_cases(root: str | Path, channels: int = 1) -> list[ProstateCase]:
         for c, file in enumerate(files):
             if not file.is_file():
                 raise DataError(f"{file}: channel {c} ({names.get(str(c), '?')}) of case {case_id} not found")
-        cases.append(ProstateCase(site_name(root.name), case_id, files[0], label, tuple(files[1:])))
+        cases.append(ProstateCase(canonical_site(root.name), case_id, files[0], label, tuple(files[1:])))
     labelled = {case.case for case in cases}
     for image in sorted((root / "imagesTr").glob(f"*{ending}")):
         match = _CHANNEL_FILE.match(image.name[: -len(ending)])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +193,6 @@ class PhaseFeatureWriter(BasePredictionWriter):
         self.shard_rank: int | None = None  # this process's rank when writing shares (DDP)
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
-        from distill.errors import DataError
-
         for folder in (self.output_dir / "features", self.output_dir / "predictions"):
             if folder.is_dir() and any(folder.iterdir()):
                 raise DataError(
@@ -228,9 +228,6 @@ class PhaseFeatureWriter(BasePredictionWriter):
 
     def flush(self) -> None:
         """Write the finished video held in memory (under DDP: this process's share of it)."""
-        import numpy as np
-        import torch
-
         from distill.utils import atomic_write, child_path
 
         if self.current is None:
@@ -250,10 +247,6 @@ class PhaseFeatureWriter(BasePredictionWriter):
     def merge_shards(self) -> None:
         """Process 0, after every process flushed: each video's shares, ordered by frame number and each
         frame once (the sampler's padding repeats some), written as one process writes them."""
-        import shutil
-
-        import numpy as np
-
         folder = self.output_dir / SHARDS
         videos: dict[str, list] = {}
         for shard in sorted(folder.glob("*.npz")):
@@ -270,15 +263,9 @@ class PhaseFeatureWriter(BasePredictionWriter):
 
     def write_video(self, video: str, features, predictions, frames) -> None:
         """Write one whole video's (T, D) features, (T,) predicted phases and (T,) frame numbers."""
-        import os
-
-        import numpy as np
-
-        from distill.errors import DataError
         from distill.formats.features import save_video_features
-        from distill.formats.phases import frame_step
-        from distill.modules.phase import write_phase_file_atomic
-        from distill.utils import child_path
+        from distill.formats.phases import frame_step, write_phase_file
+        from distill.utils import atomic_write, child_path
 
         feature_dir, prediction_dir = self.output_dir / "features", self.output_dir / "predictions"
         targets = [
@@ -300,4 +287,5 @@ class PhaseFeatureWriter(BasePredictionWriter):
             frames % frame_step(self.prediction_fps) == 0 if self.prediction_fps else np.ones(len(frames), dtype=bool)
         )
         prediction_dir.mkdir(parents=True, exist_ok=True)
-        write_phase_file_atomic(prediction_dir / f"{video}-pred.txt", frames[keep], predictions[keep], self.dataset)
+        with atomic_write(prediction_dir / f"{video}-pred.txt") as temporary:
+            write_phase_file(temporary, frames[keep], predictions[keep], self.dataset)

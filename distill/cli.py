@@ -13,20 +13,11 @@ import sys
 from pathlib import Path
 
 from distill.argparse_tools import ToolParser, one_line_errors
+from distill.demo import DEMO_TABLES
 from distill.termination import handle_stop_signals
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRAINING_COMMANDS = (*LIGHTNING_SUBCOMMANDS, "table", "teachers", "demo")  # may log to W&B: offline without a key
-DEMO_PROSTATE_DATA = {"scale": 1.0, "size": 96}  # write_synthetic_prostate options of the demo
-DEMO_TABLES = {  # in the packaged experiments (:func:`packaged_experiments`)
-    "prostate": "prostate/tables/demo.yaml",
-    "prostate-multi": "prostate/tables/demo_multi_teacher.yaml",
-    "prostate-few-labels": "prostate/tables/demo_few_labels.yaml",
-    "surgical": "surgical/tables/demo.yaml",
-}
-# write_synthetic_surgical and extract_dataset_frames options of the surgical demo (5 fps holds the 1 fps frames too)
-DEMO_SURGICAL_DATA = {"num_videos": 10, "size": (96, 120), "duration_s": (20.0, 40.0)}
-DEMO_SURGICAL_FRAMES = {"fps": 5, "size": (56, 56)}
 
 
 def number_type(kind: type, minimum: float, inclusive: bool = True):
@@ -206,7 +197,7 @@ def add_phase_evaluation_command(commands: argparse._SubParsersAction) -> None:
         from pathlib import Path
 
         from distill.errors import DataError
-        from distill.metrics.phase import evaluate_phase_dirs
+        from distill.metrics.phase_files import evaluate_phase_dirs
 
         if args.json is not None and Path(args.json).exists():
             raise DataError(f"{args.json}: already exists; refusing to overwrite")
@@ -253,6 +244,7 @@ def add_export_commands(commands: argparse._SubParsersAction) -> None:
     )
 
     def run_export(args: argparse.Namespace) -> None:
+        from data_modules.prostate_run_data import prostate_run_data
         from distill.export import export_student
 
         report = export_student(
@@ -274,47 +266,6 @@ def add_export_commands(commands: argparse._SubParsersAction) -> None:
     commands.add_parser(
         "segment-nifti", help="segment a NIfTI volume with an exported ONNX student (onnxruntime, no PyTorch)"
     )
-
-
-def prostate_run_data(hyper_parameters: dict):
-    """A segmentation run's data (:class:`distill.model_card.RunData`) from its saved DataModule
-    hyper-parameters: the split as the run made it, the raw training volumes, the labelled test cases."""
-    from data_modules.prostate import SITES, ProstateDataModule, read_case
-    from distill.errors import DataError
-    from distill.model_card import RunData
-
-    settings = {k: v for k, v in hyper_parameters.items() if not k.startswith("_")}
-    if not settings.get("data_root") or not Path(settings["data_root"]).is_dir():
-        raise DataError(f"{settings.get('data_root')}: the run's data_root is not a folder here")
-    data = ProstateDataModule(**{**settings, "num_workers": 0})
-    splits = {name: data.case_splits[name] for name in ("train", "val", "test")}
-    order = {site: index for index, site in enumerate(SITES)}
-    sites = sorted(
-        {case.site for cases in splits.values() for case in cases}, key=lambda s: (order.get(s, len(order)), s)
-    )
-    description = {
-        "root": str(settings["data_root"]),
-        "layout": settings.get("layout", "sites"),
-        "split": settings.get("split"),
-        "sites": sites,
-        "cases": {name: len(cases) for name, cases in splits.items()},
-        "cases_per_site": {
-            site: {name: sum(case.site == site for case in cases) for name, cases in splits.items()} for site in sites
-        },
-        "labelled_training_cases": sum(case.mask_path is not None for case in splits["train"]),
-    }
-
-    def train_images():
-        for case in splits["train"]:
-            yield read_case(case, 1, data.label_map)[0]
-
-    def test_cases():
-        for case in splits["test"]:
-            image, mask, spacing, _ = read_case(case, 1, data.label_map)
-            if mask is not None:
-                yield case.site, case.case, image, mask, spacing
-
-    return RunData(description, train_images, test_cases)
 
 
 def add_sweep_command(commands: argparse._SubParsersAction) -> None:
@@ -339,21 +290,8 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     sweep.set_defaults(func=run)
 
 
-def packaged_experiments() -> Path:
-    """The experiment YAMLs and table specs installed with the package (``distill/experiments``: the
-    repository's ``experiments/`` folder, linked into the package and shipped in the wheel)."""
-    from importlib.resources import files
-
-    from distill.errors import DataError
-
-    root = files("distill") / "experiments"
-    if not isinstance(root, Path) or not root.is_dir():  # e.g. imported from a zip: specs name files by path
-        raise DataError(f"{root}: the packaged experiments are not a folder; reinstall the package with pip")
-    return root
-
-
 def add_table_commands(commands: argparse._SubParsersAction) -> None:
-    """``distill table SPEC`` (reproduce a results table) and ``distill demo prostate``."""
+    """``distill table SPEC`` (reproduce a results table), ``distill teachers SPEC`` and ``distill demo TASK``."""
     table = commands.add_parser("table", help="train, test and tabulate every run of a table spec")
     table.add_argument("spec", help="table spec YAML, e.g. experiments/prostate/tables/single_teacher.yaml")
     table.add_argument("--out", required=True, help="directory for the runs and results.md")
@@ -413,76 +351,12 @@ def add_table_commands(commands: argparse._SubParsersAction) -> None:
         "Any further --key=value arguments are LightningCLI overrides for every run, e.g. --trainer.max_epochs=2"
     )
 
-    def run_demo(args: argparse.Namespace) -> None:
-        from data_modules.synth_prostate import write_synthetic_prostate
-        from distill.tables import run_table
+    def run_demo_command(args: argparse.Namespace) -> None:
+        from distill.demo import run_demo
 
-        if args.task == "surgical":
-            run_surgical_demo(
-                Path(args.out or "runs/surgical_demo"), args.seed, args.seeds, args.verbose, args.lightning_overrides
-            )
-            return
-        out = Path(args.out or ("runs/demo" if args.task == "prostate" else f"runs/demo_{args.task.replace('-', '_')}"))
-        data_root = out / "data" / "prostate"
-        write_demo_data_once(
-            data_root,
-            "synthetic prostate data",
-            lambda folder: write_synthetic_prostate(folder, **DEMO_PROSTATE_DATA, seed=args.seed),
-        )
-        run_table(
-            packaged_experiments() / DEMO_TABLES[args.task],
-            out,
-            [f"--data.init_args.data_root={data_root}", *args.lightning_overrides],
-            seeds=args.seeds,
-            verbose=args.verbose,
-        )
+        run_demo(args.task, args.out, args.seed, args.seeds, args.verbose, args.lightning_overrides)
 
-    demo.set_defaults(func=run_demo)
-
-
-def write_demo_data_once(folder: Path, what: str, write) -> None:
-    """``write(tmp)`` into a sibling ``<folder>.partial`` renamed to ``folder`` when complete, so an
-    interrupted demo never leaves a half-written dataset that a re-run would take as finished."""
-    import shutil
-
-    if folder.exists():
-        return
-    print(f"writing {what} to {folder}", flush=True)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
-    write(partial)
-    partial.rename(folder)
-
-
-def run_surgical_demo(
-    out: Path, data_seed: int, seeds: int | None, verbose: bool = False, overrides: list[str] | None = None
-) -> None:
-    """Synthetic Cholec80 videos and their frames under ``out/data`` (kept between runs), then the
-    surgical demo table in ``out`` (its YAMLs read the data from ``$SURGICAL_DEMO``), with ``overrides``
-    for every run.
-
-    Training uses one intra-op thread: the loader workers take the other core of a 2-core
-    machine, and on a shared machine two spinning OpenMP threads are several times slower."""
-    import os
-
-    import torch
-
-    from data_modules.surgical_layout import extract_dataset_frames
-    from data_modules.synth_surgical import write_synthetic_surgical
-    from distill.tables import run_table
-
-    data = out / "data"
-    write_demo_data_once(
-        data / "cholec80",
-        "synthetic Cholec80 videos",
-        lambda folder: write_synthetic_surgical(folder, "cholec80", seed=data_seed, **DEMO_SURGICAL_DATA),
-    )
-    extract_dataset_frames(
-        data / "cholec80", data / "frames", "cholec80", **DEMO_SURGICAL_FRAMES
-    )  # skips finished videos
-    os.environ["SURGICAL_DEMO"] = str(data)
-    torch.set_num_threads(1)
-    run_table(packaged_experiments() / DEMO_TABLES["surgical"], out, overrides, seeds=seeds, verbose=verbose)
+    demo.set_defaults(func=run_demo_command)
 
 
 def add_profile_command(commands: argparse._SubParsersAction) -> None:

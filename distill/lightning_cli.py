@@ -1,10 +1,10 @@
 """``distill fit|validate|test|predict --config X.yaml``: LightningCLI over any module/DataModule.
 
-YAMLs use ``class_path``/``init_args`` for the model and data, and OmegaConf interpolation
-(``${data.init_args.num_slices}``, ``${oc.env:PROSTATE_DATA,data/prostate}``) resolved after
-command-line overrides, so derived values are linked rather than repeated; ``${product:a,b}``
-multiplies (the network's input channels of multi-channel 2.5D data:
-``${product:${data.init_args.channels},${data.init_args.num_slices}}``).
+YAMLs use ``class_path``/``init_args`` for the model and data. What the data determines (input
+channels, classes, class names, the phase dataset) the DataModule states once and the CLI links
+into the model (:mod:`distill.data_links`); other shared values use OmegaConf interpolation
+(``${trainer.default_root_dir}``, ``${oc.env:PROSTATE_DATA,data/prostate}``), resolved after
+command-line overrides.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import pickle
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from distill.callbacks import FitCompletion, RandomStateCheckpoint, sigterm_note
+from distill.data_links import DATA_TO_MODEL
 from distill.errors import DataError
 from distill.modules.finite import raise_if_non_finite
 from distill.termination import stop_on_signal, stop_signal_name
@@ -43,6 +46,7 @@ from distill.utils import (
 )
 from distill.wandb_logging import WandbResultPlots
 
+# ``${product:a,b}``: YAMLs written before in_channels was linked from the data still parse
 OmegaConf.register_new_resolver("product", lambda *factors: math.prod(int(f) for f in factors), replace=True)
 PARSER_MODE = "omegaconf+"
 
@@ -135,17 +139,24 @@ def load_checkpoint_for_cli(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def architecture_differences(checkpoint: dict[str, Any], model_config: dict[str, Any]) -> list[str]:
-    """``"key: checkpoint X, config Y"`` for every architecture option on which the two disagree."""
-    recorded = checkpoint.get("hyper_parameters") or {}
-    configured = model_config.get("init_args") or {}
+def architecture_differences(
+    recorded: dict[str, Any], built: dict[str, Any], keys: tuple[str, ...] = ARCHITECTURE_KEYS
+) -> list[str]:
+    """``"key: checkpoint X, config Y"`` for the class and every architecture option of ``keys`` on
+    which a checkpoint's hyper-parameters (``recorded``) and the model's (``built``: the config's
+    ``init_args`` with its ``_class_path``, or the built model's ``hparams``) disagree."""
     differences = []
-    if "_class_path" in recorded and model_config.get("class_path") not in (None, recorded["_class_path"]):
-        differences.append(f"class: checkpoint {recorded['_class_path']}, config {model_config['class_path']}")
-    for key in ARCHITECTURE_KEYS:
-        if key in recorded and key in configured and recorded[key] != configured[key]:
-            differences.append(f"{key}: checkpoint {recorded[key]!r}, config {configured[key]!r}")
+    if "_class_path" in recorded and built.get("_class_path") not in (None, recorded["_class_path"]):
+        differences.append(f"class: checkpoint {recorded['_class_path']}, config {built['_class_path']}")
+    for key in keys:
+        if key in recorded and key in built and recorded[key] != built[key]:
+            differences.append(f"{key}: checkpoint {recorded[key]!r}, config {built[key]!r}")
     return differences
+
+
+def refuse_other_architecture(ckpt_path: str, differences: list[str]) -> None:
+    if differences:
+        raise DataError(f"{ckpt_path}: checkpoint architecture differs from the config ({'; '.join(differences)})")
 
 
 def resume_differences(checkpoint: dict[str, Any], model_config: dict[str, Any]) -> list[str]:
@@ -285,10 +296,25 @@ def builtin_numbers(value: Any) -> Any:
     return value
 
 
+@contextmanager
+def plain_datamodule_str() -> Iterator[None]:
+    """``str(datamodule)`` as the plain object name meanwhile. jsonargparse formats the DataModule
+    into its message for each link it skips (an attribute the data does not state), and Lightning's
+    ``LightningDataModule.__str__`` calls every loader method to report dataset sizes: it would read
+    the whole dataset before the model is even built."""
+    lightning_str = L.LightningDataModule.__str__
+    L.LightningDataModule.__str__ = object.__str__
+    try:
+        yield
+    finally:
+        L.LightningDataModule.__str__ = lightning_str
+
+
 class DistillCLI(LightningCLI):
     """LightningCLI with this project's defaults: any LightningModule/DataModule by class path."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self.checkpoint_hparams: tuple[str, dict[str, Any]] | None = None  # --ckpt_path's, when a file
         # ``${trainer.x}`` in a YAML means that file's own ``trainer.x`` both under a subcommand
         # (``fit.trainer.x``) and without one (tables): rewrite such paths as relative ones.
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -315,6 +341,8 @@ class DistillCLI(LightningCLI):
             default=False,
             help="validate/test/predict without --ckpt_path, i.e. on untrained weights (refused otherwise)",
         )
+        for attribute, argument in DATA_TO_MODEL.items():  # the data states them, the model takes them
+            parser.link_arguments(f"data.{attribute}", f"model.init_args.{argument}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse, then refuse before any work: bad YAML, a bad ``--ckpt_path`` (missing, not a
@@ -334,15 +362,15 @@ class DistillCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None and str(ckpt_path) not in SPECIAL_CKPT_PATHS:
             checkpoint = load_checkpoint_for_cli(ckpt_path)
+            self.checkpoint_hparams = (ckpt_path, checkpoint.get("hyper_parameters") or {})
             model = config.get("model")
-            differences = architecture_differences(
-                checkpoint, model.as_dict() if hasattr(model, "as_dict") else model or {}
+            model = model.as_dict() if hasattr(model, "as_dict") else model or {}
+            configured = {"_class_path": model.get("class_path"), **(model.get("init_args") or {})}
+            unlinked = tuple(key for key in ARCHITECTURE_KEYS if key not in DATA_TO_MODEL.values())
+            refuse_other_architecture(
+                ckpt_path, architecture_differences(self.checkpoint_hparams[1], configured, unlinked)
             )
-            if differences:
-                raise DataError(
-                    f"{ckpt_path}: checkpoint architecture differs from the config ({'; '.join(differences)})"
-                )
-            changed = resume_differences(checkpoint, model.as_dict() if hasattr(model, "as_dict") else model or {})
+            changed = resume_differences(checkpoint, model)
             if subcommand == "fit" and changed:
                 print(
                     f"warning: {ckpt_path}: resuming keeps the checkpoint's optimizer state, so these config "
@@ -377,6 +405,33 @@ class DistillCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def instantiate_classes(self) -> None:
+        """Build the data, then the model with the data's linked values; refuse a ``--ckpt_path`` whose
+        linked values (input channels, classes) differ from the data's, and a config value the data
+        overrides."""
+        with plain_datamodule_str():
+            super().instantiate_classes()
+        if self.checkpoint_hparams is not None:
+            ckpt_path, recorded = self.checkpoint_hparams
+            linked = tuple(key for key in ARCHITECTURE_KEYS if key in DATA_TO_MODEL.values())
+            refuse_other_architecture(ckpt_path, architecture_differences(recorded, dict(self.model.hparams), linked))
+        self.refuse_values_the_data_overrides()
+
+    def refuse_values_the_data_overrides(self) -> None:
+        """A model value the config sets (not the signature's default) that the data's linked value
+        replaced and that differs from it: one line, not a silently different model."""
+        configured = (self._get(self.config, "model") or {}).get("init_args") or {}
+        defaults = inspect.signature(type(self.model).__init__).parameters
+        for argument in DATA_TO_MODEL.values():
+            if argument not in configured or argument not in defaults or argument not in self.model.hparams:
+                continue
+            given, linked = configured[argument], self.model.hparams[argument]
+            if given != defaults[argument].default and given != linked:
+                raise DataError(
+                    f"model.init_args.{argument}={given!r}: the data states {linked!r}; leave it out, "
+                    "distill links it from the data"
+                )
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; stopped by SIGTERM or Ctrl-C: :class:`~distill.errors.Terminated` saying where, and which

@@ -116,7 +116,7 @@ def training_cases(config: str, overrides: list[str]) -> tuple[list[str], int]:
     if not hasattr(datamodule, "case_splits"):
         raise DataError(f"{config}: limit-trained teachers need a DataModule with case-level splits")
     train = [case.key for case in datamodule.case_splits["train"] if getattr(case, "labeled", True)]
-    return train, int(datamodule.hparams.seed)
+    return train, int(datamodule.seed)
 
 
 def train_limit_trained_teachers(

@@ -100,18 +100,24 @@ def site_results(metrics: dict[str, float]) -> dict:
     return summary
 
 
-def teacher_entries(hyper_parameters: dict) -> list[dict]:
-    """The teachers a student learned from: checkpoint, SHA-256 (recorded, else computed now), the
-    validation score its checkpoint was chosen on and its run's test results; [] for a non-student."""
-    from distill.modules.teachers import FrozenTeachers
+def teacher_entries(payload: dict) -> list[dict]:
+    """The teachers a student's checkpoint ``payload`` learned from: checkpoint, SHA-256 (the files and
+    hashes it records, else those its settings name, hashed now), the validation score each teacher's
+    checkpoint was chosen on and its run's test results; [] for a non-student."""
+    from distill.modules.teacher_records import TEACHER_RECORDS, TeacherSources
 
-    source = hyper_parameters.get("teacher_checkpoint") or hyper_parameters.get("teachers")
-    if not source:
-        return []
-    sha = hyper_parameters.get("teacher_sha256")
-    teachers = FrozenTeachers.from_source(source, "segmentation", [sha] if isinstance(sha, str) else sha)
+    hyper_parameters = payload.get("hyper_parameters") or {}
+    if TEACHER_RECORDS in payload:
+        recorded = [(record["checkpoint"], record["sha256"]) for record in payload[TEACHER_RECORDS]]
+    else:
+        source = hyper_parameters.get("teacher_checkpoint") or hyper_parameters.get("teachers")
+        if not source:
+            return []
+        sha = hyper_parameters.get("teacher_sha256")
+        teachers = TeacherSources(source, [sha] if isinstance(sha, str) else sha)
+        recorded = list(zip(teachers.checkpoints, teachers.expected_sha256))
     entries = []
-    for path, expected in zip(teachers.checkpoints, teachers.expected_sha256):
+    for path, expected in recorded:
         entry: dict = {"checkpoint": str(path), "sha256": expected}
         try:
             resolved = resolve_checkpoint(path)
@@ -140,7 +146,7 @@ def build_card(
     hp = dict(payload.get("hyper_parameters") or {})
     data_hp = {k: v for k, v in (payload.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
     found = run_test_results(checkpoint)
-    teachers = teacher_entries(hp)
+    teachers = teacher_entries(payload)
     card = {
         "model": {
             "checkpoint": str(checkpoint),

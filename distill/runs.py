@@ -190,18 +190,25 @@ def run_experiment(
 def _fit_test_measure(
     cli, config: str, name: str, seed: int, predict: bool, done: Path, config_sha256: str
 ) -> RunResult:
-    """The body of :func:`run_experiment` once the run is configured."""
+    """The body of :func:`run_experiment` once the run is configured: its callbacks are checked
+    before it trains, the checkpoint chosen after."""
     from lightning.pytorch.callbacks import BasePredictionWriter
 
     from distill.benchmarking import latency_ms
     from distill.models import count_parameters
 
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    no_checkpoint = DataError(
+        f"{config}: no checkpoint chosen on validation data; a table run needs a ModelCheckpoint with a monitor"
+    )
     selector = checkpoint_callback(cli.trainer)
-    if selector is None or not selector.best_model_path:
-        raise DataError(
-            f"{config}: no checkpoint chosen on validation data; a table run needs a ModelCheckpoint with a monitor"
-        )
+    if selector is None:
+        raise no_checkpoint
+    writers = [c for c in cli.trainer.callbacks if isinstance(c, BasePredictionWriter)]
+    if predict and not writers:
+        raise DataError(f"{config}: 'predict: true' needs a prediction writer callback in the config")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if not selector.best_model_path:  # e.g. no validation ran
+        raise no_checkpoint
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, verbose=False)[
         0
     ]
@@ -210,9 +217,6 @@ def _fit_test_measure(
         cli.trainer.predict(
             cli.model, datamodule=cli.datamodule, ckpt_path=selector.best_model_path, return_predictions=False
         )
-        writers = [c for c in cli.trainer.callbacks if isinstance(c, BasePredictionWriter)]
-        if not writers:
-            raise DataError(f"{config}: 'predict: true' needs a prediction writer callback in the config")
         predictions = str(writers[0].output_dir)
     net = cli.model.deployable_network()
     result = RunResult(

@@ -100,6 +100,8 @@ def _check_parameter(path: Path, name: str, spec: dict, method: str) -> None:
     distribution = spec.get("distribution", "uniform")
     if distribution not in DISTRIBUTIONS:
         raise DataError(f"{where}.distribution: expected one of {DISTRIBUTIONS}, got {distribution!r}")
+    if method == "bayes" and distribution == "normal":
+        raise DataError(f"{where}: bayes sweeps here support bounded distributions only (normal has no bounds)")
     needed = ("mu", "sigma") if distribution == "normal" else ("min", "max")
     missing = [key for key in needed if key not in spec]
     if missing:
@@ -318,8 +320,6 @@ def _optuna_distribution(optuna, p: dict):
     distribution = p.get("distribution", "uniform")
     if distribution == "int_uniform":
         return optuna.distributions.IntDistribution(p["min"], p["max"])
-    if distribution == "normal":
-        raise DataError("bayes sweeps here support bounded distributions only (normal has no bounds)")
     return optuna.distributions.FloatDistribution(
         p["min"],
         p["max"],

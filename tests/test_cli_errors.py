@@ -118,6 +118,20 @@ def test_ckpt_path_problems_name_the_file(tmp_path):
         )
 
 
+def test_a_checkpoint_for_other_input_channels_than_the_datas_is_refused(synthetic_prostate_root, tmp_path):
+    """in_channels comes from the data (linked when the model is built): checked against the checkpoint then."""
+    five = tmp_path / "five.ckpt"
+    hparams = {"_class_path": "distill.modules.SegmentationModule", "network": "unet", "in_channels": 5}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, five)
+    message = one_line_exit(
+        ["test", "--config", TEACHER, f"--ckpt_path={five}", f"--data.init_args.data_root={synthetic_prostate_root}"]
+    )
+    assert (
+        message
+        == f"error: {five}: checkpoint architecture differs from the config (in_channels: checkpoint 5, config 3)"
+    )
+
+
 def test_unwritable_output_folder_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -11,7 +11,7 @@ import pytest
 
 from distill.lightning_cli import DistillCLI
 from distill.limit_trained import load_teachers_spec
-from distill.tables import load_table_spec
+from distill.table_spec import load_table_spec
 from distill.utils import read_extending_yaml
 
 REPO = Path(__file__).resolve().parents[1]

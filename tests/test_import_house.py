@@ -13,8 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("distill", "data_modules")
-# The modules of distill allowed to import data_modules: the `distill` command (`distill data ...`, `distill demo`).
-DISTILL_ENTRY_POINTS = frozenset({"distill.cli"})
+# The modules of distill allowed to import data_modules: the `distill` command (`distill data ...`) and `distill demo`.
+DISTILL_ENTRY_POINTS = frozenset({"distill.cli", "distill.demo"})
 
 
 def project_modules() -> dict[str, Path]:

@@ -67,7 +67,7 @@ def test_wheel_runs_the_demo_from_an_empty_folder(tmp_path, synthetic_prostate_r
     work.mkdir()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     where = run(
-        [python, "-c", "import distill.cli as c; print(c.__file__); print(c.packaged_experiments())"], work, env
+        [python, "-c", "import distill.table_spec as s; print(s.__file__); print(s.packaged_experiments())"], work, env
     )
     module, experiments = map(Path, where.split())
     assert module.is_relative_to(venv) and experiments.is_relative_to(venv)  # the installed copy, not this checkout
@@ -96,5 +96,7 @@ def test_the_editable_install_reads_the_experiments_of_its_checkout(tmp_path):
     pip = [python, "-m", "pip", "--disable-pip-version-check", "install", "--no-deps", "--no-index"]
     run([*pip, "--no-build-isolation", "-e", str(source)], tmp_path)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    where = run([python, "-c", "import distill.cli as c; print(c.packaged_experiments().resolve())"], tmp_path, env)
+    where = run(
+        [python, "-c", "import distill.table_spec as s; print(s.packaged_experiments().resolve())"], tmp_path, env
+    )
     assert Path(where.strip()) == (source / "experiments").resolve()

@@ -174,11 +174,11 @@ def test_phase_absent_from_all_videos_is_ignored_for_precision_only():
 
 
 def test_bad_labels_raise():
-    with pytest.raises(DataError, match="same length"):
+    with pytest.raises(ValueError, match="same length"):
         relaxed_correct(np.array([0, 1]), np.array([0]), fps=1)
-    with pytest.raises(DataError, match="pred: phase indices"):
+    with pytest.raises(ValueError, match="pred: phase indices"):
         relaxed_correct(np.array([0, 1]), np.array([0, 7]), fps=1)
-    with pytest.raises(DataError, match="mode"):
+    with pytest.raises(ValueError, match="mode"):
         relaxed_correct(np.array([0, 1]), np.array([0, 1]), fps=1, mode="matlab")
 
 
@@ -383,6 +383,6 @@ def test_bad_phase_file_header_or_body(tmp_path, text, message):
 
 def test_evaluate_phases_imports_no_torch():
     # The command must start fast: its import path stays clear of torch and Lightning.
-    code = "import sys, distill.cli, distill.metrics.phase; sys.exit(sorted({'torch', 'lightning'} & set(sys.modules)) or 0)"
+    code = "import sys, distill.cli, distill.metrics.phase_files; sys.exit(sorted({'torch', 'lightning'} & set(sys.modules)) or 0)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_modules.prostate import SITES, ProstateCase, ProstateDataModule, discover_cases, split_cases
+from data_modules.layouts import ProstateCase, discover_cases
+from data_modules.prostate import ProstateDataModule
+from data_modules.splits import split_cases
 from data_modules.synth_prostate import write_synthetic_prostate
 from distill.errors import DataError
 from distill.formats.nifti import save_mask_like
+from distill.formats.sites import PROSTATE_SITES
 
 
 def module(root, **kwargs) -> ProstateDataModule:
@@ -39,7 +42,7 @@ def file_digests(root: Path) -> dict[str, str]:
 
 
 def test_synthetic_tree_has_the_real_file_names(synthetic_prostate_root):
-    names = {site: sorted(p.name for p in (synthetic_prostate_root / site).iterdir()) for site in SITES}
+    names = {site: sorted(p.name for p in (synthetic_prostate_root / site).iterdir()) for site in PROSTATE_SITES}
     assert names["RUNMC"] == [f"Case0{i}{suffix}.nii.gz" for i in range(3) for suffix in ("", "_segmentation")]
     assert names["BMC"] == [f"Case0{i}{suffix}.nii.gz" for i in range(3) for suffix in ("", "_Segmentation")]
     assert names["BIDMC"] == [
@@ -369,7 +372,7 @@ def test_bad_options_name_the_key(synthetic_prostate_root):
 
 
 def test_slice_augmentation_keeps_image_label_and_logits_aligned_and_is_seeded():
-    from data_modules.augment import SliceAugmentation
+    from data_modules.augment import SliceAugmentation, seeded_augmentation
 
     torch.manual_seed(0)
     image = torch.nn.functional.avg_pool2d(torch.randn(1, 3, 40, 40), 5, 1, 2)[0] * 5  # smooth blobs
@@ -377,13 +380,14 @@ def test_slice_augmentation_keeps_image_label_and_logits_aligned_and_is_seeded()
     logits = torch.cat([-image[1:2], image[1:2]]) * 10  # a "teacher" that agrees with the label
     augment = SliceAugmentation(flip_prob=0.5, affine_prob=1.0, intensity=False, spatial_keys=("teacher_logits",))
     for seed in range(10):
-        out = augment({"image": image, "label": label, "teacher_logits": logits}, torch.Generator().manual_seed(seed))
+        out = seeded_augmentation(augment, {"image": image, "label": label, "teacher_logits": logits}, seed, 0, 0)
         assert out["label"].dtype == torch.int64 and set(out["label"].unique().tolist()) <= {0, 1}
         inside = slice(6, -6)  # away from the border padding
         assert ((out["image"][1] > 0).long() == out["label"][0])[inside, inside].float().mean() > 0.9
         assert (out["teacher_logits"].argmax(0) == out["label"][0])[inside, inside].float().mean() > 0.9
-    again = augment({"image": image, "label": label}, torch.Generator().manual_seed(3))
-    first = augment({"image": image, "label": label}, torch.Generator().manual_seed(3))
-    assert torch.equal(again["image"], first["image"])
+    again = seeded_augmentation(augment, {"image": image, "label": label}, 3, 1, 7)
+    first = seeded_augmentation(augment, {"image": image, "label": label}, 3, 1, 7)
+    other = seeded_augmentation(augment, {"image": image, "label": label}, 3, 1, 8)
+    assert torch.equal(again["image"], first["image"]) and not torch.equal(other["image"], first["image"])
     identity = SliceAugmentation(flip_prob=0.0, affine_prob=0.0, intensity=False)({"image": image, "label": label})
     assert torch.equal(identity["image"], image) and torch.equal(identity["label"], label)

@@ -58,7 +58,7 @@ def test_table_output_is_progress_and_table_unless_verbose(synthetic_prostate_ro
 
 
 def test_interrupted_demo_data_is_rewritten_not_taken_as_finished(tmp_path, capsys):
-    from distill.cli import write_demo_data_once
+    from distill.demo import write_demo_data_once
 
     target = tmp_path / "data" / "prostate"
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distill.callbacks import FitCompletion, LastCheckpoint
 from distill.errors import DataError
-from distill.tables import load_table_spec
+from distill.table_spec import load_table_spec
 from distill.utils import MAX_YAML_VALUES, load_yaml_text, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]

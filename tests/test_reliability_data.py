@@ -19,15 +19,17 @@ import pytest
 import torch
 
 from data_modules.frames import COMPLETION_MARKER
-from data_modules.prostate import ProstateDataModule, discover_cases, read_case
+from data_modules.layouts import discover_cases
+from data_modules.prostate import ProstateDataModule
 from data_modules.surgical import SurgicalPhaseDataModule, SurgicalSSLDataModule
 from data_modules.surgical_layout import extract_dataset_frames
+from data_modules.volumes import read_case
 from distill.cli import main
 from distill.errors import DataError
 from distill.formats import nifti as nifti_format
 from distill.formats.features import save_video_features
 from distill.formats.phases import read_phase_file, write_phase_file
-from distill.metrics.phase import evaluate_phase_dirs
+from distill.metrics.phase_files import evaluate_phase_dirs
 from distill.metrics.segmentation import PerGroupVolumeMetrics, volume_dice_hd95
 from distill.utils import child_path
 
@@ -287,7 +289,9 @@ def test_a_huge_nifti_header_is_refused_before_allocating(tmp_path, monkeypatch)
 # 9. num_slices against in_channels
 
 
-def test_num_slices_differing_from_in_channels_is_refused_at_setup(synthetic_prostate_root, tmp_path):
+def test_an_in_channels_other_than_the_datas_is_refused_before_training(synthetic_prostate_root, tmp_path):
+    """The data states its channels x slices and the CLI links them into the model; a config that
+    sets another value is told so, not given a network it did not ask for."""
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
@@ -307,6 +311,5 @@ def test_num_slices_differing_from_in_channels_is_refused_at_setup(synthetic_pro
             ]
         )
     assert str(exit_info.value.code) == (
-        "error: model.init_args.in_channels=5 differs from data.init_args.num_slices=3 "
-        "(the slices stacked as input channels); set in_channels: ${data.init_args.num_slices}"
+        "error: model.init_args.in_channels=5: the data states 3; leave it out, distill links it from the data"
     )

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from conftest import TINY
 
-from data_modules.layouts import datalist_cases, nnunet_cases
-from data_modules.prostate import ProstateDataModule, discover_cases
+from data_modules.layouts import datalist_cases, discover_cases, nnunet_cases
+from data_modules.prostate import ProstateDataModule
 from data_modules.surgical import PhaseFeatureDataModule, SurgicalPhaseDataModule, SurgicalSSLDataModule
 from distill.cli import main
 from distill.errors import DataError
@@ -29,7 +29,8 @@ from distill.formats.features import save_video_features
 from distill.formats.phases import write_phase_file
 from distill.limit_trained import load_teachers_spec, teacher_subsets
 from distill.modules.checkpoints import file_sha256
-from distill.modules.teachers import FrozenTeachers, read_teacher_manifest
+from distill.modules.teacher_records import read_teacher_manifest
+from distill.modules.teacher_runtime import FrozenTeachers
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 6)  # (X, Y, Z) of the tiny volumes
@@ -389,10 +390,16 @@ def test_evaluate_phases_refuses_the_ground_truth_as_its_own_prediction(tmp_path
 
 
 def save_checkpoint(path: Path, seed: int) -> Path:
+    """A teacher checkpoint that loads (a width-4 slim U-Net), its weights drawn with ``seed``."""
     import torch
 
+    from distill.models import build_segmentation_network
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {"w": torch.full((2,), float(seed))}}, path)
+    torch.manual_seed(seed)
+    net = build_segmentation_network("slim_unet", 3, 2, width=4)
+    architecture = {"network": "slim_unet", "network_kwargs": {"width": 4}, "in_channels": 3, "num_classes": 2}
+    torch.save({"state_dict": net.state_dict(), "hyper_parameters": architecture}, path)
     return path
 
 
@@ -460,19 +467,20 @@ def test_bad_manifest_entries_are_one_line(teacher_runs, second, expected):
 def test_a_null_sha256_is_not_checked_and_a_recorded_one_is(teacher_runs):
     a, b = teacher_runs / "a/best.ckpt", teacher_runs / "b/best.ckpt"
     manifest = write_manifest(teacher_runs, entry("a", "a/best.ckpt"), entry("b", "b/best.ckpt", file_sha256(b)))
-    teachers = FrozenTeachers.from_manifest(manifest, "segmentation")
-    assert teachers.expected_sha256 == [None, file_sha256(b)]
-    assert [r.sha256 for r in teachers.records()] == [file_sha256(a), file_sha256(b)]
+    teachers = FrozenTeachers(manifest, "segmentation")
+    assert teachers.sources.expected_sha256 == [None, file_sha256(b)]
+    teachers.load()
+    assert [r.sha256 for r in teachers.records] == [file_sha256(a), file_sha256(b)]
     stale = write_manifest(teacher_runs, entry("a", "a/best.ckpt", file_sha256(b)))
     with pytest.raises(DataError, match=r"best.ckpt: content hash \w+\.\.\. differs from the recorded \w+\.\.\."):
-        FrozenTeachers.from_manifest(stale, "segmentation").records()
+        FrozenTeachers(stale, "segmentation").load()
 
 
 def test_the_same_teacher_twice_is_refused(teacher_runs):
     a = teacher_runs / "a/best.ckpt"
     copy = Path(shutil.copy(a, teacher_runs / "copy.ckpt"))
     with pytest.raises(DataError) as error:
-        FrozenTeachers([a, copy], "segmentation").records()
+        FrozenTeachers([a, copy], "segmentation").load()
     assert str(error.value) == (
         f"{copy}: the same network as teacher 0 ({a}, equal content hash); each teacher must be listed once"
     )

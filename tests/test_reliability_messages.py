@@ -84,7 +84,7 @@ def test_moco_momentum_above_one_is_refused_by_the_parser():
 def test_an_image_size_beyond_memory_is_refused_from_the_headers_before_loading(
     synthetic_prostate_root, tmp_path, monkeypatch
 ):
-    import data_modules.prostate as prostate
+    import data_modules.volumes as volumes
 
     images = [min((synthetic_prostate_root / site).glob("Case??.nii.gz")) for site in ("RUNMC", "BMC", "UCL")]
     keys = [f"{image.parent.name}/{image.name.split('.')[0]}" for image in images]
@@ -92,7 +92,7 @@ def test_an_image_size_beyond_memory_is_refused_from_the_headers_before_loading(
     case_list.write_text(f"train: [{keys[0]}, {keys[1]}]\nval: [{keys[2]}]\ntest: []\n")
     slices = sum(nib.load(image).shape[2] for image in images)
     monkeypatch.setattr(distill.utils, "available_memory", lambda: 16 * 10**9)
-    monkeypatch.setattr(prostate, "read_case", lambda *a, **k: pytest.fail("a volume was read before the check"))
+    monkeypatch.setattr(volumes, "read_case", lambda *a, **k: pytest.fail("a volume was read before the check"))
     size = 100_000
     message = one_line_exit(
         fit_args(

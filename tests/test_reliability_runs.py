@@ -345,7 +345,7 @@ def test_profile_and_phase_tool_mistakes_are_one_line(tmp_path):
 
 
 def test_teacher_manifest_entry_that_is_a_string_is_one_line(tmp_path):
-    from distill.modules.teachers import read_teacher_manifest
+    from distill.modules.teacher_records import read_teacher_manifest
 
     manifest = tmp_path / "manifest.yaml"
     manifest.write_text("teachers:\n  - runs/BMC/best.ckpt\n")

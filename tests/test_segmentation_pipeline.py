@@ -137,9 +137,10 @@ def test_teacher_is_frozen_in_eval_mode_and_left_out_of_checkpoints(teacher_file
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not optimised & {id(p) for p in teacher.parameters()}
     assert optimised >= {id(p) for p in module.distill_heads.parameters()}  # 1x1 adapters train with the student
-    assert module.hparams.teacher_sha256 == file_sha256(teacher_file)
+    assert module.teachers.records[0].sha256 == file_sha256(teacher_file) and module.hparams.teacher_sha256 is None
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
+    assert checkpoint["teacher_records"] == [{"checkpoint": str(teacher_file), "sha256": file_sha256(teacher_file)}]
     assert checkpoint["state_dict"] and not any("teachers." in k for k in checkpoint["state_dict"])
     assert checkpoint["network_family"] == "segmentation"
     module.on_load_checkpoint(checkpoint)
@@ -164,6 +165,7 @@ def test_teacher_is_frozen_in_eval_mode_and_left_out_of_checkpoints(teacher_file
 def test_resume_refuses_a_retrained_teacher(tmp_path, teacher_file):
     module = distill_module(teacher_file)
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)  # what Lightning does: records the teacher
     save_file(build_segmentation_network("unet", 3, 2, width=8).state_dict(), str(teacher_file))  # retrained
     resumed = distill_module(teacher_file)
     with pytest.raises(
@@ -172,7 +174,7 @@ def test_resume_refuses_a_retrained_teacher(tmp_path, teacher_file):
         resumed.on_load_checkpoint(checkpoint)
     pinned = SegDistillModule(
         teacher_checkpoint=str(teacher_file),
-        teacher_sha256=module.hparams.teacher_sha256,
+        teacher_sha256=module.teachers.records[0].sha256,
         teacher_network="unet",
         teacher_network_kwargs={"width": 8},
         loss_weights={"dice": 1.0, "kd": 1.0},

@@ -19,6 +19,7 @@ from skimage import data as skimage_data
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from data_modules.augment import seeded_augmentation
 from data_modules.frames import COMPLETION_MARKER, TECNO_FRAME_PATTERN, FramePattern, crop_black_margin
 from data_modules.surgical import PhaseFeatureDataModule, SurgicalPhaseDataModule, SurgicalSSLDataModule
 from data_modules.surgical_layout import (
@@ -39,6 +40,7 @@ from data_modules.video_transforms import (
     adjust_contrast_opencv,
     adjust_hue_opencv,
     adjust_saturation_opencv,
+    moco_v2_augmentation,
     read_frame,
 )
 from distill.cli import main
@@ -597,6 +599,21 @@ def test_opencv_augmentations_match_torchvision_with_the_same_random_parameters(
             expected = reference(cat)
             assert out.shape == expected.shape and out.dtype == torch.uint8
             assert absolute_error(out, expected).mean() < mean_tolerance, type(ours).__name__
+
+
+def test_seeded_augmentation_depends_on_the_key_only_and_leaves_the_global_stream(cat):
+    augment = moco_v2_augmentation(48)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = seeded_augmentation(augment, cat, 3, 1, 7)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream runs on as if nothing was drawn
+    torch.manual_seed(99)
+    assert torch.equal(seeded_augmentation(augment, cat, 3, 1, 7), first)
+    assert not torch.equal(seeded_augmentation(augment, cat, 3, 2, 7), first)  # another epoch, another draw
+    torch.manual_seed(5)
+    unseeded = seeded_augmentation(augment, cat, 3, None, 7)  # a plain index: the global stream
+    torch.manual_seed(5)
+    assert torch.equal(unseeded, augment(cat))
 
 
 @pytest.mark.parametrize("module_class", [SurgicalPhaseDataModule, SurgicalSSLDataModule])

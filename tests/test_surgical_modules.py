@@ -150,7 +150,8 @@ def test_distillation_fits_with_a_frozen_teacher_kept_out_of_checkpoints(cholec,
     assert not any(k.startswith("teachers.") for k in model.state_dict())
     assert int(model.teacher_queue.pointer) == int(model.queue.pointer) == 8  # fresh, not the teacher's 8 + 8
     assert {"train/info_nce", "train/distill"} <= set(run.callback_metrics)
-    assert model.hparams.teacher_sha256 and model.loss_weights == {"info_nce": 1.0, "distill": 5.0, "probe": 1.0}
+    assert model.teachers.records[0].sha256 and model.hparams.teacher_sha256 is None  # recorded, the user's left
+    assert model.loss_weights == {"info_nce": 1.0, "distill": 5.0, "probe": 1.0}
 
 
 def test_teacher_with_a_batch_norm_head_is_rebuilt_and_distilled_from_in_eval_mode(cholec, tmp_path):
@@ -197,6 +198,7 @@ def test_distillation_loss_matches_a_hand_computation(teacher_ckpt):
         queue_s, queue_t = model.queue.queue.clone(), model.teacher_queue.queue.clone()
         outputs = model.training_outputs(batch)
         terms = model.loss_terms(batch, outputs)
+        model.enqueue_keys()
         q_t, k_t = (model.teachers.networks[0](v) for v in batch["views"])
         q_s, k_s = outputs["query"], outputs["keys"]
         filled = min(16, 4 * step)
@@ -292,7 +294,9 @@ def agreement_after_training(placeholder: Path, term: str, init_seed: int, order
         frames = pool[torch.randperm(64, generator=generator)[:16]]
         views = [frames + 0.3 * torch.randn(frames.shape, generator=generator) for _ in range(2)]
         batch = {"views": views, "label": torch.full((16,), -1)}
+        model.update_momentum_encoders()
         loss = weighted_sum(model.loss_terms(batch, model.training_outputs(batch)), weights, owner="test")
+        model.enqueue_keys()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -324,6 +328,7 @@ def test_teacher_and_student_queues_hold_the_same_samples_in_the_same_rows(teach
     for step in range(5):  # 20 keys into 16 rows: the fifth batch wraps onto rows 0-3
         batch = views(10 + step)
         outputs = model.training_outputs(batch)
+        model.enqueue_keys()
         student_keys.append(outputs["keys"])
         teacher_keys.append(model.teachers.networks[0](batch["views"][1]))
     for row in range(16):
@@ -342,8 +347,10 @@ def _free_port() -> int:
 
 
 def _one_distill_step(model: MoCoDistillModule, batch: dict) -> dict:
+    model.update_momentum_encoders()
     outputs = model.training_outputs(batch)
     terms = model.loss_terms(batch, outputs)
+    model.enqueue_keys()
     return {"info_nce": terms["info_nce"].detach(), "distill": terms["distill"].detach()}
 
 

@@ -18,7 +18,8 @@ import yaml
 from data_modules.surgical_layout import split_videos
 from distill.formats.phases import read_phase_file
 from distill.runs import slug
-from distill.tables import load_table_spec, run_table
+from distill.table_spec import load_table_spec
+from distill.tables import run_table
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_OVERRIDES = [

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from distill.errors import DataError
 from distill.losses import phase_segmentation_loss, truncated_mse_smoothing
-from distill.models import MultiStageTCN, SingleStageTCN
+from distill.models import MultiStageTCN, SingleStageTCN, TCNShape
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -26,7 +25,7 @@ def changed_frames(model, frame: int, frames: int = 24) -> list[int]:
 
 def test_causal_tcn_sees_only_the_past_within_its_receptive_field():
     torch.manual_seed(0)
-    model = SingleStageTCN(in_dim=5, num_classes=3, num_layers=3, channels=8)
+    model = SingleStageTCN(in_dim=5, num_classes=3, shape=TCNShape(num_layers=3, channels=8))
     # receptive field 2^(3+1) - 1 = 15 frames: input 4 reaches outputs 4 .. 18, never earlier ones
     assert changed_frames(model, frame=4) == list(range(4, 19))
     assert model.eval()(torch.randn(2, 5, 24)).shape == (2, 3, 24)
@@ -34,17 +33,23 @@ def test_causal_tcn_sees_only_the_past_within_its_receptive_field():
 
 def test_acausal_tcn_sees_both_sides():
     torch.manual_seed(0)
-    model = SingleStageTCN(in_dim=5, num_classes=3, num_layers=3, channels=8, causal=False)
+    model = SingleStageTCN(in_dim=5, num_classes=3, shape=TCNShape(num_layers=3, channels=8, causal=False))
     assert changed_frames(model, frame=12) == list(range(5, 20))  # 12 +- 7
 
 
 def test_multi_stage_tcn_shapes_and_causality():
     torch.manual_seed(0)
-    model = MultiStageTCN(in_dim=5, num_classes=3, num_stages=3, num_layers=2, channels=8)
+    model = MultiStageTCN(in_dim=5, num_classes=3, shape=TCNShape(num_stages=3, num_layers=2, channels=8))
     assert model.eval()(torch.randn(2, 5, 24)).shape == (3, 2, 3, 24)
     assert min(changed_frames(model, frame=10)) == 10
-    reference = SingleStageTCN(in_dim=5, num_classes=7)  # the reference: 12 layers, 64 maps
+    reference = TCNShape().build(in_dim=5, num_classes=7)  # the reference: one causal stage, 12 layers, 64 maps
+    assert isinstance(reference, SingleStageTCN)
     assert len(reference.layers) == 12 and reference.conv_in.out_channels == 64
+    assert isinstance(TCNShape(num_stages=2).build(5, 7), MultiStageTCN)
+    assert TCNShape().describe() == "causal single-stage TCN, 12 layers"
+    assert TCNShape(num_stages=4, causal=False).describe() == "offline (sees future frames) MS-TCN, 4 stages"
+    with pytest.raises(ValueError, match="num_stages must be >= 1, got 0"):
+        TCNShape(num_stages=0)
 
 
 def test_truncated_mse_smoothing_by_hand():
@@ -82,5 +87,5 @@ def test_phase_segmentation_loss_by_hand():
         stage_a, torch.tensor([[0, 1]]), smoothing_weight=1.0, class_weights=torch.tensor([1.0, 3.0])
     )
     assert weighted.item() == pytest.approx((LN2 + 3 * math.log(4)) / 4 + smoothing_a, abs=1e-6)
-    with pytest.raises(DataError, match=r"target \(1, 3\) must be \(B, T\) = \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"target \(1, 3\) must be \(B, T\) = \(1, 2\)"):
         phase_segmentation_loss(stages, torch.zeros(1, 3, dtype=torch.long))

@@ -30,7 +30,7 @@ def save_video_features(
     """Write one video's features: ``features`` (T, D) float16/float32 and ``frames`` (T,) 25 fps indices."""
     features, frames = _as_numpy(features), _as_numpy(frames)
     if features.ndim != 2 or frames.shape != (features.shape[0],) or not np.issubdtype(features.dtype, np.floating):
-        raise DataError(
+        raise ValueError(
             f"{video}: expected float features (T, D) and frames (T,), got {features.dtype} {features.shape} and {frames.shape}"
         )
     features_dir = Path(features_dir)

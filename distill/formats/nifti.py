@@ -72,14 +72,15 @@ def write_mask_like(
     """Write a (S, H0, W0) mask as uint8 (X, Y, Z) NIfTI with ``reference``'s affine and header.
 
     Written atomically (a kill never leaves a truncated file); refuses to replace an existing
-    file unless ``overwrite``.
+    file unless ``overwrite`` (DataError). A mask off the reference's grid is the caller's mistake
+    (ValueError).
     """
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise DataError(f"{out_path}: already exists; pass overwrite=True to replace it")
     volume = np.ascontiguousarray(np.asarray(mask).transpose(1, 2, 0), dtype=np.uint8)
     if volume.shape != tuple(reference.shape[:3]):
-        raise DataError(
+        raise ValueError(
             f"{out_path}: mask of shape {np.shape(mask)} (S, H0, W0) does not fit "
             f"{reference.get_filename() or 'the reference'} of shape {reference.shape[:3]} (X, Y, Z)"
         )

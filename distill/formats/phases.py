@@ -46,9 +46,14 @@ def frame_step(fps: int) -> int:
     return VIDEO_FPS // fps
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key comparing the digit runs of ``name`` as numbers (``video9`` before ``video10``)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
 def natural_sorted(names) -> list[str]:
-    """Sort names with their digit runs compared as numbers (``video9`` before ``video10``)."""
-    return sorted(names, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+    """Sort names with their digit runs compared as numbers (:func:`natural_key`)."""
+    return sorted(names, key=natural_key)
 
 
 def phase_names(dataset: str) -> tuple[str, ...]:
@@ -210,6 +215,6 @@ def write_phase_file(path: str | Path, frames: np.ndarray, labels: np.ndarray, d
     names = phase_names(dataset)
     frames, labels = np.asarray(frames), np.asarray(labels)
     if frames.shape != labels.shape:
-        raise DataError(f"{path}: frames {frames.shape} and labels {labels.shape} differ in length")
+        raise ValueError(f"{path}: frames {frames.shape} and labels {labels.shape} differ in length")
     body = "".join(f"{int(frame)}\t{names[int(label)]}\n" for frame, label in zip(frames, labels))
     Path(path).write_text("Frame\tPhase\n" + body)

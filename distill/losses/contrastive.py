@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.errors import DataError
 from distill.losses.kd import soft_kl_divergence
 
 __all__ = ["contrastive_logits", "info_nce_loss", "similarity_distillation_loss"]
@@ -24,18 +23,16 @@ def contrastive_logits(query: Tensor, key: Tensor, queue: Tensor, temperature: f
         query: (B, D) unit-norm query embeddings.
         key: (B, D) unit-norm key embeddings of the other view (no gradient needed).
         queue: (K, D) unit-norm negatives (:class:`~distill.models.ssl.MemoryQueue` output).
-        temperature: tau > 0.
+        temperature: tau > 0 (checked where it is configured: the module's ``PositiveFloat`` option).
 
     Returns:
         (B, 1 + K).
     """
     if query.shape != key.shape or query.ndim != 2 or queue.ndim != 2 or queue.shape[1] != query.shape[1]:
-        raise DataError(
+        raise ValueError(
             f"contrastive_logits: query {tuple(query.shape)} and key {tuple(key.shape)} must be (B, D) "
             f"and the queue {tuple(queue.shape)} (K, D)"
         )
-    if not temperature > 0:
-        raise DataError(f"contrastive_logits: temperature must be > 0, got {temperature}")
     positive = (query * key).sum(1, keepdim=True)
     negatives = query @ queue.T
     return torch.cat([positive, negatives], dim=1) / temperature

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.errors import DataError
-from distill.losses.kd import channel_wise_divergence
+from distill.losses.kd import channel_wise_divergence, check_temperature
 
 __all__ = [
     "AdaptedFeatureLoss",
@@ -28,9 +27,9 @@ __all__ = [
 
 
 def _check_pair_count(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], owner: str) -> None:
-    """Raise DataError unless there is one teacher feature map per student feature map."""
+    """ValueError unless there is one teacher feature map per student feature map, at least one."""
     if len(student_feats) != len(teacher_feats) or not student_feats:
-        raise DataError(
+        raise ValueError(
             f"{owner}: got {len(student_feats)} student and {len(teacher_feats)} teacher feature "
             "maps; need the same number, at least one"
         )
@@ -111,7 +110,7 @@ class AdaptedFeatureLoss(nn.Module):
         super().__init__()
         owner = type(self).__name__
         if len(student_channels) != len(teacher_channels) or not student_channels:
-            raise DataError(
+            raise ValueError(
                 f"{owner}: student_channels {list(student_channels)} and teacher_channels "
                 f"{list(teacher_channels)} need the same length, at least one"
             )
@@ -129,22 +128,13 @@ class AdaptedFeatureLoss(nn.Module):
         self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], labels: Tensor | None = None
     ) -> Tensor:
         """Lists of (B, Cs_i, Hs_i, Ws_i) and (B, Ct_i, Ht_i, Wt_i) features -> scalar (labels unused)."""
-        owner = type(self).__name__
-        _check_pair_count(student_feats, teacher_feats, owner)
-        if len(student_feats) != len(self.adapters):
-            raise DataError(
-                f"{owner}: got {len(student_feats)} feature pairs but was built for "
-                f"{len(self.adapters)} (student_channels={self.student_channels})"
+        if not len(student_feats) == len(teacher_feats) == len(self.adapters):
+            raise ValueError(
+                f"{type(self).__name__}: got {len(student_feats)} student and {len(teacher_feats)} teacher feature "
+                f"maps, built for {len(self.adapters)} pairs (student_channels={self.student_channels})"
             )
         losses = []
-        pairs = zip(self.adapters, student_feats, teacher_feats)
-        for index, (adapter, student, teacher) in enumerate(pairs):
-            if student.shape[1] != adapter.in_channels or teacher.shape[1] != adapter.out_channels:
-                raise DataError(
-                    f"{owner}: pair {index} has {student.shape[1]} student and "
-                    f"{teacher.shape[1]} teacher channels, expected {adapter.in_channels} and "
-                    f"{adapter.out_channels}"
-                )
+        for adapter, student, teacher in zip(self.adapters, student_feats, teacher_feats):
             adapted = adapter(student)
             if adapted.shape[-2:] != teacher.shape[-2:]:
                 adapted = F.interpolate(adapted, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
@@ -178,6 +168,7 @@ class ChannelWiseFeatureLoss(AdaptedFeatureLoss):
         self, student_channels: Sequence[int], teacher_channels: Sequence[int], temperature: float = 4.0
     ) -> None:
         super().__init__(student_channels, teacher_channels)
+        check_temperature(temperature, "ChannelWiseFeatureLoss")
         self.temperature = temperature
 
     def distance(self, adapted: Tensor, teacher: Tensor) -> Tensor:

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.errors import DataError
 from distill.losses.kd import soft_target_kl
 
 __all__ = [
@@ -96,7 +95,7 @@ def teacher_weights(
             raise ValueError("teacher_weights: rule 'learned' needs gate_logits")
         weights = torch.softmax(gate_logits.float(), dim=1).movedim(1, 0)  # (K, B, h, w)
         return weights.expand(num_teachers, batch, height, width) if weights.shape[-2:] == (1, 1) else weights
-    raise DataError(f"unknown teacher weighting rule {rule!r}; available: {', '.join(WEIGHTING_RULES)}")
+    raise ValueError(f"unknown teacher weighting rule {rule!r}; available: {', '.join(WEIGHTING_RULES)}")
 
 
 def combine_soft_targets(teacher_logits: Tensor, weights: Tensor, temperature: float) -> Tensor:

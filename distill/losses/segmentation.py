@@ -22,9 +22,9 @@ __all__ = ["DiceLoss", "LovaszLoss", "lovasz_grad", "lovasz_hinge", "lovasz_soft
 
 
 def _check_logits_target(logits: Tensor, target: Tensor, owner: str) -> None:
-    """Raise DataError unless ``logits`` is (B, C, *spatial) and ``target`` is (B, *spatial)."""
+    """ValueError unless ``logits`` is (B, C, *spatial) and ``target`` is (B, *spatial)."""
     if logits.ndim != target.ndim + 1 or logits.shape[:1] + logits.shape[2:] != target.shape:
-        raise DataError(
+        raise ValueError(
             f"{owner}: logits of shape {tuple(logits.shape)} (B, C, H, W) do not match target of "
             f"shape {tuple(target.shape)} (B, H, W)"
         )
@@ -191,7 +191,7 @@ class LovaszLoss(nn.Module):
     ) -> None:
         super().__init__()
         if mode not in ("softmax", "hinge"):
-            raise DataError(f"LovaszLoss: mode must be 'softmax' or 'hinge', got {mode!r}")
+            raise ValueError(f"LovaszLoss: mode must be 'softmax' or 'hinge', got {mode!r}")
         self.mode = mode
         self.per_image = per_image
         self.ignore_index = ignore_index

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.errors import DataError
-
 __all__ = ["phase_segmentation_loss", "truncated_mse_smoothing"]
 
 
@@ -57,7 +55,7 @@ def phase_segmentation_loss(
         stage_logits = stage_logits.unsqueeze(0)
     num_stages, batch, _, frames = stage_logits.shape
     if target.shape != (batch, frames):
-        raise DataError(
+        raise ValueError(
             f"phase_segmentation_loss: target {tuple(target.shape)} must be (B, T) = {(batch, frames)} "
             f"for logits {tuple(stage_logits.shape)}"
         )

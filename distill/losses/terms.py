@@ -37,21 +37,26 @@ def check_loss_weights(weights: Mapping[str, float], available: Iterable[str], o
 
 
 def weighted_sum(terms: Mapping[str, Tensor], weights: Mapping[str, float], owner: str = "loss") -> Tensor:
-    """Sum of ``weight * term`` over the names in ``weights``.
+    """Sum of ``weight * term`` over the names in ``weights`` (checked once, at construction, by
+    :func:`check_loss_weights`).
 
     Terms without a weight are ignored (the caller may still log them). Zero-weight terms are
     skipped, so they add no gradient path (and a NaN in one cannot poison the total).
 
     Args:
-        terms: name -> scalar tensor, all on one device.
-        weights: name -> weight; every name must be in ``terms``.
+        terms: name -> scalar tensor, all on one device; every name of a non-zero weight must be here.
+        weights: name -> weight.
         owner: who is asking, for the error message.
 
     Returns:
         scalar tensor (0 when every weight is 0).
     """
-    check_loss_weights(weights, terms.keys(), owner)
-    weighted = [weight * terms[name] for name, weight in weights.items() if weight != 0]
+    try:
+        weighted = [weight * terms[name] for name, weight in weights.items() if weight != 0]
+    except KeyError as missing:
+        raise ValueError(
+            f"{owner}: loss term {missing.args[0]!r} has a weight but was not computed; computed: {', '.join(terms)}"
+        ) from None
     if not weighted:
         device = next(iter(terms.values())).device if terms else None
         return torch.zeros((), device=device)

@@ -30,7 +30,7 @@ from distill.models.ssl import (
     cosine_momentum,
     update_momentum,
 )
-from distill.models.temporal import MultiStageTCN, SingleStageTCN
+from distill.models.temporal import MultiStageTCN, SingleStageTCN, TCNShape
 
 __all__ = [
     "PUBLIC_DEFAULT",
@@ -43,6 +43,7 @@ __all__ = [
     "MultiStageTCN",
     "ProjectionHead",
     "SingleStageTCN",
+    "TCNShape",
     "batch_shuffle_ddp",
     "batch_unshuffle_ddp",
     "build_backbone",

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from distill.errors import DataError
 from distill.models.backbones import build_backbone, feature_dim
 
 __all__ = [
@@ -74,12 +73,15 @@ class MemoryQueue(nn.Module):
     """FIFO queue of the last ``size`` keys (MoCo's dictionary of negatives), as module buffers.
 
     Buffers (saved in checkpoints): ``queue`` (size, dim), initialised with random unit vectors,
-    and ``pointer`` (the row the next keys are written to). Two queues enqueued from the same
-    batches, starting from the same pointer, hold the same samples in the same rows.
+    and ``pointer`` (the row the next keys are written to; writes wrap around the end). Two queues
+    enqueued from the same batches, starting from the same pointer, hold the same samples in the
+    same rows.
 
     Args:
         dim: key dimension D.
-        size: number of keys K; must be a multiple of the global batch size (all processes).
+        size: number of keys K. A module using the queue checks once, when fitting starts, that it
+            is a multiple of the global batch size (:func:`queue_batch_problem`), so each batch
+            fills whole rows from the row after the previous batch's.
     """
 
     queue: Tensor
@@ -96,14 +98,6 @@ class MemoryQueue(nn.Module):
     def size(self) -> int:
         return self.queue.shape[0]
 
-    def check_batch_size(self, global_batch_size: int) -> None:
-        """DataError unless ``size`` is a multiple of the global batch size."""
-        if self.size % global_batch_size:
-            raise DataError(
-                f"queue size {self.size} must be a multiple of the global batch size {global_batch_size} "
-                "(batch size x processes)"
-            )
-
     def forward(self) -> Tensor:
         """(K, D): a copy of the keys, safe to use in a loss before the next :meth:`enqueue`."""
         return self.queue.clone()
@@ -112,9 +106,8 @@ class MemoryQueue(nn.Module):
     def enqueue(self, keys: Tensor) -> None:
         """Write (B, D) keys (unit L2 norm, from every process under DDP) over the oldest ones."""
         keys = concat_all_gather(keys.detach())
-        self.check_batch_size(keys.shape[0])
-        # rows pointer .. pointer + n - 1, computed on the device: no host synchronisation
-        rows = self.pointer + torch.arange(keys.shape[0], device=self.queue.device)
+        # rows pointer .. pointer + n - 1 (modulo size), computed on the device: no host synchronisation
+        rows = (self.pointer + torch.arange(keys.shape[0], device=self.queue.device)) % self.size
         self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
         self.pointer.copy_((self.pointer + keys.shape[0]) % self.size)
 

@@ -2,12 +2,15 @@
 
 A Lightning module records its network family in the checkpoint (``checkpoint["network_family"]``);
 :func:`load_network` rebuilds the architecture with that family's build function (every family
-is listed in :mod:`distill.modules.families`) without the experiment's config.
+is listed in :mod:`distill.modules.families`) without the experiment's config. A caller that
+also needs a file's hash (the teachers) reads it once: :func:`read_checkpoint_bytes`, then
+:func:`decode_checkpoint` and :func:`build_network` on those bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -53,18 +56,29 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_state(path: Path) -> dict:
-    """Read a Lightning ``.ckpt``, a ``torch.save``d state dict or a ``.safetensors`` file, never unpickling code."""
-    if path.stat().st_size == 0:
+def read_checkpoint_bytes(path: Path) -> bytes:
+    """The whole file, refused when empty (an interrupted write or a failed copy)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err.strerror or err})") from None
+    if not data:
         raise DataError(
             f"{path}: empty file (0 bytes), not a checkpoint: its writing was interrupted or the copy failed"
         )
+    return data
+
+
+def decode_checkpoint(path: Path, data: bytes) -> dict:
+    """The checkpoint in ``data`` (the bytes of ``path``, named in errors): a Lightning ``.ckpt``, a
+    ``torch.save``d state dict or a ``.safetensors`` file, never unpickling code; ``{"state_dict": ...}``
+    at least."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load as load_safetensors
 
-            return {"state_dict": load_file(str(path))}
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+            return {"state_dict": load_safetensors(data)}
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure is the same user problem
         reason = (str(err).strip().splitlines() or ["no message"])[0]
         raise DataError(
@@ -73,6 +87,11 @@ def load_state(path: Path) -> dict:
     if not isinstance(payload, dict):
         raise DataError(f"{path}: not a checkpoint or state dict (got {type(payload).__name__})")
     return payload if "state_dict" in payload else {"state_dict": payload}
+
+
+def load_state(path: Path) -> dict:
+    """Read a checkpoint file: :func:`read_checkpoint_bytes`, then :func:`decode_checkpoint`."""
+    return decode_checkpoint(path, read_checkpoint_bytes(path))
 
 
 def checkpoint_family(payload: Mapping, path: Path, family: str | None) -> str:
@@ -91,19 +110,29 @@ def checkpoint_family(payload: Mapping, path: Path, family: str | None) -> str:
 
 
 def load_network(path: str | Path, family: str | None = None, overrides: Mapping | None = None) -> nn.Module:
-    """Rebuild the trained network stored in a checkpoint and load its weights (frozen, eval mode);
-    weights or buffers with NaN/inf are refused, naming the file and the tensors.
+    """Rebuild the trained network stored in a checkpoint (:func:`build_network`).
 
     Args:
         path: a Lightning ``.ckpt``, a state dict (``.pt``/``.pth``) or ``.safetensors`` file, or a
             run directory (its newest ``best*.ckpt``).
+        family, overrides: see :func:`build_network`.
+    """
+    path = resolve_checkpoint(path)
+    return build_network(load_state(path), path, family, overrides)
+
+
+def build_network(
+    payload: Mapping, path: Path, family: str | None = None, overrides: Mapping | None = None
+) -> nn.Module:
+    """The network of a loaded checkpoint ``payload`` (read from ``path``, named in errors) with its
+    weights (frozen, eval mode); weights or buffers with NaN/inf are refused, naming the file and the tensors.
+
+    Args:
         family: the expected family (required for plain state dicts, checked against Lightning
             checkpoints).
         overrides: architecture options for checkpoints that carry no hyper-parameters
             (family-specific, e.g. ``{"network": "unet", "network_kwargs": {"width": 8}}``).
     """
-    path = resolve_checkpoint(path)
-    payload = load_state(path)
     name = checkpoint_family(payload, path, family)
     spec = NETWORK_FAMILIES[name]
     try:

@@ -19,7 +19,7 @@ from distill.errors import DataError
 from distill.losses import over_labelled
 from distill.losses.multi_teacher import WEIGHTING_RULES, gate_nll_loss, teacher_weights
 from distill.models import TeacherGate
-from distill.modules.segmentation import SegDistillBase
+from distill.modules.seg_distill import SegDistillBase
 from distill.types import PositiveInt
 
 
@@ -36,7 +36,7 @@ class MultiTeacherDistillModule(SegDistillBase):
             (0 in a batch without one).
         granularity: ``pixel`` (a weight per pixel) or ``sample`` (one per image).
         gate_width: hidden channels of the gating network (``learned``); its loss term is ``gate``.
-        Other arguments: see :class:`~distill.modules.segmentation.SegDistillBase`.
+        Other arguments: see :class:`~distill.modules.seg_distill.SegDistillBase`.
     """
 
     loss_term_names = SegDistillBase.loss_term_names + ("gate",)

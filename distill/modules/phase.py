@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -34,11 +33,11 @@ from distill.losses.temporal import phase_segmentation_loss
 from distill.metrics.calibration import N_BINS
 from distill.metrics.phase import PhaseReport, evaluate_phases
 from distill.models.backbones import FrameClassifier, build_frame_classifier
-from distill.models.temporal import MultiStageTCN, SingleStageTCN
+from distill.models.temporal import TCNShape
 from distill.modules.base import DistillModuleBase
 from distill.modules.checkpoints import load_network
 from distill.types import NonNegativeFloat, PositiveFloat, PositiveInt
-from distill.utils import child_path, unique_path, write_text_atomic
+from distill.utils import atomic_write, child_path, unique_path, write_text_atomic
 
 #: Written beside a TCN's test predictions: its evaluation protocol and results.
 PROTOCOL_FILE = "protocol.json"
@@ -155,7 +154,7 @@ class PhaseClassifierModule(DistillModuleBase):
         return FrameClassifier(self.backbone, self.head)
 
     def example_input_shape(self, datamodule) -> tuple[int, ...]:
-        size = datamodule.hparams.image_size
+        size = datamodule.image_size
         return (1, 3, size, size)
 
     def training_outputs(self, batch: Mapping) -> dict[str, torch.Tensor]:
@@ -177,13 +176,6 @@ class PhaseClassifierModule(DistillModuleBase):
             "video": list(batch["video"]),
             "frame": batch["frame"].cpu(),
         }
-
-
-def write_phase_file_atomic(path: Path, frames: np.ndarray, labels: np.ndarray, dataset: str) -> None:
-    """:func:`~distill.formats.phases.write_phase_file` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_phase_file(tmp, frames, labels, dataset)
-    os.replace(tmp, path)
 
 
 class RelaxedPhaseMetrics(nn.Module):
@@ -253,7 +245,8 @@ class TCNPhaseModule(DistillModuleBase):
         in_dim: feature dimension D; ``None`` (default): read from the feature arrays when the
             run starts (the DataModule's ``feature_dim``) and recorded in the hyper-parameters.
         num_stages: 1: the causal single-stage TCN of the reference; > 1: MS-TCN.
-        num_layers, channels, dropout, causal: TCN shape (reference: 12, 64, 0.5, causal).
+        num_layers, channels, dropout, causal: TCN shape (reference: 12, 64, 0.5, causal); see
+            :class:`~distill.models.temporal.TCNShape`.
         smoothing_weight: weight of the smoothing term (MS-TCN: 0.15).
         class_weights: optional per-phase cross-entropy weights.
         dataset: ``"cholec80"`` or ``"m2cai16"`` (phase names and the relaxed-boundary rules).
@@ -286,19 +279,15 @@ class TCNPhaseModule(DistillModuleBase):
         super().__init__(optimizer=optimizer, lr_schedule=lr_schedule, **kwargs)
         if class_weights is not None and len(class_weights) != num_classes:
             raise DataError(f"model.class_weights: {len(class_weights)} weights for {num_classes} classes")
-        self.tcn: nn.Module | None = None if in_dim is None else self.build_tcn(in_dim)
+        self.tcn: nn.Module | None = None if in_dim is None else self.tcn_shape.build(in_dim, num_classes)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("ce_weights", weights, persistent=False)
         self.init_evaluation_metrics(lambda: RelaxedPhaseMetrics(dataset, tolerance_s))
 
-    def build_tcn(self, in_dim: int) -> nn.Module:
-        h = self.hparams
-        shape = {"num_layers": h.num_layers, "channels": h.channels, "dropout": h.dropout, "causal": h.causal}
-        return (
-            SingleStageTCN(in_dim, h.num_classes, **shape)
-            if h.num_stages == 1
-            else MultiStageTCN(in_dim, h.num_classes, num_stages=h.num_stages, **shape)
-        )
+    @property
+    def tcn_shape(self) -> TCNShape:
+        """The TCN's shape options (``num_stages``, ``num_layers``, ``channels``, ``dropout``, ``causal``)."""
+        return TCNShape.from_hparams(self.hparams)
 
     def setup(self, stage: str) -> None:
         """The input width from the data: built here when ``in_dim`` is None, else checked."""
@@ -311,7 +300,7 @@ class TCNPhaseModule(DistillModuleBase):
             return
         width = datamodule.feature_dim
         if self.tcn is None:
-            self.tcn = self.build_tcn(width)
+            self.tcn = self.tcn_shape.build(width, self.hparams.num_classes)
             self.hparams["in_dim"] = width
         elif width != self.hparams.in_dim:
             raise DataError(
@@ -346,7 +335,7 @@ class TCNPhaseModule(DistillModuleBase):
     def evaluation_outputs(self, batch: Mapping) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         """One video -> its name, (T,) frame indices, labels and predicted phases (:class:`RelaxedPhaseMetrics`)."""
         if batch["features"].shape[0] != 1:
-            raise DataError(f"TCNPhaseModule evaluates one video per batch, got {batch['features'].shape[0]}")
+            raise ValueError(f"TCNPhaseModule evaluates one video per batch, got {batch['features'].shape[0]}")
         prediction = self(batch["features"])[-1, 0].argmax(0)
         return (
             batch["video"][0],
@@ -366,7 +355,8 @@ class TCNPhaseModule(DistillModuleBase):
         folder = unique_path(root / "phase_predictions" / "test")
         folder.mkdir(parents=True)
         for name, (frames, _, pred) in self.test_metrics.videos.items():
-            write_phase_file_atomic(child_path(folder, f"{name}-pred.txt"), frames, pred, self.hparams.dataset)
+            with atomic_write(child_path(folder, f"{name}-pred.txt")) as temporary:
+                write_phase_file(temporary, frames, pred, self.hparams.dataset)
         if self.test_metrics.videos:
             report = self.test_metrics.report()
             protocol = self.protocol(report)
@@ -381,8 +371,7 @@ class TCNPhaseModule(DistillModuleBase):
         h = self.hparams
         splits = getattr(getattr(self.trainer, "datamodule", None), "splits", None) or {}
         return {
-            "temporal_model": ("causal" if h.causal else "offline (sees future frames)")
-            + (f" single-stage TCN, {h.num_layers} layers" if h.num_stages == 1 else f" MS-TCN, {h.num_stages} stages"),
+            "temporal_model": self.tcn_shape.describe(),
             "prediction_fps": [float(f) for f in np.unique(report.fps)],
             "tolerance_s": h.tolerance_s,
             "tolerance_frames": report.window_frames(),

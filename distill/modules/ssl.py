@@ -12,9 +12,9 @@ The recipe:
 1. *Semantic-preserving teacher*: :class:`MoCoModule` on the public ImageNet backbone with
    ``freeze_backbone=True`` (batch-norm statistics frozen too): only the projection head learns
    the surgical similarity structure.
-2. *Student*: :class:`MoCoDistillModule`, a randomly initialised MoCo v2 trained with
-   ``info_nce + 5 * distill``, ``distill`` = KL(teacher || student) over the (1 + K) similarity
-   distributions of the same two views against queues holding the same samples.
+2. *Student*: :class:`~distill.modules.ssl_distill.MoCoDistillModule`, a randomly initialised
+   MoCo v2 trained with ``info_nce + 5 * distill``, ``distill`` = KL(teacher || student) over the
+   (1 + K) similarity distributions of the same two views against queues holding the same samples.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ import copy
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.nn import functional as F
@@ -35,8 +33,8 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.errors import DataError
-from distill.losses.contrastive import contrastive_logits, info_nce_loss, similarity_distillation_loss
-from distill.metrics.embedding import info_nce_chance, knn_accuracy, neighbour_overlap, similarity_kl
+from distill.losses.contrastive import contrastive_logits, info_nce_loss
+from distill.metrics.embedding import info_nce_chance, knn_accuracy
 from distill.models.backbones import feature_dim
 from distill.models.ssl import (
     MemoryQueue,
@@ -49,20 +47,13 @@ from distill.models.ssl import (
     update_momentum,
 )
 from distill.modules.base import DistillModuleBase
-from distill.modules.checkpoints import load_state
-from distill.modules.teachers import FrozenTeachers, TeacherStudent
 from distill.types import ClosedUnitInterval, PositiveFloat, PositiveInt
 
 BackboneWeights = str | None  # None (random init), "public", or a weights file
 
-__all__ = ["MoCoDistillModule", "MoCoEncoder", "MoCoModule"]
+__all__ = ["MoCoEncoder", "MoCoModule"]
 
 KNN_NEIGHBOURS = 10  # k of the test k-NN accuracy of the projection embeddings
-OVERLAP_NEIGHBOURS = 5  # k of the student-teacher neighbour overlap
-#: The logit of a queue row no sample has filled yet: its softmax weight is exactly 0 in float32 (also
-#: after a distillation temperature up to ~100), and it stays finite in float16.
-UNFILLED_LOGIT = -1e4
-AT_CHANCE = 0.9  # a teacher whose checkpoint's InfoNCE is above this share of ln(1 + K) learned (almost) nothing
 
 
 def video_codes(videos: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -82,6 +73,16 @@ class MoCoModule(DistillModuleBase):
     checkpoint as ``train_info_nce``), ``test/info_nce_chance`` (ln(1 + K), what an encoder that
     tells nothing apart scores) and ``test/knn_acc`` (k-NN phase accuracy of the projection
     embeddings of the test frames, neighbours from the other test videos only).
+
+    A training batch runs in three steps, as in solo-learn:
+
+    1. :meth:`update_momentum_encoders` (from ``on_train_batch_start``): each momentum-updated
+       module of :attr:`momentum_pairs` (the key encoder) takes one EMA step toward the weights the
+       optimizer left in its online module (the query encoder). Done at the start of a batch, not at
+       the end of the one before: a checkpoint written at a batch's end resumes exactly.
+    2. The loss (:class:`DistillModuleBase`'s ``training_step``: :meth:`training_outputs`, then
+       :meth:`loss_terms`), against the queue as it was before this batch.
+    3. :meth:`enqueue_keys`: this batch's keys replace the oldest rows of the queue.
 
     Args:
         backbone, backbone_source: timm (or torchvision) network name.
@@ -139,6 +140,7 @@ class MoCoModule(DistillModuleBase):
             self.encoder_q.backbone.requires_grad_(False)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MemoryQueue(proj_dim, queue_size)
+        self.pending_keys: dict[str, torch.Tensor] = {}  # this batch's keys, until enqueue_keys()
         self.probe = nn.Linear(feature_dim(self.encoder_q.backbone), num_classes)
         self.init_evaluation_metrics(
             lambda: MetricCollection({"probe_acc": MulticlassAccuracy(num_classes, average="micro")})
@@ -178,18 +180,45 @@ class MoCoModule(DistillModuleBase):
         return self.encoder_q.backbone
 
     def example_input_shape(self, datamodule) -> tuple[int, ...]:
-        size = datamodule.hparams.image_size
+        size = datamodule.image_size
         return (1, 3, size, size)
 
     def batch_size(self, batch: Mapping) -> int:
         return int(batch["label"].shape[0])
 
     # ---------------------------------------------------------------- training
+    @property
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, momentum-updated) module pairs: the query encoder and the key encoder."""
+        return [(self.encoder_q, self.encoder_k)]
+
     def current_momentum(self) -> float:
+        """The EMA momentum at this optimizer step (each micro-batch of an accumulated step: the same)."""
         if self.hparams.momentum_schedule == "constant":
             return self.hparams.momentum
         total = max(1, int(self.trainer.estimated_stepping_batches))
         return cosine_momentum(self.global_step, total, self.hparams.momentum, self.hparams.final_momentum)
+
+    def update_momentum_encoders(self) -> None:
+        """Step 1 of a batch: each momentum-updated module of :attr:`momentum_pairs` takes one EMA
+        step toward its online module, ``m * momentum_updated + (1 - m) * online``."""
+        momentum = self.current_momentum()
+        for online, momentum_updated in self.momentum_pairs:
+            update_momentum(online, momentum_updated, momentum)
+
+    def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
+        self.update_momentum_encoders()
+
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+        """Step 2, :class:`DistillModuleBase`'s step on the batch, then step 3, :meth:`enqueue_keys`."""
+        loss = super().training_step(batch, batch_idx)
+        self.enqueue_keys()
+        return loss
+
+    @torch.no_grad()
+    def enqueue_keys(self) -> None:
+        """Step 3 of a batch, after its loss: its keys (``pending_keys``) over the oldest queue rows."""
+        self.queue.enqueue(self.pending_keys["keys"])
 
     @torch.no_grad()
     def encode_keys(self, view: torch.Tensor) -> torch.Tensor:
@@ -200,18 +229,15 @@ class MoCoModule(DistillModuleBase):
         return batch_unshuffle_ddp(keys, unshuffle) if self.hparams.shuffle_bn else keys
 
     def training_outputs(self, batch: Mapping) -> dict[str, torch.Tensor]:
-        """Query features/embeddings of view 1, keys of view 2, ``logits`` (B, 1 + K); enqueues the keys.
-
-        The queue is read (a copy) before the keys are enqueued, so the logits use the negatives
-        of the previous steps only.
-        """
+        """Query features (B, D) and embeddings (B, proj_dim) of view 1, keys (B, proj_dim) of view 2 and
+        ``logits`` (B, 1 + K) against the queue as it is: the negatives of the previous batches only.
+        The keys also wait in ``pending_keys`` for :meth:`enqueue_keys`."""
         view_q, view_k = (self.to_memory_format(v) for v in batch["views"])
         features = self.encoder_q.backbone(view_q)
         query = self.encoder_q.embed(features)
-        update_momentum(self.encoder_q, self.encoder_k, self.current_momentum())
         keys = self.encode_keys(view_k)
         logits = contrastive_logits(query, keys, self.queue(), self.hparams.temperature)
-        self.queue.enqueue(keys)
+        self.pending_keys = {"keys": keys}
         return {"features": features, "query": query, "keys": keys, "logits": logits}
 
     def probe_loss(self, features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -296,116 +322,3 @@ class MoCoModule(DistillModuleBase):
                 held_out["student"][labelled], held_out["label"][labelled], held_out["video"][labelled], KNN_NEIGHBOURS
             )
         return {k: v for k, v in metrics.items() if not math.isnan(v)}
-
-
-class MoCoDistillModule(TeacherStudent, MoCoModule):
-    """MoCo v2 student distilled from a frozen MoCo teacher over the (1 + K) similarity distributions.
-
-    For view 1 / view 2 of each frame, the student's logits ``z_s = [q_s.k_s, q_s.Queue_s] / tau``
-    and the teacher's ``z_t = [q_t.k_t, q_t.Queue_t] / tau`` (teacher embeddings of the same two
-    views, against the teacher's own queue); ``distill`` = KL(softmax(z_t) || softmax(z_s)),
-    batch mean. Both queues start empty-of-samples at row 0 and enqueue the keys of the same
-    batch every step, so column j of both holds the same frame; columns not yet filled by any
-    batch (random initial vectors) are left out of the distillation. The teacher stays in eval
-    mode, is never updated, and its queue is never read from its checkpoint.
-
-    Testing also logs the student's agreement with the teacher on the test frames
-    (:mod:`distill.metrics.embedding`): ``test/teacher_kl`` (mean KL between their similarity
-    distributions over the other test frames, at ``temperature``), ``test/teacher_overlap`` (share
-    of the top-5 teacher neighbours among the student's; ``test/teacher_overlap_chance`` = 5 / (N - 1)),
-    ``test/teacher_info_nce`` (the teacher checkpoint's ``train_info_nce``) and
-    ``test/teacher_at_chance`` (1 when that is above 0.9 ln(1 + K): the teacher had nothing to give;
-    the table flags the row).
-
-    Loss: ``info_nce + 5 * distill`` (+ the probe). The reference implementation's total was
-    ``2 * info_nce + 5 * distill``: ``loss_weights: {info_nce: 2, distill: 5, probe: 1}``
-    reproduces it for comparison.
-
-    Args:
-        teacher_checkpoint: a MoCo checkpoint (e.g. stage 1's) or run directory (newest ``best*.ckpt``).
-        teacher_sha256: its expected content hash (recorded automatically when absent).
-        distill_temperature: extra KD softening T of the similarity logits (paper: 1, i.e. none).
-        Other arguments: see :class:`MoCoModule`.
-    """
-
-    loss_term_names = ("info_nce", "distill", "probe")
-    default_loss_weights = {"info_nce": 1.0, "distill": 5.0, "probe": 1.0}
-    single_teacher = True
-
-    def __init__(
-        self,
-        teacher_checkpoint: str,
-        teacher_sha256: str | None = None,
-        distill_temperature: PositiveFloat = 1.0,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.teacher_queue = MemoryQueue(self.hparams.proj_dim, self.hparams.queue_size)
-        self.register_buffer("filled_rows", torch.zeros((), dtype=torch.long))
-        self.teacher_info_nce: float | None = None  # read from the teacher's checkpoint
-        self.attach_teachers(FrozenTeachers([teacher_checkpoint], "moco", [teacher_sha256]))
-
-    def prepare_distillation(self) -> None:
-        """Load the teacher and check that its projection dimension and queue size are the student's."""
-        super().prepare_distillation()
-        record = self.teachers.records()[0]
-        state = load_state(Path(record.checkpoint))
-        recorded = state.get("hyper_parameters") or {}
-        self.teacher_info_nce = state.get("train_info_nce")
-        teacher_dim = self.teachers.networks[0].head.out_dim
-        problems = []
-        if teacher_dim != self.hparams.proj_dim:
-            problems.append(f"projection dimension {teacher_dim} vs the student's proj_dim {self.hparams.proj_dim}")
-        if "queue_size" in recorded and int(recorded["queue_size"]) != self.hparams.queue_size:
-            problems.append(
-                f"queue size {recorded['queue_size']} vs the student's queue_size {self.hparams.queue_size}"
-            )
-        if problems:
-            raise DataError(f"{record.checkpoint}: teacher {' and '.join(problems)}")
-
-    def training_outputs(self, batch: Mapping) -> dict[str, torch.Tensor]:
-        """Student outputs plus ``teacher_logits`` (B, 1 + K) over the teacher's queue, both queues
-        enqueued from this batch."""
-        outputs = super().training_outputs(batch)
-        view_q, view_k = (self.to_memory_format(v) for v in batch["views"])
-        (embeddings,), _ = self.teachers(torch.cat([view_q, view_k]))  # eval mode: one pass for both views
-        teacher_query, teacher_keys = embeddings.float().chunk(2)
-        outputs["teacher_logits"] = contrastive_logits(
-            teacher_query, teacher_keys, self.teacher_queue(), self.hparams.temperature
-        )
-        outputs["teacher_keys"] = teacher_keys
-        self.teacher_queue.enqueue(teacher_keys)
-        outputs["filled_rows"] = self.filled_rows.clone()  # before this batch's keys (a device scalar)
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.filled_rows.add_(world_size * teacher_keys.shape[0]).clamp_(max=self.queue.size)
-        return outputs
-
-    def loss_terms(self, batch: Mapping, outputs: Mapping) -> dict[str, torch.Tensor]:
-        terms = super().loss_terms(batch, outputs)
-        # the positive and the queue rows holding real samples; the others masked out (their softmax
-        # weight is exactly 0) rather than sliced off, so no step waits for the host to read the count
-        logits = outputs["logits"]
-        unfilled = torch.arange(logits.shape[1], device=logits.device) > outputs["filled_rows"]
-        student, teacher = (x.masked_fill(unfilled, UNFILLED_LOGIT) for x in (logits, outputs["teacher_logits"]))
-        terms["distill"] = similarity_distillation_loss(student, teacher, self.hparams.distill_temperature)
-        return terms
-
-    def held_out_embeddings(self, batch: Mapping, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The student's embeddings and the teacher's (``"teacher"``, when it is loaded) of the same frames."""
-        embeddings = super().held_out_embeddings(batch, features)
-        if self.teachers.loaded:  # a test run on its own holds the student only
-            (embeddings["teacher"],), _ = self.teachers(self.to_memory_format(batch["image"]))
-        return embeddings
-
-    def learning_metrics(self, held_out: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Plus the agreement with the teacher on the test frames and the teacher's own InfoNCE."""
-        metrics = super().learning_metrics(held_out)
-        if "teacher" in held_out and held_out["student"].shape[0] > 1:
-            student, teacher = held_out["student"], held_out["teacher"].float()
-            metrics["teacher_kl"] = similarity_kl(teacher, student, self.hparams.temperature)
-            metrics["teacher_overlap"] = neighbour_overlap(teacher, student, OVERLAP_NEIGHBOURS)
-            metrics["teacher_overlap_chance"] = min(1.0, OVERLAP_NEIGHBOURS / (student.shape[0] - 1))
-        if self.teacher_info_nce is not None:
-            metrics["teacher_info_nce"] = self.teacher_info_nce
-            metrics["teacher_at_chance"] = float(self.teacher_info_nce > AT_CHANCE * metrics["info_nce_chance"])
-        return metrics

@@ -1,9 +1,9 @@
 """Teacher-output cache: the teachers' logits computed once per training slice, reused every epoch.
 
 The cache is one ``.safetensors`` file: ``logits`` (N, K, C, H, W) float16 for the N training
-samples in the DataModule's order (NaN/inf refused when written and when read), and a fingerprint of the data (cases, slices, size,
-normalisation) and of the teachers (content hashes). A cache built from other data, another
-size or other teachers is refused, naming the file.
+samples in the DataModule's order (NaN/inf refused when written and when read), and a
+fingerprint of the data (cases, slices, size, normalisation) and of the teachers (content
+hashes). A cache built from other data, another size or other teachers is refused, naming the file.
 
 The DataModule serves each slice's cached logits as ``batch["teacher_logits"]`` (B, K, C, H, W),
 with the same geometric augmentation as image and label (ReLabel-style), and refuses
@@ -81,7 +81,7 @@ def attach_teacher_cache(path: str | Path, datamodule, teachers, batch_size: int
         raise DataError(f"teacher_cache: {type(datamodule).__name__} cannot serve cached teacher outputs")
     path = Path(path)
     data = datamodule.teacher_cache_fingerprint()
-    fingerprint = {**data, "teachers": [record.sha256 for record in teachers.records()]}
+    fingerprint = {**data, "teachers": [record.sha256 for record in teachers.records]}
     if not path.exists() and (strategy is None or strategy.global_rank == 0):
         logits = compute_teacher_logits(teachers, datamodule.teacher_cache_inputs(batch_size))
         write_teacher_cache(path, logits, fingerprint)
