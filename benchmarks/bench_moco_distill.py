@@ -47,7 +47,7 @@ def train_rate(model, batches: list[dict], device: torch.device) -> tuple[float,
         outputs = model.training_outputs(batch)
         terms = model.loss_terms(batch, outputs)
         loss = sum(model.loss_weights[name] * value for name, value in terms.items())
-        model.enqueue_keys()
+        model.enqueue_keys(outputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -396,15 +396,16 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
             "normalization": hp.normalization,
         }
 
-    def teacher_cache_inputs(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """Un-augmented training inputs (B, in_channels, H, W) in sample order (unlabelled slices
-        included), for the teachers."""
+    def teacher_cache_inputs(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """Un-augmented training inputs (B, in_channels, H, W) of samples ``start:stop`` in sample
+        order (unlabelled slices included), for the teachers."""
         train = self.train_set
-        for start in range(0, len(train.samples), batch_size):
+        samples = train.samples[start:stop]
+        for first in range(0, len(samples), batch_size):
             yield torch.stack(
                 [
                     volume_stacks(train.volumes[v].image, train.num_slices, s)
-                    for v, s in train.samples[start : start + batch_size]
+                    for v, s in samples[first : first + batch_size]
                 ]
             )
 

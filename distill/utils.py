@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,11 +121,16 @@ def refuse_unless_memory_fits(num_bytes: int, what: str, hint: str) -> None:
         )
 
 
+#: ``flock`` errors of file systems without it (some NFS and Lustre mounts): lock with a file instead.
+NO_FLOCK_ERRNOS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
+
+
 @contextmanager
 def folder_lock(folder: str | Path, holder: str) -> Iterator[None]:
     """Hold ``folder/.lock`` inside the block (``fcntl.flock``, the holder's pid written in it), so
     two processes never work in one folder at once: the second is refused in one line naming the
-    folder and the first one's pid. The system drops the lock when its process ends, even by kill -9."""
+    folder and the first one's pid. The system drops the lock when its process ends, even by kill -9.
+    On a file system without ``flock`` (ENOSYS, ENOLCK), :func:`exclusive_lock_file` instead."""
     import fcntl
 
     folder = Path(folder)
@@ -137,11 +144,62 @@ def folder_lock(folder: str | Path, holder: str) -> Iterator[None]:
             raise DataError(
                 f"{folder}: in use by another {holder} (pid {pid}); wait for it to end or use another folder"
             ) from None
+        except OSError as err:
+            if err.errno not in NO_FLOCK_ERRNOS:
+                raise
+            os.close(descriptor)
+            descriptor = None
+            with exclusive_lock_file(folder, holder, errno.errorcode[err.errno]):
+                yield
+            return
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+@contextmanager
+def exclusive_lock_file(folder: Path, holder: str, reason: str) -> Iterator[None]:
+    """Hold ``folder/.lock.excl``, created with ``O_EXCL`` and holding ``host pid``, inside the block;
+    said on stderr, since such a lock outlives a killed process: a lock file of this host whose
+    process is gone is taken over, one of another host is refused naming the file to delete."""
+    path = folder / ".lock.excl"
+    print(f"note: {folder}: the file system refuses flock ({reason}); locking with {path}", file=sys.stderr)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _attempt in range(2):
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            host, _, pid = path.read_text(errors="replace").strip().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+                path.unlink(missing_ok=True)  # its process is gone (killed): take it over
+                continue
+            raise DataError(
+                f"{folder}: in use by another {holder} (host {host or 'unknown'}, pid {pid or 'unknown'}); wait for "
+                f"it to end, or delete {path} if that process is gone"
+            ) from None
+    else:
+        raise DataError(f"{path}: could not take the lock file; delete it if no {holder} runs")
+    try:
+        os.write(descriptor, f"{me}\n".encode())
         os.close(descriptor)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 #: DataModule arguments that name folders the data is read from: no output may be written inside them.

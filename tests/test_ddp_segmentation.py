@@ -156,14 +156,23 @@ def test_teacher_under_ddp_matches_one_process(synthetic_prostate_root, tmp_path
 
 def test_single_teacher_student_under_ddp_matches_one_process(synthetic_prostate_root, tmp_path):
     """Every rank loads the teacher when fitting starts; the student's checkpoints hold no teacher.
-    (Its evaluation is the teacher's code, tested under DDP above for the test loop too.)"""
-    run_one_process("fit", TEACHER, tmp_path / "teacher", f"--data.init_args.data_root={synthetic_prostate_root}")
-    teacher = next((tmp_path / "teacher").rglob("last.ckpt"))
+    (Its evaluation is the teacher's code, tested under DDP above for the test loop too.) The
+    teacher cache: each rank computes half the slices, and the file equals a 1-process build."""
+    data = f"--data.init_args.data_root={synthetic_prostate_root}"
+    run_one_process("fit", TEACHER, tmp_path / "teacher", data)
+    teacher = f"--model.init_args.teacher_checkpoint={next((tmp_path / 'teacher').rglob('last.ckpt'))}"
+    cache = tmp_path / "cache" / "two.safetensors"
+    # the cache holds logits (no features), and intensity jitter would change what the teachers predict
+    cached = [
+        "--model.init_args.loss_weights={dice: 1, lovasz: 1, kd: 1}",
+        "--data.init_args.intensity_augmentation=false",
+    ]
     last = fit_and_validate(
-        STUDENT,
-        tmp_path / "student",
-        f"--data.init_args.data_root={synthetic_prostate_root}",
-        f"--model.init_args.teacher_checkpoint={teacher}",
+        STUDENT, tmp_path / "student", data, teacher, *cached, f"--model.init_args.teacher_cache={cache}"
     )
     state = torch.load(last, weights_only=True)["state_dict"]
     assert state and not any(key.startswith("teachers.") for key in state)
+    one = tmp_path / "cache" / "one.safetensors"
+    run_one_process("fit", STUDENT, tmp_path / "one", data, teacher, *cached, f"--model.init_args.teacher_cache={one}")
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["one.safetensors", "two.safetensors"]  # no shard left
+    assert cache.read_bytes() == one.read_bytes()

@@ -241,6 +241,43 @@ def test_a_second_table_on_the_same_folder_is_refused(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing trained
 
 
+def test_without_flock_the_lock_is_an_exclusive_file_of_host_and_pid(tmp_path, monkeypatch, capsys):
+    """On a file system that refuses flock (ENOSYS: some NFS and Lustre mounts) the lock is
+    ``.lock.excl``: said on stderr, refusing a second holder, taken over from a dead process."""
+    import errno
+    import fcntl
+    import socket
+
+    from distill.errors import DataError
+    from distill.utils import folder_lock
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock_file = tmp_path / ".lock.excl"
+    with folder_lock(tmp_path, "x"):
+        assert lock_file.read_text() == f"{socket.gethostname()} {os.getpid()}\n"
+        with pytest.raises(DataError) as refused, folder_lock(tmp_path, "x"):
+            pass
+        assert str(refused.value) == (
+            f"{tmp_path}: in use by another x (host {socket.gethostname()}, pid {os.getpid()}); wait for it to "
+            f"end, or delete {lock_file} if that process is gone"
+        )
+    assert not lock_file.exists()
+    assert (
+        f"note: {tmp_path}: the file system refuses flock (ENOSYS); locking with {lock_file}" in capsys.readouterr().err
+    )
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_file.write_text(f"{socket.gethostname()} {dead.pid}\n")  # left by a killed holder
+    with folder_lock(tmp_path, "x"):
+        assert lock_file.read_text().endswith(f" {os.getpid()}\n")
+    lock_file.write_text("otherhost 1\n")
+    with pytest.raises(DataError, match=r"\(host otherhost, pid 1\)"), folder_lock(tmp_path, "x"):
+        pass
+
+
 # ------------------------------------------------------------------ sweeps
 def test_killed_sweep_points_are_retried_failed_ones_kept(tmp_path, capsys):
     """A point stopped by a signal is recorded "killed" and run again by the next call; a point

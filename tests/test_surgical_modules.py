@@ -198,7 +198,7 @@ def test_distillation_loss_matches_a_hand_computation(teacher_ckpt):
         queue_s, queue_t = model.queue.queue.clone(), model.teacher_queue.queue.clone()
         outputs = model.training_outputs(batch)
         terms = model.loss_terms(batch, outputs)
-        model.enqueue_keys()
+        model.enqueue_keys(outputs)
         q_t, k_t = (model.teachers.networks[0](v) for v in batch["views"])
         q_s, k_s = outputs["query"], outputs["keys"]
         filled = min(16, 4 * step)
@@ -295,8 +295,9 @@ def agreement_after_training(placeholder: Path, term: str, init_seed: int, order
         views = [frames + 0.3 * torch.randn(frames.shape, generator=generator) for _ in range(2)]
         batch = {"views": views, "label": torch.full((16,), -1)}
         model.update_momentum_encoders()
-        loss = weighted_sum(model.loss_terms(batch, model.training_outputs(batch)), weights, owner="test")
-        model.enqueue_keys()
+        outputs = model.training_outputs(batch)
+        loss = weighted_sum(model.loss_terms(batch, outputs), weights, owner="test")
+        model.enqueue_keys(outputs)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -328,7 +329,7 @@ def test_teacher_and_student_queues_hold_the_same_samples_in_the_same_rows(teach
     for step in range(5):  # 20 keys into 16 rows: the fifth batch wraps onto rows 0-3
         batch = views(10 + step)
         outputs = model.training_outputs(batch)
-        model.enqueue_keys()
+        model.enqueue_keys(outputs)
         student_keys.append(outputs["keys"])
         teacher_keys.append(model.teachers.networks[0](batch["views"][1]))
     for row in range(16):
@@ -350,7 +351,7 @@ def _one_distill_step(model: MoCoDistillModule, batch: dict) -> dict:
     model.update_momentum_encoders()
     outputs = model.training_outputs(batch)
     terms = model.loss_terms(batch, outputs)
-    model.enqueue_keys()
+    model.enqueue_keys(outputs)
     return {"info_nce": terms["info_nce"].detach(), "distill": terms["distill"].detach()}
 
 

@@ -167,7 +167,12 @@ class DistillModuleBase(L.LightningModule):
         batch_size = self.batch_size(batch)
         self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, batch_size=batch_size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.after_loss(batch, outputs)
         return loss
+
+    def after_loss(self, batch: Any, outputs: Mapping[str, torch.Tensor]) -> None:
+        """The last step of :meth:`training_step`, after the batch's loss: state that the batch's
+        outputs update (MoCo: its keys enter the queue). Nothing by default."""
 
     def on_train_epoch_end(self) -> None:
         self.check_finite_loss()

@@ -140,7 +140,6 @@ class MoCoModule(DistillModuleBase):
             self.encoder_q.backbone.requires_grad_(False)
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.queue = MemoryQueue(proj_dim, queue_size)
-        self.pending_keys: dict[str, torch.Tensor] = {}  # this batch's keys, until enqueue_keys()
         self.probe = nn.Linear(feature_dim(self.encoder_q.backbone), num_classes)
         self.init_evaluation_metrics(
             lambda: MetricCollection({"probe_acc": MulticlassAccuracy(num_classes, average="micro")})
@@ -209,16 +208,14 @@ class MoCoModule(DistillModuleBase):
     def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
         self.update_momentum_encoders()
 
-    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
-        """Step 2, :class:`DistillModuleBase`'s step on the batch, then step 3, :meth:`enqueue_keys`."""
-        loss = super().training_step(batch, batch_idx)
-        self.enqueue_keys()
-        return loss
+    def after_loss(self, batch: Mapping, outputs: Mapping[str, torch.Tensor]) -> None:
+        """Step 3 of a batch (step 2: :class:`DistillModuleBase`'s training step): :meth:`enqueue_keys`."""
+        self.enqueue_keys(outputs)
 
     @torch.no_grad()
-    def enqueue_keys(self) -> None:
-        """Step 3 of a batch, after its loss: its keys (``pending_keys``) over the oldest queue rows."""
-        self.queue.enqueue(self.pending_keys["keys"])
+    def enqueue_keys(self, outputs: Mapping[str, torch.Tensor]) -> None:
+        """The batch's keys (``outputs["keys"]``, (B, proj_dim)) over the oldest queue rows."""
+        self.queue.enqueue(outputs["keys"])
 
     @torch.no_grad()
     def encode_keys(self, view: torch.Tensor) -> torch.Tensor:
@@ -230,14 +227,13 @@ class MoCoModule(DistillModuleBase):
 
     def training_outputs(self, batch: Mapping) -> dict[str, torch.Tensor]:
         """Query features (B, D) and embeddings (B, proj_dim) of view 1, keys (B, proj_dim) of view 2 and
-        ``logits`` (B, 1 + K) against the queue as it is: the negatives of the previous batches only.
-        The keys also wait in ``pending_keys`` for :meth:`enqueue_keys`."""
+        ``logits`` (B, 1 + K) against the queue as it is: the negatives of the previous batches only
+        (the keys enter the queue after the loss, :meth:`after_loss`)."""
         view_q, view_k = (self.to_memory_format(v) for v in batch["views"])
         features = self.encoder_q.backbone(view_q)
         query = self.encoder_q.embed(features)
         keys = self.encode_keys(view_k)
         logits = contrastive_logits(query, keys, self.queue(), self.hparams.temperature)
-        self.pending_keys = {"keys": keys}
         return {"features": features, "query": query, "keys": keys, "logits": logits}
 
     def probe_loss(self, features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

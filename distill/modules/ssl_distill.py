@@ -90,8 +90,8 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
             raise DataError(f"{record.checkpoint}: teacher {' and '.join(problems)}")
 
     def training_outputs(self, batch: Mapping) -> dict[str, torch.Tensor]:
-        """Student outputs plus ``teacher_logits`` (B, 1 + K) over the teacher's queue as it is; the
-        teacher's keys (B, proj_dim) wait in ``pending_keys`` too."""
+        """Student outputs plus ``teacher_logits`` (B, 1 + K) over the teacher's queue as it is and
+        the teacher's ``teacher_keys`` (B, proj_dim)."""
         outputs = super().training_outputs(batch)
         view_q, view_k = (self.to_memory_format(v) for v in batch["views"])
         (embeddings,), _ = self.teachers(torch.cat([view_q, view_k]))  # eval mode: one pass for both views
@@ -99,14 +99,14 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
         outputs["teacher_logits"] = contrastive_logits(
             teacher_query, teacher_keys, self.teacher_queue(), self.hparams.temperature
         )
-        self.pending_keys["teacher_keys"] = teacher_keys
+        outputs["teacher_keys"] = teacher_keys
         return outputs
 
     @torch.no_grad()
-    def enqueue_keys(self) -> None:
+    def enqueue_keys(self, outputs: Mapping[str, torch.Tensor]) -> None:
         """Both queues take this batch's keys in the same rows; ``filled_rows`` counts the rows filled."""
-        super().enqueue_keys()
-        teacher_keys = self.pending_keys["teacher_keys"]
+        super().enqueue_keys(outputs)
+        teacher_keys = outputs["teacher_keys"]
         self.teacher_queue.enqueue(teacher_keys)
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.filled_rows.add_(world_size * teacher_keys.shape[0]).clamp_(max=self.queue.size)
