@@ -401,6 +401,27 @@ def test_two_process_ddp_step_gathers_queues_and_matches_one_process(teacher_ckp
     assert torch.allclose(result["losses"], torch.stack([terms["info_nce"], terms["distill"]]), atol=1e-5)
 
 
+def test_ddp_leaves_the_queues_alone_and_keeps_broadcasting_batch_norm_statistics(teacher_ckpt, tmp_path):
+    """Every process updates the queues alike (all-gathered keys): DDP need not broadcast them before
+    every step; the backbone's batch-norm statistics it still does."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for model, replicated in (
+            (MoCoModule(**TINY), {"queue.queue", "queue.pointer"}),
+            (
+                MoCoDistillModule(teacher_checkpoint=str(teacher_ckpt), **TINY),
+                {"queue.queue", "queue.pointer", "teacher_queue.queue", "teacher_queue.pointer", "filled_rows"},
+            ),
+        ):
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+            broadcast = {id(buffer) for buffer in wrapped.modules_buffers}
+            named = dict(model.named_buffers())
+            assert {name for name, buffer in named.items() if id(buffer) not in broadcast} == replicated
+            assert any("running_mean" in name and id(buffer) in broadcast for name, buffer in named.items())
+    finally:
+        dist.destroy_process_group()
+
+
 # --------------------------------------------------------- phase recognition
 def phase_data(cholec, **kwargs) -> SurgicalPhaseDataModule:
     options = {"image_size": 32, "resize_size": 36, "batch_size": 8, "num_workers": 0, "fps": 5, "predict_fps": 5}

@@ -56,6 +56,8 @@ class MoCoDistillModule(TeacherStudent, MoCoModule):
         Other arguments: see :class:`MoCoModule`.
     """
 
+    REPLICATED = (*MoCoModule.REPLICATED, "teacher_queue", "filled_rows")
+
     loss_term_names = ("info_nce", "distill", "probe")
     default_loss_weights = {"info_nce": 1.0, "distill": 5.0, "probe": 1.0}
 
