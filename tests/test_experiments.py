@@ -34,7 +34,7 @@ def test_experiment_yaml_is_usable_as_written(config, tmp_path, monkeypatch):
     assert what != "unknown", f"{config}: neither a run config, a config fragment, a table spec nor a teachers spec"
     if what in ("run", "fragment"):
         overrides = [f"--trainer.default_root_dir={tmp_path}"]
-        if "${oc.env:RESNET50_WEIGHTS" in config.read_text():
+        if "${oc.env:RESNET50_WEIGHTS" in str(read_extending_yaml(config, "experiment YAML")):
             overrides.append("--model.init_args.backbone_weights=null")  # the user's weights file is not here
         configs = ["--config", str(config)]
         if what == "fragment":

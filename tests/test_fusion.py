@@ -82,3 +82,25 @@ def test_folding_under_mixed_precision_checks_at_full_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         folded, convs = fold_batch_norms(net, torch.randn(1, 3, 32, 32))
     assert len(convs) == 18
+
+
+def test_the_folding_check_runs_without_tf32_and_restores_the_runs_settings(monkeypatch):
+    """A GPU run may allow TF32 (float32_matmul_precision: high; cuDNN's default for convolutions),
+    whose rounding alone would fail the check and silently lose the folding: the check turns it off."""
+    seen = []
+    check = torch.testing.assert_close
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(torch.testing, "assert_close", recording)
+    net = with_trained_statistics(build_segmentation_network("slim_unet", 3, 2, width=4))
+    before = torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32, _ = True, torch.set_float32_matmul_precision("medium")
+    try:
+        _, convs = fold_batch_norms(net, torch.randn(1, 3, 32, 32))
+        assert seen == [(False, "highest")] and len(convs) == 18
+        assert (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()) == (True, "medium")
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from timm.layers import BatchNormAct2d
@@ -83,6 +85,21 @@ def conv_batchnorm_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[st
 
 
 @torch.no_grad()
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """float32 convolutions and matrix products at full precision meanwhile: no TF32 (which a GPU run
+    may enable, ``float32_matmul_precision: high``; cuDNN convolutions use it by default), whose
+    rounding alone would fail the folding check."""
+    convolutions, products = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = convolutions
+        torch.set_float32_matmul_precision(products)
+
+
 def fold_batch_norms(net: nn.Module, example: torch.Tensor, keep: tuple[str, ...] = ()) -> tuple[nn.Module, list[str]]:
     """A copy of ``net`` with every eval-mode ``BatchNorm2d`` folded into the convolution before it.
 
@@ -113,7 +130,7 @@ def fold_batch_norms(net: nn.Module, example: torch.Tensor, keep: tuple[str, ...
         folded.set_submodule(bn_path, after_folding(folded.get_submodule(bn_path)))
     probe = torch.randn(example.shape, generator=torch.Generator().manual_seed(0)).to(example)
     try:
-        with torch.autocast(example.device.type, enabled=False):  # compare at full precision under AMP too
+        with torch.autocast(example.device.type, enabled=False), full_float32():  # not AMP's, not TF32's rounding
             torch.testing.assert_close(folded(probe), net(probe), rtol=1e-3, atol=1e-4)
     except AssertionError as err:
         log.warning("batch norm not folded into %s: outputs differ (%s)", type(net).__name__, str(err).splitlines()[0])

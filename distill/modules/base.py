@@ -77,6 +77,12 @@ class DistillModuleBase(L.LightningModule):
         finite_check_every: read the device-side record of non-finite losses every this many
             training steps (and at epoch end), the only host sync it costs; ``None``: the
             trainer's ``log_every_n_steps``, so a NaN stops the run within one logging interval.
+        compile: ``torch.compile`` the method's trained network (:attr:`compiled_modules`) in place,
+            when the trainer builds the model: parameter names, and so checkpoints, stay as they are.
+            ``compile_backend``: torch.compile's backend (``"inductor"``; ``"aot_eager"`` on a CPU
+            without a compiler).
+        float32_matmul_precision: ``torch.set_float32_matmul_precision`` for the run: ``"high"``
+            lets float32 matrix products use TF32 on Ampere and newer GPUs; None leaves torch's.
     """
 
     #: Loss terms this method can compute; ``loss_weights`` may only name these.
@@ -88,6 +94,8 @@ class DistillModuleBase(L.LightningModule):
     network_family: ClassVar[str | None] = None
     #: Results of the evaluation metric also shown in the progress bar.
     progress_bar_metrics: ClassVar[tuple[str, ...]] = ()
+    #: Submodules that ``compile: true`` compiles: the networks trained (not teachers or EMA copies).
+    compiled_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -97,6 +105,9 @@ class DistillModuleBase(L.LightningModule):
         warmup_steps: NonNegativeInt = 0,
         channels_last: bool = False,
         finite_check_every: PositiveInt | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])  # collects the arguments of every subclass too
@@ -114,6 +125,17 @@ class DistillModuleBase(L.LightningModule):
         self.channels_last = channels_last
         self.finite_check_every = finite_check_every
         self.non_finite_watch = NonFiniteLossWatch()
+
+    def configure_model(self) -> None:
+        """The GPU switches, once the trainer builds the model (before the weights move and DDP wraps
+        it): ``float32_matmul_precision``, then ``compile`` of each module of :attr:`compiled_modules`."""
+        if self.hparams.float32_matmul_precision is not None:
+            torch.set_float32_matmul_precision(self.hparams.float32_matmul_precision)
+        if self.hparams.compile:
+            for name in self.compiled_modules:
+                module = self.get_submodule(name)
+                if getattr(module, "_compiled_call_impl", None) is None:  # validate after fit: once
+                    module.compile(backend=self.hparams.compile_backend)
 
     def to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x

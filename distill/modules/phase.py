@@ -79,6 +79,7 @@ class PhaseClassifierModule(DistillModuleBase):
     default_loss_weights = {"ce": 1.0}
     network_family = "phase_classifier"
     progress_bar_metrics = ("acc",)
+    compiled_modules = ("backbone",)
 
     def __init__(
         self,
@@ -258,6 +259,7 @@ class TCNPhaseModule(DistillModuleBase):
     loss_term_names = ("phase",)
     default_loss_weights = {"phase": 1.0}
     progress_bar_metrics = ("accuracy", "precision", "recall", "jaccard")
+    compiled_modules = ("tcn",)
 
     def __init__(
         self,

@@ -76,6 +76,7 @@ class SegmentationModule(DistillModuleBase):
     default_loss_weights = {"dice": 1.0, "lovasz": 1.0}
     network_family = "segmentation"
     progress_bar_metrics = ("dice",)
+    compiled_modules = ("net",)
 
     def __init__(
         self,

@@ -110,6 +110,7 @@ class MoCoModule(DistillModuleBase):
     default_loss_weights = {"info_nce": 1.0, "probe": 1.0}
     network_family = "moco"
     progress_bar_metrics = ("probe_acc",)
+    compiled_modules = ("encoder_q",)
 
     def __init__(
         self,
