@@ -365,6 +365,7 @@ class ProstateDataModule(ResumableTraining, L.LightningDataModule):
             batch_size=hp.batch_size,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),  # page-locked batches: an asynchronous copy to the GPU
         )
 
     @property
