@@ -1,7 +1,7 @@
 """``distill fit|validate|test|predict --config X.yaml``: LightningCLI over any module/DataModule.
 
 YAMLs use ``class_path``/``init_args`` for the model and data. What the data determines (input
-channels, classes, class names, the phase dataset) the DataModule states once and the CLI links
+channels, classes, class names) the DataModule states once and the CLI links
 into the model (:mod:`distill.data_links`); other shared values use OmegaConf interpolation
 (``${trainer.default_root_dir}``, ``${oc.env:PROSTATE_DATA,data/prostate}``), resolved after
 command-line overrides.
@@ -74,6 +74,9 @@ cap_yaml_aliases_of_the_parser()
 
 # Model options that define the network's shape: a checkpoint must agree with the config on them.
 ARCHITECTURE_KEYS = ("network", "network_kwargs", "in_channels", "num_classes", "backbone", "backbone_kwargs")
+# those the data states (compared with a checkpoint once the model is built), and the others (at parsing)
+LINKED_ARCHITECTURE_KEYS = tuple(key for key in ARCHITECTURE_KEYS if key in DATA_TO_MODEL.values())
+CONFIGURED_ARCHITECTURE_KEYS = tuple(key for key in ARCHITECTURE_KEYS if key not in LINKED_ARCHITECTURE_KEYS)
 EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")  # resolved by Lightning, not files
 
@@ -366,9 +369,9 @@ class DistillCLI(LightningCLI):
             model = config.get("model")
             model = model.as_dict() if hasattr(model, "as_dict") else model or {}
             configured = {"_class_path": model.get("class_path"), **(model.get("init_args") or {})}
-            unlinked = tuple(key for key in ARCHITECTURE_KEYS if key not in DATA_TO_MODEL.values())
             refuse_other_architecture(
-                ckpt_path, architecture_differences(self.checkpoint_hparams[1], configured, unlinked)
+                ckpt_path,
+                architecture_differences(self.checkpoint_hparams[1], configured, CONFIGURED_ARCHITECTURE_KEYS),
             )
             changed = resume_differences(checkpoint, model)
             if subcommand == "fit" and changed:
@@ -414,8 +417,8 @@ class DistillCLI(LightningCLI):
             super().instantiate_classes()
         if self.checkpoint_hparams is not None:
             ckpt_path, recorded = self.checkpoint_hparams
-            linked = tuple(key for key in ARCHITECTURE_KEYS if key in DATA_TO_MODEL.values())
-            refuse_other_architecture(ckpt_path, architecture_differences(recorded, dict(self.model.hparams), linked))
+            built = dict(self.model.hparams)
+            refuse_other_architecture(ckpt_path, architecture_differences(recorded, built, LINKED_ARCHITECTURE_KEYS))
         self.refuse_values_the_data_overrides()
 
     def refuse_values_the_data_overrides(self) -> None:

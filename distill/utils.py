@@ -131,33 +131,39 @@ def folder_lock(folder: str | Path, holder: str) -> Iterator[None]:
     two processes never work in one folder at once: the second is refused in one line naming the
     folder and the first one's pid. The system drops the lock when its process ends, even by kill -9.
     On a file system without ``flock`` (ENOSYS, ENOLCK), :func:`exclusive_lock_file` instead."""
-    import fcntl
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise DataError(
-                f"{folder}: in use by another {holder} (pid {pid}); wait for it to end or use another folder"
-            ) from None
-        except OSError as err:
-            if err.errno not in NO_FLOCK_ERRNOS:
-                raise
-            os.close(descriptor)
-            descriptor = None
-            with exclusive_lock_file(folder, holder, errno.errorcode[err.errno]):
-                yield
+        no_flock = take_flock(descriptor, folder, holder)
+        if no_flock is None:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            yield
             return
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-        yield
     finally:
-        if descriptor is not None:
-            os.close(descriptor)
+        os.close(descriptor)
+    with exclusive_lock_file(folder, holder, no_flock):
+        yield
+
+
+def take_flock(descriptor: int, folder: Path, holder: str) -> str | None:
+    """Take ``flock`` on ``descriptor``: None once held, the error's name (``"ENOSYS"``) when the file
+    system has no ``flock``; another holder's lock is refused in one line."""
+    import fcntl
+
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+        raise DataError(
+            f"{folder}: in use by another {holder} (pid {pid}); wait for it to end or use another folder"
+        ) from None
+    except OSError as err:
+        if err.errno not in NO_FLOCK_ERRNOS:
+            raise
+        return errno.errorcode[err.errno]
+    return None
 
 
 @contextmanager

@@ -40,6 +40,16 @@ def run_ddp_subprocess(subcommand: str, argv: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def run_one_and_two_processes(subcommand: str, model: torch.nn.Module, argv: list[str], tmp_path: Path) -> None:
+    """``model``'s weights as a checkpoint, then ``distill <subcommand> argv --ckpt_path=...`` in this
+    process (run folder ``one``) and as 2 DDP processes (``two``)."""
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": lightning.__version__}, checkpoint)
+    argv = [*argv, f"--ckpt_path={checkpoint}", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+    main([subcommand, *argv, f"--trainer.default_root_dir={tmp_path / 'one'}"])
+    run_ddp_subprocess(subcommand, [*argv, f"--trainer.default_root_dir={tmp_path / 'two'}"])
+
+
 def test_tcn_test_metrics_and_predictions_under_ddp_equal_one_process(synthetic_cholec80, tmp_path):
     features = tmp_path / "features"
     generator = np.random.default_rng(0)
@@ -48,9 +58,6 @@ def test_tcn_test_metrics_and_predictions_under_ddp_equal_one_process(synthetic_
         at_5_fps = frames[frames % 5 == 0]
         save_video_features(features, video, generator.standard_normal((len(at_5_fps), 8), np.float32), at_5_fps)
     torch.manual_seed(0)
-    checkpoint = tmp_path / "tcn.ckpt"
-    model = TCNPhaseModule(in_dim=8, num_layers=2, channels=8)
-    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": lightning.__version__}, checkpoint)
     argv = [
         "--config",
         str(REPO / "experiments/surgical/tcn.yaml"),
@@ -60,12 +67,8 @@ def test_tcn_test_metrics_and_predictions_under_ddp_equal_one_process(synthetic_
         "--data.init_args.num_workers=0",
         "--model.init_args.num_layers=2",
         "--model.init_args.channels=8",
-        f"--ckpt_path={checkpoint}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.accelerator=cpu",
     ]
-    main(["test", *argv, f"--trainer.default_root_dir={tmp_path / 'one'}"])
-    run_ddp_subprocess("test", [*argv, f"--trainer.default_root_dir={tmp_path / 'two'}"])
+    run_one_and_two_processes("test", TCNPhaseModule(in_dim=8, num_layers=2, channels=8), argv, tmp_path)
 
     def logged(run: str) -> dict[str, float]:
         (metrics,) = (tmp_path / run).rglob("metrics.csv")
@@ -88,9 +91,6 @@ def test_feature_export_under_ddp_writes_the_files_of_one_process(synthetic_chol
     processes write their shares, process 0 merges them by frame number, and every features,
     frame-number and prediction file equals the 1-process file."""
     torch.manual_seed(0)
-    checkpoint = tmp_path / "classifier.ckpt"
-    model = PhaseClassifierModule(backbone="test_efficientnet")
-    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": lightning.__version__}, checkpoint)
     argv = [
         "--config",
         str(REPO / "experiments/surgical/finetune.yaml"),
@@ -103,12 +103,8 @@ def test_feature_export_under_ddp_writes_the_files_of_one_process(synthetic_chol
         "--data.init_args.batch_size=3",
         "--data.init_args.num_workers=0",
         "--trainer.precision=32-true",
-        f"--ckpt_path={checkpoint}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.accelerator=cpu",
     ]
-    main(["predict", *argv, f"--trainer.default_root_dir={tmp_path / 'one'}"])
-    run_ddp_subprocess("predict", [*argv, f"--trainer.default_root_dir={tmp_path / 'two'}"])
+    run_one_and_two_processes("predict", PhaseClassifierModule(backbone="test_efficientnet"), argv, tmp_path)
     one, two = tmp_path / "one" / "predict", tmp_path / "two" / "predict"
     names = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
     assert names == sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
